@@ -1,0 +1,1 @@
+"""The built-in submitd plugins; each module is one entry point in the group ``submitd``."""

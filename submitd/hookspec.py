@@ -1,0 +1,157 @@
+"""Every hook submitd calls; each docstring is the contract.
+
+Implement a hook with :data:`submitd.hookimpl` in a module or class registered under the entry
+point group ``submitd`` and named in ``[plugins] enable``. Session and queue hooks may be
+``async def`` (awaited) or plain ``def`` (called directly). They run in pluggy's order (last
+registered first, ``tryfirst``/``trylast`` respected) under a per-plugin deadline
+(``[plugins] hook_timeout``, or ``hook_timeout`` in ``[plugins.NAME]``).
+
+Stop rules are applied by submitd, not pluggy:
+
+- *first answer*: the walk stops at the first implementation returning something other
+  than None;
+- *all*: every implementation is called and the answers are collected.
+
+A hook may also refuse by raising :class:`submitd.Reject`. Any other exception, an invalid
+return value or a timeout is logged with the plugin's name and answered ``451 4.3.0``
+(fail closed) except where a hook says otherwise. Replies are validated: a refusal hook
+cannot answer 2xx, and no reply can break the line framing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .message import MessageHandle
+    from .protocol._events import MailParams
+    from .protocol._replies import Reply
+    from .views import AuthResult, Credentials, DeliveryOutcome, Envelope, Recipient, SessionInfo
+
+__all__ = ["hookimpl", "hookspec"]
+
+hookspec = pluggy.HookspecMarker("submitd")
+#: Decorate hook implementations with this.
+hookimpl = pluggy.HookimplMarker("submitd")
+
+
+# --- start, reload, stop ------------------------------------------------------------------
+
+
+@hookspec
+def submitd_configure(config: Config) -> None:
+    """Validate this plugin's ``[plugins.NAME]`` table and prepare its state.
+
+    Called synchronously at start-up, by ``submitd check-config``, and on every reload
+    (SIGHUP) with the new configuration. Read the table with ``config.plugin_table(NAME)``,
+    store what you parsed in ``config.stash`` and raise
+    ``ConfigError(config.path, "plugins.NAME.KEY", message)`` for anything wrong: on start-up
+    the server refuses to run, on reload it keeps the previous configuration.
+    """
+
+
+@hookspec
+def submitd_unconfigure(config: Config) -> None:
+    """Release what ``submitd_configure`` set up for ``config`` (at stop, and after a reload)."""
+
+
+# --- session --------------------------------------------------------------------------------
+
+
+@hookspec
+def submitd_connect(session: SessionInfo) -> Reply | None:
+    """A client connected (after the PROXY header and, on implicit TLS, the handshake).
+
+    Stop rule: first answer. Return a 4xx or 5xx :class:`Reply` to refuse the connection (it
+    is sent instead of the greeting, then the connection closes; 554 is sent as ``554 5.7.1``
+    on the wire, never 521 — RFC 6409 §7). None: continue. Failure: the connection is
+    refused with ``421 4.3.0``.
+    """
+
+
+@hookspec
+def submitd_ehlo_keywords(session: SessionInfo) -> Iterable[str] | None:
+    """Extra EHLO keywords to advertise (e.g. ``"DSN"``), collected from every plugin.
+
+    Stop rule: all. Keywords must be ESMTP keywords (letters, digits, hyphen, optional
+    parameters after a space). Failure: logged; the plugin's keywords are left out.
+    """
+
+
+@hookspec
+def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthResult | None:
+    """Decide a login (AUTH PLAIN or LOGIN, inside TLS, after throttling).
+
+    Stop rule: first answer. Return :class:`AuthResult` (``AuthResult.ok(username)`` or
+    ``AuthResult.deny()``). None from every plugin means ``535 5.7.8``. Failure:
+    ``451 4.3.0`` and the session stays unauthenticated (fail closed). Verify passwords in a
+    worker thread: the event loop must never block.
+    """
+
+
+@hookspec
+def submitd_mail_from(session: SessionInfo, sender: str, params: MailParams) -> Reply | None:
+    """MAIL FROM by an authenticated client; ``sender`` is ``""`` for ``<>``.
+
+    Stop rule: first answer. Return a 4xx/5xx :class:`Reply` to refuse (``550 5.7.1`` for a
+    sender the login may not use), or None to accept (``250 2.1.0``). Failure: ``451 4.3.0``.
+    """
+
+
+@hookspec
+def submitd_rcpt_check(session: SessionInfo, envelope: Envelope, recipient: str) -> Reply | None:
+    """RCPT TO; ``envelope`` holds the sender and the recipients accepted so far.
+
+    Stop rule: first answer. A 2xx :class:`Reply` accepts with that text and ends the walk; a
+    4xx/5xx reply refuses. None from every plugin accepts: an authenticated submitter may
+    relay, and the ``relay`` plugin narrows this. Failure: ``451 4.3.0``. Relay tricks
+    (``%``, ``!``, source routes, quoted ``@``, address literals, unqualified domains) are
+    refused by the core before this hook runs.
+    """
+
+
+@hookspec
+def submitd_data_filter(
+    session: SessionInfo, envelope: Envelope, message: MessageHandle
+) -> Reply | None:
+    """The body is complete and spooled (not yet committed); inspect it, edit its headers.
+
+    Stop rule: first answer. Return a 4xx/5xx :class:`Reply` to refuse the message (nothing is
+    queued), or None to pass it on. ``message.add_header`` / ``remove_header`` record edits
+    that the spool applies on commit. Failure: ``451 4.3.0`` and nothing is queued.
+    """
+
+
+# --- queue ----------------------------------------------------------------------------------
+
+
+@hookspec
+def submitd_deliver(
+    config: Config,
+    envelope: Envelope,
+    message: MessageHandle,
+    recipients: tuple[Recipient, ...],
+) -> Mapping[str, DeliveryOutcome] | None:
+    """Deliver a committed message to some or all of ``recipients``.
+
+    Stop rule: handled-set. Implementations are walked in order; each returns outcomes for
+    the recipients it took (keyed by address) or None to take none. Recipients with an
+    outcome are removed from what the next implementation sees; the walk stops when none is
+    left. A recipient no plugin took gets a temporary failure (``451 4.3.0``) and is
+    retried. Failure: the plugin's recipients get a temporary failure. Delivery is
+    at-least-once: an attempt interrupted by a crash is repeated.
+    """
+
+
+@hookspec
+def submitd_delivery_result(
+    config: Config, envelope: Envelope, recipient: Recipient, outcome: DeliveryOutcome
+) -> None:
+    """Observe the outcome of one delivery attempt for one recipient (logs, metrics, webhooks).
+
+    Stop rule: all. Return values are ignored. Failure: logged, never affects delivery.
+    """

@@ -1,0 +1,155 @@
+"""Events the server-role protocol core hands to its user (the session).
+
+Events that need an answer are marked with :class:`NeedsAnswer`: the session must call
+``ServerConnection.accept()`` or ``ServerConnection.reject(reply)`` before asking for the
+next event. The others are informational.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from ..secret import Secret
+from ._replies import Reply
+
+__all__ = [
+    "NEED_DATA",
+    "AuthRequest",
+    "BodyType",
+    "ConnectionClosed",
+    "DataChunk",
+    "DataComplete",
+    "DataStart",
+    "Event",
+    "Hello",
+    "MailFrom",
+    "MailParams",
+    "NeedData",
+    "NeedsAnswer",
+    "RcptTo",
+    "StartTLS",
+]
+
+
+class NeedData(enum.Enum):
+    """Sentinel type: the core needs more bytes before it can produce another event."""
+
+    NEED_DATA = "NEED_DATA"
+
+
+#: Returned by ``next_event()`` when the receive buffer holds no complete command.
+NEED_DATA = NeedData.NEED_DATA
+
+
+class BodyType(enum.Enum):
+    """The MAIL FROM ``BODY=`` parameter (RFC 6152)."""
+
+    SEVEN_BIT = "7BIT"
+    EIGHT_BIT_MIME = "8BITMIME"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailParams:
+    """Validated ESMTP parameters of MAIL FROM.
+
+    ``auth`` is the client's ``AUTH=`` value, recorded verbatim and never trusted
+    (RFC 4954 §5): policy must not treat it as an identity.
+    """
+
+    size: int | None = None
+    body: BodyType = BodyType.SEVEN_BIT
+    smtputf8: bool = False
+    auth: str | None = None
+
+
+class NeedsAnswer:
+    """Mixin for events the session must answer with ``accept()`` or ``reject(reply)``."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Hello(NeedsAnswer):
+    """EHLO or HELO. ``accept(keywords=...)`` sends the greeting with the core's keywords."""
+
+    domain: str
+    extended: bool
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class StartTLS:
+    """STARTTLS accepted; ``220 2.0.0`` is queued. Flush, wrap the stream, call ``tls_started()``.
+
+    ``discarded`` counts the plaintext bytes that followed the command and were thrown away
+    (CVE-2011-0411): a non-zero value is worth a log line.
+    """
+
+    discarded: int
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class AuthRequest(NeedsAnswer):
+    """Decoded SASL credentials (PLAIN or LOGIN). ``accept()`` sends ``235 2.7.0``."""
+
+    mechanism: str
+    username: str
+    authzid: str
+    password: Secret
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MailFrom(NeedsAnswer):
+    """MAIL FROM with a syntactically valid reverse path ("" for ``<>``)."""
+
+    sender: str
+    params: MailParams
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RcptTo(NeedsAnswer):
+    """RCPT TO with a syntactically valid forward path (never a relay trick)."""
+
+    recipient: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataStart(NeedsAnswer):
+    """DATA with at least one accepted recipient. ``accept()`` sends ``354``."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataChunk:
+    """Message content, dot-unstuffed, lines ending in CRLF; no answer needed."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataComplete(NeedsAnswer):
+    """The terminating CRLF.CRLF was read.
+
+    ``error`` is set when the message must be refused (bare CR or LF, line or header too long,
+    size exceeded): the session must discard what it stored and ``reject(error)``. Otherwise
+    the session stores the message and answers ``accept(reply)`` with its ``250 2.0.0``.
+    ``size`` is the number of octets of the unstuffed message received.
+    """
+
+    size: int
+    error: Reply | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ConnectionClosed:
+    """The session is over (QUIT, EOF, too many errors, a cross-protocol attack).
+
+    Flush ``data_to_send()`` (it may hold ``221`` or ``421``) and close the stream.
+    """
+
+    reason: str
+
+
+Event = (
+    Hello | StartTLS | AuthRequest | MailFrom | RcptTo | DataStart | DataChunk | DataComplete
+    | ConnectionClosed
+)
