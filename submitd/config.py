@@ -7,13 +7,21 @@ naming the file and the dotted key. Relative paths resolve against the config fi
 
 from __future__ import annotations
 
+import difflib
 import enum
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import ipaddress
+import math
+import os
+import re
+import socket
+import tomllib
+from collections.abc import Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from .errors import ConfigError
 from .stash import Stash
 
 __all__ = [
@@ -26,6 +34,7 @@ __all__ = [
     "QueueConfig",
     "TLSConfig",
     "default_config_path",
+    "format_duration",
     "load_config",
     "parse_duration",
 ]
@@ -108,7 +117,7 @@ class PluginsConfig:
     )
 
     def timeout_for(self, plugin: str) -> float:
-        """The hook deadline for ``plugin`` in seconds."""
+        """Return the hook deadline for ``plugin`` in seconds."""
         return self.hook_timeouts.get(plugin, self.hook_timeout)
 
 
@@ -135,7 +144,7 @@ class Config:
         return self.path.parent
 
     def plugin_table(self, name: str) -> Mapping[str, Any]:
-        """The ``[plugins.NAME]`` table (empty when absent)."""
+        """Return the ``[plugins.NAME]`` table (empty when absent)."""
         return self.plugins.tables.get(name, MappingProxyType({}))
 
     def resolve(self, value: str | Path) -> Path:
@@ -144,16 +153,328 @@ class Config:
         return p if p.is_absolute() else (self.base_dir / p)
 
 
-def parse_duration(value: object) -> float:  # implemented by the config loader
-    """Parse ``"30s"``, ``"5m"``, ``"2h"``, ``"5d"`` or a bare number of seconds."""
-    raise NotImplementedError
+# --- durations ------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"\A(\d+(?:\.\d+)?)(ms|s|m|h|d)?\Z")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def default_config_path() -> Path:  # implemented by the config loader
+def parse_duration(value: object) -> float:
+    """Parse ``"30s"``, ``"5m"``, ``"2h"``, ``"5d"``, ``"250ms"`` or a bare number of seconds.
+
+    Returns seconds as a float; raises ValueError for anything else (negative, NaN, booleans,
+    unknown units, embedded spaces).
+    """
+    if isinstance(value, bool):  # bool is an int subclass; `true` is never a duration
+        raise ValueError(f"not a duration: {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        m = _DURATION.match(value)
+        if m is None:
+            raise ValueError(f'not a duration: {value!r} (use e.g. "30s", "5m", "2h", "5d")')
+        seconds = float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
+    else:
+        raise ValueError(f"not a duration: {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"not a duration: {value!r}")
+    return seconds
+
+
+def format_duration(seconds: float) -> str:
+    """Render seconds in the largest unit that divides them exactly (``300.0`` → ``"5m"``)."""
+    for unit in ("d", "h", "m", "s"):
+        size = _UNIT_SECONDS[unit]
+        if seconds >= size and (seconds / size).is_integer():
+            return f"{int(seconds / size)}{unit}"
+    millis = seconds * 1000
+    return f"{int(millis)}ms" if millis.is_integer() else f"{seconds}s"
+
+
+def default_config_path() -> Path:
     """``$SUBMITD_CONFIG``, else ``/etc/submitd/submitd.toml``."""
-    raise NotImplementedError
+    env = os.environ.get("SUBMITD_CONFIG")
+    return Path(env) if env else DEFAULT_CONFIG_PATH
 
 
-def load_config(path: Path) -> Config:  # implemented by the config loader
-    """Read and validate ``path``; raise ``ConfigError(path, dotted_key, message)``."""
-    raise NotImplementedError
+# --- the loader -----------------------------------------------------------------------------
+
+# RFC 1035 §2.3.1 labels (with digits first allowed, RFC 1123 §2.1); no trailing dot.
+_HOSTNAME = re.compile(
+    r"\A(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
+)
+_PLUGIN_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
+_MISSING: Any = object()
+
+
+class _Table:
+    """One TOML table under validation: knows its dotted name and rejects unknown keys."""
+
+    def __init__(
+        self, path: Path, prefix: str, data: object, allowed: Iterable[str] | None
+    ) -> None:
+        self.path = path
+        self.prefix = prefix
+        if not isinstance(data, dict):
+            raise ConfigError(path, prefix, f"must be a table, not {_type_name(data)}")
+        self.data: dict[str, Any] = data
+        if allowed is not None:
+            known = list(allowed)
+            for name in data:
+                if name not in known:
+                    hint = difflib.get_close_matches(name, known, n=1)
+                    extra = f" (did you mean {hint[0]!r}?)" if hint else ""
+                    raise ConfigError(path, self.key(name), f"unknown key{extra}")
+
+    def key(self, name: str) -> str:
+        """Return the dotted key of ``name`` in this table."""
+        return f"{self.prefix}.{name}" if self.prefix else name
+
+    def error(self, name: str, message: str) -> ConfigError:
+        """Build a ConfigError about ``name`` in this table."""
+        return ConfigError(self.path, self.key(name), message)
+
+    def get(self, name: str, default: Any = _MISSING) -> Any:
+        """Return the raw value, ``default`` when absent; required without a default."""
+        if name in self.data:
+            return self.data[name]
+        if default is _MISSING:
+            raise self.error(name, "required key is missing")
+        return default
+
+    def string(self, name: str, default: Any = _MISSING) -> str:
+        """Return a non-empty string without control characters."""
+        value = self.get(name, default)
+        if not isinstance(value, str):
+            raise self.error(name, f"must be a string, not {_type_name(value)}")
+        if not value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+            raise self.error(name, "must be a non-empty string without control characters")
+        return value
+
+    def boolean(self, name: str, default: bool) -> bool:
+        """Return a boolean (``true`` or ``false``)."""
+        value = self.get(name, default)
+        if not isinstance(value, bool):
+            raise self.error(name, f"must be true or false, not {_type_name(value)}")
+        return value
+
+    def integer(self, name: str, default: int, *, minimum: int = 1) -> int:
+        """Return an integer of at least ``minimum``."""
+        value = self.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise self.error(name, f"must be an integer, not {_type_name(value)}")
+        if value < minimum:
+            raise self.error(name, f"must be at least {minimum}, got {value}")
+        return value
+
+    def duration(self, name: str, default: float, *, allow_zero: bool = False) -> float:
+        """Return a duration in seconds (``"30s"``, ``"5m"``, a number); zero only if allowed."""
+        return _duration(self, name, self.get(name, default), allow_zero=allow_zero)
+
+    def array(self, name: str, default: Any = _MISSING) -> list[Any]:
+        """Return a TOML array."""
+        value = self.get(name, default)
+        if not isinstance(value, list):
+            raise self.error(name, f"must be an array, not {_type_name(value)}")
+        return value
+
+    def path_value(self, name: str, default: Any = _MISSING) -> Path:
+        """Return a path, resolved against the config file's directory when relative."""
+        p = Path(self.string(name, default)).expanduser()
+        return p if p.is_absolute() else self.path.parent / p
+
+
+def _duration(table: _Table, key: str, value: object, *, allow_zero: bool = False) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError as exc:
+        raise table.error(key, str(exc)) from None
+    if seconds == 0 and not allow_zero:
+        raise table.error(key, "must be longer than zero")
+    return seconds
+
+
+def _default(cls: type, name: str) -> Any:
+    """Return a field's default (slots dataclasses do not keep it as a class attribute)."""
+    for f in fields(cls):
+        if f.name == name and f.default is not MISSING:
+            return f.default
+    raise AssertionError(f"{cls.__name__}.{name} has no default")  # pragma: no cover
+
+
+def _type_name(value: object) -> str:
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "an array", dict: "a table"}
+    return names.get(type(value), type(value).__name__)
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``; raise ``ConfigError(path, dotted_key, message)``.
+
+    Only the config file itself is read: certificate and plugin files are checked by the
+    code that loads them (``submitd check-config`` runs all of it).
+    """
+    path = Path(path).absolute()  # resolved paths must survive a later chdir
+    try:
+        with path.open("rb") as f:
+            raw = tomllib.load(f)
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read the configuration: {exc.strerror}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, "", f"TOML syntax error: {exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(path, "", "the file is not valid UTF-8") from None
+    top = _Table(
+        path, "", raw, ("hostname", "listen", "tls", "limits", "queue", "plugins", "metrics")
+    )
+    if "metrics" in raw:
+        raise top.error("metrics", "not supported in this version (remove the [metrics] table)")
+    listeners = _load_listeners(top)
+    tls = _load_tls(top, required=bool(listeners))
+    return Config(
+        path=path,
+        hostname=_load_hostname(top),
+        listeners=listeners,
+        tls=tls,
+        limits=_load_limits(top),
+        queue=_load_queue(top),
+        plugins=_load_plugins(top),
+    )
+
+
+def _load_hostname(top: _Table) -> str:
+    name = top.string("hostname") if "hostname" in top.data else socket.getfqdn()
+    if not _HOSTNAME.match(name):
+        why = "" if "hostname" in top.data else f" (taken from the system: {name!r}; set it)"
+        raise top.error("hostname", f"must be a fully qualified domain name{why}")
+    return name
+
+
+def _load_listeners(top: _Table) -> tuple[ListenerConfig, ...]:
+    items = top.array("listen", [])
+    out: list[ListenerConfig] = []
+    seen: dict[tuple[str, int], str] = {}
+    allowed = ("address", "mode", "proxy_protocol", "proxy_trusted")
+    for i, item in enumerate(items):
+        t = _Table(top.path, f"listen[{i}]", item, allowed)
+        host, port = _parse_address(t, "address")
+        if port and (host, port) in seen:
+            raise t.error("address", f"the same address as {seen[host, port]}")
+        seen[host, port] = t.key("address")
+        mode_name = t.string("mode")
+        try:
+            mode = ListenMode(mode_name)
+        except ValueError:
+            raise t.error("mode", f"must be starttls or implicit, not {mode_name!r}") from None
+        if t.boolean("proxy_protocol", False):
+            raise t.error("proxy_protocol", "not supported in this version")
+        trusted: list[str] = []
+        default_trusted = list(_default(ListenerConfig, "proxy_trusted"))
+        for j, cidr in enumerate(t.array("proxy_trusted", default_trusted)):
+            try:
+                trusted.append(str(ipaddress.ip_network(cidr)))
+            except (TypeError, ValueError) as exc:
+                raise t.error(f"proxy_trusted[{j}]", f"not a network: {exc}") from None
+        out.append(ListenerConfig(host=host, port=port, mode=mode, proxy_trusted=tuple(trusted)))
+    return tuple(out)
+
+
+def _parse_address(t: _Table, key: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port``; port 0 asks the system for a free port (tests)."""
+    text = t.string(key)
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise t.error(key, f'must be "host:port" or "[ipv6]:port", not {text!r}')
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise t.error(key, f"not an IPv6 address in brackets: {text!r}") from None
+    elif ":" in host:
+        raise t.error(key, f'IPv6 addresses need brackets, e.g. "[::1]:587", not {text!r}')
+    elif not _HOSTNAME.match(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise t.error(key, f"not an IP address or host name: {host!r}") from None
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise t.error(key, f"port must be a number from 0 to 65535, not {port_text!r}")
+    return host, int(port_text)
+
+
+def _load_tls(top: _Table, *, required: bool) -> TLSConfig | None:
+    if "tls" not in top.data:
+        if required:
+            raise top.error("tls", "required key is missing (listeners need a certificate)")
+        return None
+    t = _Table(top.path, "tls", top.data["tls"], ("cert", "key", "handshake_timeout"))
+    return TLSConfig(
+        cert=t.path_value("cert"),
+        key=t.path_value("key"),
+        handshake_timeout=t.duration("handshake_timeout", _default(TLSConfig, "handshake_timeout")),
+    )
+
+
+def _load_limits(top: _Table) -> Limits:
+    specs = fields(Limits)
+    t = _Table(top.path, "limits", top.get("limits", {}), [f.name for f in specs])
+    values: dict[str, Any] = {}
+    for f in specs:
+        if f.type in (float, "float"):  # every float limit is a duration
+            grace = f.name == "shutdown_grace"  # zero: stop at once, no draining
+            values[f.name] = t.duration(f.name, _default(Limits, f.name), allow_zero=grace)
+        else:
+            values[f.name] = t.integer(f.name, _default(Limits, f.name))
+    return Limits(**values)
+
+
+def _load_queue(top: _Table) -> QueueConfig:
+    t = _Table(top.path, "queue", top.get("queue", {}), ("dir", "retry", "max_age"))
+    retry = t.array("retry", list(_default(QueueConfig, "retry")))
+    if not retry:
+        raise t.error("retry", "needs at least one interval (the last one repeats)")
+    return QueueConfig(
+        dir=t.path_value("dir", "spool"),
+        retry=tuple(_duration(t, f"retry[{i}]", v) for i, v in enumerate(retry)),
+        max_age=t.duration("max_age", _default(QueueConfig, "max_age")),
+    )
+
+
+def _load_plugins(top: _Table) -> PluginsConfig:
+    t = _Table(top.path, "plugins", top.get("plugins", {}), None)
+    enable: list[str] = []
+    for i, name in enumerate(t.array("enable", [])):
+        key = f"enable[{i}]"
+        if not isinstance(name, str) or not _PLUGIN_NAME.match(name):
+            raise t.error(key, f"not a plugin name: {name!r}")
+        if name in enable:
+            raise t.error(key, f"{name!r} is listed twice")
+        enable.append(name)
+    tables: dict[str, Mapping[str, Any]] = {}
+    timeouts: dict[str, float] = {}
+    for name, value in t.data.items():
+        if name in ("enable", "hook_timeout"):
+            continue
+        if not isinstance(value, dict):
+            raise t.error(name, "unknown key (plugin settings go in a [plugins.NAME] table)")
+        sub = _Table(top.path, t.key(name), value, None)
+        if "hook_timeout" in value:
+            timeouts[name] = sub.duration("hook_timeout", 0.0)
+        tables[name] = _freeze({k: v for k, v in value.items() if k != "hook_timeout"})
+    return PluginsConfig(
+        enable=tuple(enable),
+        hook_timeout=t.duration("hook_timeout", _default(PluginsConfig, "hook_timeout")),
+        hook_timeouts=MappingProxyType(timeouts),
+        tables=MappingProxyType(tables),
+    )
+
+
+def _freeze(value: Any) -> Any:
+    """Read-only copy of a TOML value: tables become mappings, arrays tuples."""
+    if isinstance(value, dict):
+        return MappingProxyType({k: _freeze(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return tuple(_freeze(v) for v in value)
+    return value

@@ -1,0 +1,46 @@
+# submitd — `make run` sets up and serves, `make test` sets up and runs every check.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+PYTEST := $(BIN)/python -m pytest
+
+.PHONY: install run lint typecheck test test-unit test-integration test-external bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+var/submitd.toml: | $(STAMP)
+	$(BIN)/submitd quickstart var
+
+run: $(STAMP) var/submitd.toml
+	$(BIN)/submitd serve -c var/submitd.toml
+
+lint: $(STAMP)
+	$(BIN)/ruff check submitd plugins tests bench
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+test-unit: $(STAMP)
+	$(PYTEST) -q tests/unit
+
+test-integration: $(STAMP)
+	$(PYTEST) -q tests/integration
+
+test-external: $(STAMP)
+	$(PYTEST) -q tests/external
+
+test: lint typecheck test-unit test-integration test-external
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

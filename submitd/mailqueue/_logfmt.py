@@ -1,0 +1,28 @@
+"""One-line ``key=value`` log formatting that never lets client input break a log line."""
+
+from __future__ import annotations
+
+import json
+import re
+
+__all__ = ["logfmt"]
+
+_PLAIN = re.compile(r"\A[A-Za-z0-9@._+\-/:,<>\[\]]+\Z")
+
+
+def logfmt(event: str, **fields: object) -> str:
+    """Format ``event=EVENT key=value ...``; values with spaces, quotes or controls are quoted.
+
+    Quoting uses JSON string syntax with ``ensure_ascii``: control characters and non-ASCII
+    text from addresses or replies are escaped, so one event stays one line (SECURITY.md §1).
+    None values are left out.
+    """
+    parts = [f"event={event}"]
+    for key, value in fields.items():
+        if value is None:
+            continue
+        text = str(value)
+        if not _PLAIN.match(text):
+            text = json.dumps(text, ensure_ascii=True)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)

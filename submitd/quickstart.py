@@ -1,0 +1,146 @@
+"""``submitd quickstart DIR``: a complete, working local setup in one directory.
+
+DIR receives ``submitd.toml`` (listeners on 127.0.0.1:2587 STARTTLS and 127.0.0.1:2465
+implicit TLS), a self-signed certificate for ``localhost`` and ``127.0.0.1`` in ``tls/``, a
+users file with one login ``demo`` and a random password, and maildir delivery into ``mail/``.
+Nothing existing is overwritten. Blocking (key generation, argon2, fsync).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shlex
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .certs import CERT_FILENAME, KEY_FILENAME, write_selfsigned
+from .config import load_config
+from .errors import UsageError
+from .passwords import UsersFile
+from .secret import Secret
+
+__all__ = ["DEMO_LOGIN", "DEMO_SENDER", "QuickstartResult", "quickstart"]
+
+DEMO_LOGIN = "demo"
+DEMO_SENDER = "demo@example.com"
+SUBMISSION_PORT = 2587
+SUBMISSIONS_PORT = 2465
+
+CONFIG_TEMPLATE = f"""\
+# submitd configuration written by `submitd quickstart`: a local test setup.
+# Run it with `submitd serve -c submitd.toml`; relative paths are relative to this file.
+hostname = "localhost"
+
+[[listen]]                  # submission: plain connect, STARTTLS required (RFC 6409)
+address = "127.0.0.1:{SUBMISSION_PORT}"
+mode = "starttls"
+
+[[listen]]                  # submissions: TLS from the first byte (RFC 8314)
+address = "127.0.0.1:{SUBMISSIONS_PORT}"
+mode = "implicit"
+
+[tls]                       # self-signed for localhost and 127.0.0.1
+cert = "tls/{CERT_FILENAME}"
+key = "tls/{KEY_FILENAME}"
+
+[queue]
+dir = "spool"
+
+[plugins]
+enable = ["passwdfile", "maildir"]
+
+[plugins.passwdfile]        # manage with `submitd user add|passwd|del|list -c submitd.toml`
+path = "users"
+
+[plugins.maildir]           # every accepted message lands in this Maildir
+path = "mail"
+"""
+
+USERS_HEADER = """\
+# submitd users: LOGIN ARGON2ID-HASH [SENDER ...]; edit with `submitd user ...`.
+"""
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuickstartResult:
+    """What ``quickstart`` wrote, and the demo credentials (the password exists only here)."""
+
+    directory: Path
+    config_path: Path
+    users_path: Path
+    cert_path: Path
+    key_path: Path
+    login: str
+    sender: str
+    password: Secret = field(repr=False)
+
+    def swaks_command(self) -> str:
+        """Return a ready swaks command line sending a test message (reveals the password)."""
+        return shlex.join([
+            "swaks", "--server", "127.0.0.1", "--port", str(SUBMISSION_PORT),
+            "--tls", "--tls-verify", "--tls-ca-path", str(self.cert_path),
+            "--auth", "PLAIN", "--auth-user", self.login,
+            "--auth-password", self.password.reveal(),
+            "--from", self.sender, "--to", "someone@example.com",
+        ])
+
+
+def _new_password() -> Secret:
+    while True:
+        candidate = secrets.token_urlsafe(12)
+        if not candidate.startswith("-"):  # would read as an option on a command line
+            return Secret(candidate)
+
+
+def _create_exclusive(path: Path, data: bytes, mode: int) -> None:
+    """Write ``path`` completely or not at all, never replacing an existing file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), mode)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.link(tmp, path)  # fails if the file appeared meanwhile
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+def quickstart(directory: Path) -> QuickstartResult:
+    """Write the setup into ``directory`` (created if needed) and return what was made.
+
+    Raise UsageError if any file it would write exists already; OSError on I/O failures.
+    """
+    directory = directory.absolute()
+    config_path = directory / "submitd.toml"
+    users_path = directory / "users"
+    tls_dir = directory / "tls"
+    cert_path, key_path = tls_dir / CERT_FILENAME, tls_dir / KEY_FILENAME
+    for target in (config_path, users_path, cert_path, key_path):
+        if target.exists():
+            raise UsageError(f"{target} already exists; choose an empty directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    write_selfsigned(tls_dir, ["localhost", "127.0.0.1"])
+
+    password = _new_password()
+    _create_exclusive(users_path, USERS_HEADER.encode(), 0o600)
+    UsersFile(path=users_path).add_user(DEMO_LOGIN, password, [DEMO_SENDER])
+
+    # Written last: its presence marks a complete setup (`make run` tests for it).
+    _create_exclusive(config_path, CONFIG_TEMPLATE.encode(), 0o644)
+    load_config(config_path)  # the written file must pass the loader
+    return QuickstartResult(
+        directory=directory,
+        config_path=config_path,
+        users_path=users_path,
+        cert_path=cert_path,
+        key_path=key_path,
+        login=DEMO_LOGIN,
+        sender=DEMO_SENDER,
+        password=password,
+    )

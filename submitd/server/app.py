@@ -1,0 +1,174 @@
+"""The server: plugins, spool, queue runner and listeners in one trio nursery.
+
+``Server.serve`` is what ``submitd serve`` runs and what the in-process test helpers start.
+SIGTERM (``request_shutdown``) stops accepting, lets sessions finish within
+``limits.shutdown_grace``, then ends the rest with ``421 4.3.2``. SIGHUP (``reload``) re-reads
+the configuration, the certificate and (through the plugins) the users file without dropping
+sessions; a bad new configuration is logged and the old one stays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import pluggy
+import trio
+
+from .._hookcall import HookCaller, PluginDelivery
+from ..config import Config, ListenerConfig, load_config
+from ..errors import ConfigError
+from ..mailqueue.runner import QueueRunner
+from ..mailqueue.spool import Spool
+from ..plugin_manager import configure_plugins, create_plugin_manager, unconfigure_plugins
+from ..session import ServerContext
+from .connection import ConnectionHandler
+from .limits import AuthThrottle, ConnectionLimiter
+from .tls import TLSContextHolder, make_server_context
+
+__all__ = ["BoundListener", "Server"]
+
+log = logging.getLogger("submitd.server")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BoundListener:
+    """A listener and the address it actually bound (port 0 becomes a real port)."""
+
+    config: ListenerConfig
+    host: str
+    port: int
+
+
+class Server:
+    """One submitd instance. Build it from a validated :class:`Config`, then ``await serve()``."""
+
+    def __init__(self, config: Config, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> None:
+        if config.tls is None:
+            raise ConfigError(config.path, "tls", "a [tls] table is required to serve")
+        self._extra = tuple(extra_plugins)
+        self.pm: pluggy.PluginManager = create_plugin_manager(config, extra=self._extra)
+        configure_plugins(self.pm, config)
+        self.tls = TLSContextHolder(config.tls)
+        self.spool = Spool(config.queue.dir)
+        self.hooks = HookCaller(self.pm, config.plugins)
+        self.throttle = AuthThrottle()
+        self._config = config
+        self.runner = QueueRunner(
+            self.spool, PluginDelivery(self.hooks, lambda: self._config), config.queue
+        )
+        self.limiter = ConnectionLimiter(
+            max_total=config.limits.max_connections,
+            max_per_ip=config.limits.max_connections_per_ip,
+        )
+        self.context = ServerContext(
+            config=config, hooks=self.hooks, spool=self.spool, runner=self.runner,
+            throttle=self.throttle,
+        )
+        self.bound: list[BoundListener] = []
+        self._shutdown = trio.Event()
+        self._handlers: list[ConnectionHandler] = []
+
+    @property
+    def config(self) -> Config:
+        """The configuration new sessions get."""
+        return self._config
+
+    async def serve(self, *, task_status: trio.TaskStatus[list[BoundListener]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until :meth:`request_shutdown`; ``task_status.started`` gets the bound listeners."""
+        recovered = await self.spool.recover()
+        log.info("spool_recovered dir=%s messages=%d", self.spool.directory, len(recovered))
+        try:
+            async with trio.open_nursery() as root:
+                await root.start(self.runner.run)
+                async with trio.open_nursery() as sessions:
+                    listeners = await self._open_listeners()
+                    accept_scope = trio.CancelScope()
+                    for handler, tcp in listeners:
+                        sessions.start_soon(self._accept, handler, tcp, sessions, accept_scope)
+                    task_status.started(list(self.bound))
+                    await self._shutdown.wait()
+                    log.info("shutdown_started sessions=%d",
+                             sum(len(h.active) for h in self._handlers))
+                    accept_scope.cancel()
+                    for _, tcp in listeners:
+                        await tcp.aclose()
+                    await self._drain()
+                root.cancel_scope.cancel()
+        finally:
+            unconfigure_plugins(self.pm, self._config)
+        log.info("shutdown_complete")
+
+    async def _open_listeners(self) -> list[tuple[ConnectionHandler, trio.SocketListener]]:
+        out: list[tuple[ConnectionHandler, trio.SocketListener]] = []
+        for lc in self._config.listeners:
+            try:
+                tcps = await trio.open_tcp_listeners(lc.port, host=lc.host)
+            except OSError as exc:
+                for _, opened in out:
+                    await opened.aclose()
+                raise ConfigError(self._config.path, "listen", f"cannot listen on {lc.address}: "
+                                  f"{exc.strerror or exc}") from exc
+            handler = ConnectionHandler(
+                listener=lc, context=lambda: self.context, tls=self.tls, limiter=self.limiter
+            )
+            self._handlers.append(handler)
+            for tcp in tcps:
+                host, port = tcp.socket.getsockname()[:2]
+                self.bound.append(BoundListener(config=lc, host=host, port=port))
+                log.info("listening address=%s port=%d mode=%s", host, port, lc.mode.value)
+                out.append((handler, tcp))
+        return out
+
+    async def _accept(
+        self,
+        handler: ConnectionHandler,
+        tcp: trio.SocketListener,
+        sessions: trio.Nursery,
+        scope: trio.CancelScope,
+    ) -> None:
+        with scope:
+            try:
+                await trio.serve_listeners(handler, [tcp], handler_nursery=sessions)
+            except trio.ClosedResourceError:
+                pass
+
+    async def _drain(self) -> None:
+        grace = self._config.limits.shutdown_grace
+        with trio.move_on_after(grace):
+            for handler in self._handlers:
+                await handler.idle.wait()
+        for handler in self._handlers:
+            for scope in list(handler.active):
+                scope.cancel()  # each session then sends 421 4.3.2 and closes
+
+    def request_shutdown(self) -> None:
+        """Stop accepting and drain (what SIGTERM does)."""
+        self._shutdown.set()
+
+    async def reload(self) -> bool:
+        """Re-read config, certificate and plugin configuration (what SIGHUP does).
+
+        Returns False (and keeps everything as it was) when the new configuration is invalid.
+        The plugin set cannot change on reload: a different ``[plugins] enable`` needs a restart.
+        """
+        try:
+            new = await trio.to_thread.run_sync(load_config, self._config.path)
+            if new.plugins.enable != self._config.plugins.enable:
+                raise ConfigError(new.path, "plugins.enable", "changing plugins needs a restart")
+            if new.tls is None:
+                raise ConfigError(new.path, "tls", "a [tls] table is required to serve")
+            context = make_server_context(new.tls)
+            configure_plugins(self.pm, new)
+        except ConfigError as exc:
+            log.error("reload_failed error=%s", exc)
+            return False
+        old, self._config = self._config, new
+        self.tls.config, self.tls.context = new.tls, context
+        self.hooks.plugins = new.plugins
+        self.context = replace(self.context, config=new)
+        unconfigure_plugins(self.pm, old)
+        log.info("reloaded config=%s", new.path)
+        return True

@@ -1,0 +1,262 @@
+"""The connection driver: bytes between a trio stream and the protocol core, under deadlines.
+
+It holds no policy. Per connection: take a slot, (implicit TLS) handshake, greet, then loop —
+flush replies, read under the command or DATA deadline, feed the core, hand events to the
+session. It catches every exception at its top: in trio one escaping handler would stop
+``serve_listeners`` and with it the whole service (SECURITY.md §5).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import ssl
+from collections.abc import Callable
+
+import trio
+
+from ..config import ListenerConfig, ListenMode
+from ..protocol import (
+    NEED_DATA,
+    ConnectionClosed,
+    ProtocolLimits,
+    Reply,
+    ServerConnection,
+    StartTLS,
+)
+from ..session import ServerContext, Session
+from ..views import SessionInfo
+from .limits import ConnectionLimiter
+from .tls import TLSContextHolder
+
+__all__ = ["ConnectionHandler", "protocol_limits"]
+
+log = logging.getLogger("submitd.connection")
+
+R_TOO_MANY = Reply.make(421, "4.7.0", "Too many connections, try again later")
+R_TIMEOUT = Reply.make(421, "4.4.2", "Timeout, closing connection")
+R_SHUTDOWN = Reply.make(421, "4.3.2", "Service shutting down, try again later")
+R_INTERNAL = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
+
+_RECEIVE_SIZE = 65536
+_SEND_TIMEOUT = 60.0
+_session_counter = itertools.count(1)
+_session_prefix = os.urandom(3).hex()
+
+
+def _new_session_id() -> str:
+    return f"{_session_prefix}{next(_session_counter):06x}"
+
+
+def protocol_limits(ctx: ServerContext) -> ProtocolLimits:
+    """The slice of ``[limits]`` the protocol core enforces."""
+    lim = ctx.config.limits
+    return ProtocolLimits(
+        max_message_size=lim.max_message_size,
+        max_recipients=lim.max_recipients,
+        max_header_size=lim.max_header_size,
+        max_auth_failures=lim.max_auth_failures,
+        max_errors=lim.max_errors,
+        max_transactions=lim.max_transactions,
+    )
+
+
+def _peer(stream: trio.abc.Stream) -> tuple[str, int]:
+    sock = getattr(stream, "socket", None)
+    try:
+        addr = sock.getpeername() if sock is not None else ("unknown", 0)
+    except OSError:
+        return "unknown", 0
+    return str(addr[0]), int(addr[1])
+
+
+class ConnectionHandler:
+    """Serve one listener's connections; one instance per ``[[listen]]`` table."""
+
+    def __init__(
+        self,
+        *,
+        listener: ListenerConfig,
+        context: Callable[[], ServerContext],
+        tls: TLSContextHolder,
+        limiter: ConnectionLimiter,
+    ) -> None:
+        self.listener = listener
+        self._context = context
+        self._tls = tls
+        self._limiter = limiter
+        #: Cancel scopes of the running sessions; the server cancels them when draining ends.
+        self.active: set[trio.CancelScope] = set()
+        self.idle = trio.Event()
+        self.idle.set()
+
+    async def __call__(self, stream: trio.abc.Stream) -> None:
+        """Entry point for ``trio.serve_listeners``; never raises (but lets Cancelled through)."""
+        host, port = _peer(stream)
+        sid = _new_session_id()
+        if not self._limiter.try_acquire(host):
+            log.warning("connection_refused session=%s peer=%s reason=limit", sid, host)
+            with trio.move_on_after(5):
+                try:
+                    if self.listener.mode is ListenMode.IMPLICIT:
+                        # Speak TLS or say nothing: plaintext on 465 would confuse the client.
+                        await trio.aclose_forcefully(stream)
+                        return
+                    await stream.send_all(R_TOO_MANY.to_bytes())
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                    pass
+            await trio.aclose_forcefully(stream)
+            return
+        scope = trio.CancelScope()
+        self.active.add(scope)
+        self.idle = trio.Event() if self.idle.is_set() else self.idle
+        try:
+            await self._serve(stream, sid, host, port, scope)
+        finally:
+            self._limiter.release(host)
+            self.active.discard(scope)
+            if not self.active:
+                self.idle.set()
+
+    async def _serve(
+        self, stream: trio.abc.Stream, sid: str, host: str, port: int, scope: trio.CancelScope
+    ) -> None:
+        ctx = self._context()
+        implicit = self.listener.mode is ListenMode.IMPLICIT
+        info = SessionInfo(
+            session_id=sid, config=ctx.config, listener=self.listener, peer_host=host,
+            peer_port=port,
+        )
+        conn = ServerConnection(
+            hostname=ctx.config.hostname,
+            limits=protocol_limits(ctx),
+            tls_active=implicit,
+            tls_available=True,
+        )
+        session = Session(ctx, conn, info)
+        log.info("connect session=%s peer=%s port=%d listener=%s", sid, host, port,
+                 self.listener.address)
+        driver = _Driver(stream, conn, session, self._tls, ctx)
+        try:
+            with scope:
+                await driver.run(implicit)
+            if scope.cancelled_caught:
+                conn.close(R_SHUTDOWN)
+                await driver.flush_quietly()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("disconnect session=%s reason=%s", sid, type(exc).__name__)
+        except Exception:
+            # The last line of defence: log with the session id, tell the client if we can.
+            log.exception("connection_error session=%s", sid)
+            conn.close(R_INTERNAL)
+            await driver.flush_quietly()
+        finally:
+            with trio.CancelScope(shield=True):
+                await session.aclose()
+                await trio.aclose_forcefully(driver.stream)
+            log.info("close session=%s", sid)
+
+
+class _Driver:
+    """The read-feed-answer loop for one connection."""
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        conn: ServerConnection,
+        session: Session,
+        tls: TLSContextHolder,
+        ctx: ServerContext,
+    ) -> None:
+        self.stream = stream
+        self.conn = conn
+        self.session = session
+        self.tls = tls
+        self.limits = ctx.config.limits
+        self.handshake_timeout = ctx.config.tls.handshake_timeout if ctx.config.tls else 30.0
+        self.sid = session.info.session_id
+
+    async def run(self, implicit: bool) -> None:
+        if implicit and not await self._handshake():
+            return
+        if not await self.session.start():
+            await self.flush()
+            return
+        while True:
+            await self.flush()
+            event = self.conn.next_event()
+            if event is NEED_DATA:
+                if not await self._receive():
+                    continue
+            elif isinstance(event, StartTLS):
+                if event.discarded:
+                    log.warning("starttls_injection session=%s discarded=%d", self.sid,
+                                event.discarded)
+                await self.flush()
+                if not await self._handshake():
+                    return
+                self.conn.tls_started()
+            elif isinstance(event, ConnectionClosed):
+                await self.flush()
+                log.info("closing session=%s reason=%s", self.sid, event.reason)
+                return
+            else:
+                await self.session.handle(event)
+
+    async def flush(self) -> None:
+        data = self.conn.data_to_send()
+        if data:
+            with trio.fail_after(_SEND_TIMEOUT):
+                await self.stream.send_all(data)
+
+    async def flush_quietly(self) -> None:
+        """Best effort: send what is queued (a 421) within a short deadline, ignore failures."""
+        with trio.move_on_after(5), trio.CancelScope(shield=True):
+            try:
+                await self.flush()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
+                    OSError, ssl.SSLError):
+                pass
+
+    async def _receive(self) -> bool:
+        """Read once under the current deadline; on timeout queue 421 4.4.2 and return False."""
+        timeout = self.limits.command_timeout
+        deadline = self.session.data_deadline
+        if deadline is not None:
+            timeout = min(timeout, max(0.0, deadline - trio.current_time()))
+        with trio.move_on_after(timeout):
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            self.conn.receive_data(data)
+            return True
+        log.info("timeout session=%s phase=%s", self.sid,
+                 "data" if deadline is not None else "command")
+        self.conn.close(R_TIMEOUT)
+        return False
+
+    async def _handshake(self) -> bool:
+        """Wrap the stream in TLS and finish the handshake under its deadline."""
+        tls_stream = trio.SSLStream(self.stream, self.tls.context, server_side=True)
+        try:
+            with trio.fail_after(self.handshake_timeout):
+                await tls_stream.do_handshake()
+        except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # A failed handshake ends only this connection.
+            reason = "timeout" if isinstance(exc, trio.TooSlowError) else _tls_reason(exc)
+            log.info("tls_failed session=%s reason=%s", self.sid, reason)
+            return False
+        self.stream = tls_stream
+        # SSLStream forwards version() and cipher() to its SSLObject.
+        version: str | None = tls_stream.version()
+        cipher = tls_stream.cipher()
+        cipher_name: str | None = cipher[0] if cipher else None
+        self.session.tls_started(version, cipher_name)
+        log.info("tls session=%s version=%s cipher=%s", self.sid, version, cipher_name)
+        return True
+
+
+def _tls_reason(exc: BaseException) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or type(cause).__name__
+    return type(exc).__name__

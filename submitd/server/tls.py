@@ -1,0 +1,54 @@
+"""Server TLS: a hardened ``ssl.SSLContext``, reloadable on SIGHUP (SECURITY.md §2)."""
+
+from __future__ import annotations
+
+import ssl
+
+from ..config import TLSConfig
+from ..errors import ConfigError
+
+__all__ = ["CIPHERS_TLS12", "TLSContextHolder", "make_server_context"]
+
+#: TLS 1.2 suites: forward secret (ECDHE/DHE) and AEAD only; TLS 1.3 suites are all AEAD.
+CIPHERS_TLS12 = ":".join(
+    [
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "DHE-RSA-AES128-GCM-SHA256",
+        "DHE-RSA-AES256-GCM-SHA384",
+    ]
+)
+
+
+def make_server_context(tls: TLSConfig) -> ssl.SSLContext:
+    """Build the server context: TLS 1.2+, AEAD ciphers, no renegotiation, no compression."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(CIPHERS_TLS12)
+    ctx.options |= (
+        ssl.OP_NO_COMPRESSION
+        | ssl.OP_NO_RENEGOTIATION
+        | ssl.OP_CIPHER_SERVER_PREFERENCE
+        | ssl.OP_SINGLE_ECDH_USE
+    )
+    try:
+        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
+    except FileNotFoundError as exc:
+        raise ConfigError(None, "tls", f"cannot read certificate or key: {exc.filename}") from exc
+    except (ssl.SSLError, OSError) as exc:
+        raise ConfigError(None, "tls", f"cannot load certificate {tls.cert} / key {tls.key}: "
+                          f"{exc}") from exc
+    return ctx
+
+
+class TLSContextHolder:
+    """The current server context; the server swaps it on reload without touching open sessions."""
+
+    def __init__(self, tls: TLSConfig) -> None:
+        self.config = tls
+        self.context = make_server_context(tls)
+

@@ -1,0 +1,391 @@
+"""Per-connection policy: protocol events → hook calls → replies. Fails closed.
+
+The session never touches the stream: the connection driver feeds it events from the protocol
+core and it answers through ``ServerConnection.accept`` / ``reject``. It owns the transaction's
+spool file while DATA is in progress, and says 250 only after the spool committed.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Protocol
+
+import trio
+
+from ._hookcall import HookCaller
+from .config import Config
+from .errors import PluginError, SpoolError
+from .message import MessageHandle
+from .protocol import (
+    AuthRequest,
+    DataChunk,
+    DataComplete,
+    DataStart,
+    Event,
+    Hello,
+    MailFrom,
+    MailParams,
+    RcptTo,
+    Reply,
+    ServerConnection,
+)
+from .views import AuthResult, Credentials, Envelope, SessionInfo
+
+if TYPE_CHECKING:
+    from .mailqueue.spool import IncomingMessage, Spool
+    from .server.limits import AuthThrottle
+
+__all__ = ["ServerContext", "Session", "printable"]
+
+log = logging.getLogger("submitd.session")
+
+_KEYWORD = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*\Z")
+_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
+
+R_PLUGIN_FAILED = Reply.make(451, "4.3.0", "Temporary local problem, try again later")
+R_NOT_QUEUED = Reply.make(451, "4.3.0", "Temporary failure, message not queued")
+R_AUTH_INVALID = Reply.make(535, "5.7.8", "Authentication credentials invalid")
+R_AUTH_THROTTLED = Reply.make(454, "4.7.0", "Too many failed logins, try again later")
+R_CONNECT_FAILED = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
+
+
+def printable(text: str, limit: int = 200) -> str:
+    """Escape client-supplied text for a log line: no spaces, controls or raw non-ASCII."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:limit])
+
+
+class Notifier(Protocol):
+    """What the session needs of the queue runner."""
+
+    def notify(self, queue_id: str) -> None:
+        """A message was committed."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerContext:
+    """Everything sessions share; the server swaps in a new one on reload."""
+
+    config: Config
+    hooks: HookCaller
+    spool: Spool
+    runner: Notifier
+    throttle: AuthThrottle
+
+
+def _refusal(value: object) -> Reply:
+    if not isinstance(value, Reply):
+        raise TypeError(f"expected a Reply, got {type(value).__name__}")
+    if value.code < 400:
+        raise ValueError(f"a refusal must be 4xx or 5xx, got {value.code}")
+    return _no_521(value)
+
+
+def _any_reply(value: object) -> Reply:
+    if not isinstance(value, Reply):
+        raise TypeError(f"expected a Reply, got {type(value).__name__}")
+    if 300 <= value.code < 400:
+        raise ValueError("3xx replies are reserved for the protocol core")
+    return _no_521(value)
+
+
+def _no_521(reply: Reply) -> Reply:
+    # RFC 6409 §7: 521 is never sent on a submission port.
+    return Reply.make(554, "5.7.1", *reply.lines) if reply.code == 521 else reply
+
+
+def _auth_result(value: object) -> AuthResult:
+    if not isinstance(value, AuthResult):
+        raise TypeError(f"expected an AuthResult, got {type(value).__name__}")
+    if value.reply is not None:
+        _refusal(value.reply)
+    return value
+
+
+class Session:
+    """The policy side of one SMTP session."""
+
+    def __init__(self, ctx: ServerContext, conn: ServerConnection, info: SessionInfo) -> None:
+        self.ctx = ctx
+        self.conn = conn
+        self.info = info
+        self._sender: str | None = None
+        self._params = MailParams()
+        self._recipients: list[str] = []
+        self._incoming: IncomingMessage | None = None
+        self._write_failed = False
+        #: trio.current_time() by which the DATA phase must end (None outside DATA).
+        self.data_deadline: float | None = None
+
+    @property
+    def log_prefix(self) -> str:
+        """``session=ID`` for log lines."""
+        return f"session={self.info.session_id}"
+
+    async def start(self) -> bool:
+        """Run ``submitd_connect`` and queue the greeting; False when the client is refused."""
+        try:
+            answer = await self.ctx.hooks.first(
+                "submitd_connect", _refusal, session=self.info
+            )
+        except PluginError:
+            self.conn.greet(R_CONNECT_FAILED)
+            return False
+        if answer is not None:
+            plugin, reply = answer
+            log.info("connect_refused %s plugin=%s reply=%s", self.log_prefix, plugin,
+                     reply.code)
+            self.conn.greet(reply)
+            return False
+        self.conn.greet()
+        return True
+
+    def tls_started(self, version: str | None, cipher: str | None) -> None:
+        """The driver finished a STARTTLS handshake: forget everything but the connection."""
+        self._reset_transaction()
+        self.info = replace(
+            self.info, tls=True, tls_version=version, tls_cipher=cipher, ehlo=None, username=None
+        )
+
+    async def handle(self, event: Event) -> None:
+        """Answer one event from the protocol core."""
+        if isinstance(event, Hello):
+            await self._hello(event)
+        elif isinstance(event, AuthRequest):
+            await self._auth(event)
+        elif isinstance(event, MailFrom):
+            await self._mail(event)
+        elif isinstance(event, RcptTo):
+            await self._rcpt(event)
+        elif isinstance(event, DataStart):
+            await self._data_start()
+        elif isinstance(event, DataChunk):
+            await self._data_chunk(event)
+        elif isinstance(event, DataComplete):
+            await self._data_complete(event)
+        else:  # pragma: no cover - the driver handles StartTLS and ConnectionClosed
+            raise TypeError(f"unexpected event {event!r}")
+
+    async def aclose(self) -> None:
+        """Drop an unfinished transaction's spool files (nothing was acknowledged)."""
+        await self._discard_incoming()
+
+    # -- EHLO ---------------------------------------------------------------------------------
+
+    async def _hello(self, event: Hello) -> None:
+        self._reset_transaction()
+        self.info = replace(self.info, ehlo=event.domain)
+        keywords: list[str] = []
+        if event.extended:
+            for plugin, answer in await self.ctx.hooks.collect(
+                "submitd_ehlo_keywords", session=self.info
+            ):
+                keywords.extend(self._valid_keywords(plugin, answer))
+        self.conn.accept(keywords=keywords)
+
+    def _valid_keywords(self, plugin: str, answer: object) -> Iterable[str]:
+        if isinstance(answer, str) or not isinstance(answer, Iterable):
+            log.error("plugin_bad_answer plugin=%s hook=submitd_ehlo_keywords", plugin)
+            return []
+        good = [k for k in answer if isinstance(k, str) and _KEYWORD.match(k)]
+        if len(good) != len(list(answer)):
+            log.error("plugin_bad_keyword plugin=%s hook=submitd_ehlo_keywords", plugin)
+        return good
+
+    # -- AUTH ---------------------------------------------------------------------------------
+
+    async def _auth(self, event: AuthRequest) -> None:
+        ip = self.info.peer_host
+        who = printable(event.username)
+        wait = self.ctx.throttle.blocked_for(ip, event.username)
+        if wait > 0:
+            log.warning("auth_throttled %s user=%s wait=%.0fs", self.log_prefix, who, wait)
+            self.conn.reject(R_AUTH_THROTTLED)
+            return
+        credentials = Credentials(
+            mechanism=event.mechanism,
+            username=event.username,
+            authzid=event.authzid,
+            password=event.password,
+        )
+        try:
+            answer = await self.ctx.hooks.first(
+                "submitd_auth", _auth_result, session=self.info, credentials=credentials
+            )
+        except PluginError:
+            self.conn.reject(R_PLUGIN_FAILED)
+            return
+        result = answer[1] if answer else None
+        if result is not None and result.accepted:
+            username = result.username or event.username
+            self.ctx.throttle.succeeded(ip, event.username)
+            self.info = replace(self.info, username=username)
+            log.info("auth_ok %s user=%s mechanism=%s", self.log_prefix, printable(username),
+                     event.mechanism)
+            self.conn.accept()
+            return
+        reply = (result.reply if result is not None else None) or R_AUTH_INVALID
+        if reply.code == 535:
+            self.ctx.throttle.failed(ip, event.username)
+        log.warning("auth_failed %s user=%s mechanism=%s reply=%s", self.log_prefix, who,
+                    event.mechanism, reply.code)
+        self.conn.reject(reply)
+
+    # -- transaction --------------------------------------------------------------------------
+
+    def _envelope(self) -> Envelope:
+        return Envelope(
+            sender=self._sender or "",
+            recipients=tuple(self._recipients),
+            params=self._params,
+            username=self.info.username,
+            received_at=time.time(),
+        )
+
+    def _reset_transaction(self) -> None:
+        self._sender = None
+        self._params = MailParams()
+        self._recipients = []
+        self.data_deadline = None
+
+    async def _mail(self, event: MailFrom) -> None:
+        self._reset_transaction()
+        try:
+            answer = await self.ctx.hooks.first(
+                "submitd_mail_from", _refusal, session=self.info, sender=event.sender,
+                params=event.params,
+            )
+        except PluginError:
+            self.conn.reject(R_PLUGIN_FAILED)
+            return
+        if answer is not None:
+            log.info("mail_refused %s from=<%s> plugin=%s reply=%s", self.log_prefix,
+                     event.sender, answer[0], answer[1].code)
+            self.conn.reject(answer[1])
+            return
+        self._sender = event.sender
+        self._params = event.params
+        self.conn.accept()
+
+    async def _rcpt(self, event: RcptTo) -> None:
+        try:
+            answer = await self.ctx.hooks.first(
+                "submitd_rcpt_check", _any_reply, session=self.info, envelope=self._envelope(),
+                recipient=event.recipient,
+            )
+        except PluginError:
+            self.conn.reject(R_PLUGIN_FAILED)
+            return
+        if answer is not None and answer[1].code >= 400:
+            log.info("rcpt_refused %s to=<%s> plugin=%s reply=%s", self.log_prefix,
+                     event.recipient, answer[0], answer[1].code)
+            self.conn.reject(answer[1])
+            return
+        self._recipients.append(event.recipient)
+        self.conn.accept(answer[1] if answer is not None else None)
+
+    async def _data_start(self) -> None:
+        try:
+            self._incoming = await self.ctx.spool.open_incoming()
+        except (SpoolError, OSError) as exc:
+            log.error("spool_open_failed %s error=%s", self.log_prefix, exc)
+            self.conn.reject(R_NOT_QUEUED)
+            return
+        self._write_failed = False
+        self.data_deadline = trio.current_time() + self.ctx.config.limits.data_timeout
+        self.conn.accept()
+
+    async def _data_chunk(self, event: DataChunk) -> None:
+        if self._incoming is None or self._write_failed:
+            return
+        try:
+            await self._incoming.write(event.data)
+        except (SpoolError, OSError) as exc:
+            # Keep reading to the end of data, then refuse: the client must get a reply.
+            log.error("spool_write_failed %s error=%s", self.log_prefix, exc)
+            self._write_failed = True
+
+    async def _data_complete(self, event: DataComplete) -> None:
+        self.data_deadline = None
+        if event.error is not None:
+            log.info("data_refused %s reply=%s size=%d", self.log_prefix, event.error.code,
+                     event.size)
+            await self._discard_incoming()
+            self.conn.reject(event.error)
+            self._reset_transaction()
+            return
+        incoming = self._incoming
+        if incoming is None or self._write_failed:
+            await self._discard_incoming()
+            self.conn.reject(R_NOT_QUEUED)
+            self._reset_transaction()
+            return
+        try:
+            reply = await self._store(incoming)
+        finally:
+            self._incoming = None
+            self._reset_transaction()
+        if reply.code >= 400:
+            self.conn.reject(reply)
+        else:
+            self.conn.accept(reply)
+
+    async def _store(self, incoming: IncomingMessage) -> Reply:
+        """Filter and commit; on any failure the spool files are removed and 4xx/5xx returned."""
+        envelope = self._envelope()
+        committed = False
+        try:
+            message: MessageHandle = await incoming.finish(
+                max_header_size=self.ctx.config.limits.max_header_size
+            )
+            try:
+                answer = await self.ctx.hooks.first(
+                    "submitd_data_filter", _refusal, session=self.info, envelope=envelope,
+                    message=message,
+                )
+            except PluginError:
+                return R_PLUGIN_FAILED
+            if answer is not None:
+                log.info("message_refused %s plugin=%s reply=%s", self.log_prefix, answer[0],
+                         answer[1].code)
+                return answer[1]
+            message.freeze()
+            # Once the commit starts it finishes: a half-done commit helps nobody.
+            with trio.CancelScope(shield=True):
+                queue_id = await incoming.commit(
+                    envelope, message, session_info=self._session_record()
+                )
+            committed = True
+        except (SpoolError, OSError) as exc:
+            log.error("spool_commit_failed %s error=%s", self.log_prefix, exc)
+            return R_NOT_QUEUED
+        finally:
+            if not committed:
+                with trio.CancelScope(shield=True):
+                    await incoming.abort()
+        log.info("queued %s queue_id=%s user=%s from=<%s> nrcpt=%d size=%d", self.log_prefix,
+                 queue_id, printable(self.info.username or "-"), envelope.sender,
+                 len(envelope.recipients), message.size)
+        self.ctx.runner.notify(queue_id)
+        return Reply.make(250, "2.0.0", f"Ok: queued as {queue_id}")
+
+    def _session_record(self) -> dict[str, str]:
+        info = self.info
+        return {
+            "session_id": info.session_id,
+            "peer": info.peer_host,
+            "ehlo": info.ehlo or "",
+            "tls_version": info.tls_version or "",
+            "tls_cipher": info.tls_cipher or "",
+            "listener": info.listener.address,
+            "mode": info.listener.mode.value,
+        }
+
+    async def _discard_incoming(self) -> None:
+        incoming, self._incoming = self._incoming, None
+        if incoming is not None:
+            with trio.CancelScope(shield=True):
+                await incoming.abort()

@@ -1,0 +1,146 @@
+"""Limits, plugin failures, reload and drain on a real server over loopback."""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from submitd import Reply, hookimpl
+from submitd.testing import RawSMTPClient, TestCA, running_server
+from tests.support import RECIPIENT, SENDER, wait_for_mail
+from tests.integration.test_submission import open_session, send_message
+
+
+async def test_connections_over_the_per_ip_cap_get_421(
+    make_config: Callable[..., Path],
+) -> None:
+    async with running_server(make_config(limits={"max_connections_per_ip": 2})) as srv:
+        port = srv.port("starttls")
+        first = await RawSMTPClient.connect("127.0.0.1", port)
+        second = await RawSMTPClient.connect("127.0.0.1", port)
+        assert (await first.reply()).code == 220
+        assert (await second.reply()).code == 220
+        third = await RawSMTPClient.connect("127.0.0.1", port)
+        reply = await third.reply()
+        assert (reply.code, reply.status) == (421, "4.7.0")
+        assert await third.at_eof()
+        await first.command("QUIT")
+        await first.aclose()
+        with trio.fail_after(5):
+            while True:  # the slot frees once the server has seen the close
+                fourth = await RawSMTPClient.connect("127.0.0.1", port)
+                if (await fourth.reply()).code == 220:
+                    break
+                await fourth.aclose()
+        for client in (second, third, fourth):
+            await client.aclose()
+
+
+async def test_idle_client_is_closed_with_421_after_the_command_timeout(
+    make_config: Callable[..., Path],
+) -> None:
+    async with running_server(make_config(limits={"command_timeout": "1s"})) as srv:
+        client = await RawSMTPClient.connect("127.0.0.1", srv.port("starttls"))
+        assert (await client.reply()).code == 220
+        with trio.fail_after(5):
+            reply = await client.reply()
+        assert (reply.code, reply.status) == (421, "4.4.2")
+        assert await client.at_eof()
+
+
+async def test_slow_tls_handshake_is_cut_off(make_config: Callable[..., Path], tmp_path: Path
+                                             ) -> None:
+    path = make_config()
+    text = path.read_text().replace('handshake_timeout = "10s"', 'handshake_timeout = "1s"')
+    path.write_text(text)
+    async with running_server(path) as srv:
+        stream = await trio.open_tcp_stream("127.0.0.1", srv.port("implicit"))
+        with trio.fail_after(5):
+            data = await stream.receive_some(100)  # we never start the handshake
+        assert data == b"", "server closed the connection"
+        await stream.aclose()
+
+
+class Exploding:
+    @hookimpl
+    async def submitd_rcpt_check(self, session, envelope, recipient):
+        if recipient.startswith("boom@"):
+            raise RuntimeError("plugin bug")
+        if recipient.startswith("nope@"):
+            return Reply.make(550, "5.1.1", "No such user here")
+        return None
+
+
+async def test_plugin_exception_is_451_with_the_plugin_named_in_the_log(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with running_server(make_config(), extra_plugins=[("exploding", Exploding())]) as srv:
+        async with await open_session(srv, "implicit", client_tls) as client:
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+            with caplog.at_level(logging.ERROR):
+                reply = await client.command("RCPT TO:<boom@example.net>")
+            assert (reply.code, reply.status) == (451, "4.3.0")
+            assert "Traceback" not in reply.text and "plugin bug" not in reply.text
+            assert "plugin=exploding" in caplog.text
+            reply = await client.command("RCPT TO:<nope@example.net>")
+            assert (reply.code, reply.status, reply.text) == (550, "5.1.1", "No such user here")
+            assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
+
+
+async def test_reload_swaps_the_certificate_without_dropping_sessions(
+    make_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
+) -> None:
+    async with running_server(make_config()) as srv:
+        before = await open_session(srv, "implicit", client_tls)
+        old_cert = before.stream.getpeercert(binary_form=True)  # type: ignore[attr-defined]
+        ca.reissue()
+        assert await srv.server.reload()
+        after = await RawSMTPClient.connect("127.0.0.1", srv.port("implicit"), tls=client_tls)
+        assert after.stream.getpeercert(binary_form=True) != old_cert  # type: ignore[attr-defined]
+        assert (await after.reply()).code == 220
+        # The session opened before the reload carries on.
+        assert (await before.command("NOOP")).code == 250
+        await send_message(before)
+        await before.aclose()
+        await after.aclose()
+
+
+async def test_reload_with_a_broken_config_keeps_the_old_one(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext,
+) -> None:
+    path = make_config()
+    async with running_server(path) as srv:
+        good = path.read_text()
+        path.write_text(good + "\n[limits.bogus]\n")
+        assert not await srv.server.reload()
+        async with await open_session(srv, "implicit", client_tls) as client:
+            assert (await client.command("NOOP")).code == 250
+
+
+async def test_shutdown_lets_sessions_finish_then_sends_421(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext, maildir: Path,
+) -> None:
+    async with running_server(make_config(limits={"shutdown_grace": "1s"})) as srv:
+        client = await open_session(srv, "implicit", client_tls)
+        assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+        srv.server.request_shutdown()
+        # Within the grace period the transaction still completes.
+        assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
+        assert (await client.command("DATA")).code == 354
+        await client.send(b"Subject: drained\r\n\r\nbye\r\n.\r\n")
+        assert (await client.reply()).code == 250
+        with trio.fail_after(5):
+            reply = await client.reply()
+        assert (reply.code, reply.status) == (421, "4.3.2")
+        # New connections are no longer accepted.
+        with pytest.raises(OSError):
+            await trio.open_tcp_stream("127.0.0.1", srv.port("implicit"))
+        await client.aclose()
+    (stored,) = await wait_for_mail(maildir)
+    assert b"Subject: drained" in stored

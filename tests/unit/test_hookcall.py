@@ -1,0 +1,247 @@
+"""The async hook caller: pluggy's order, stop rules, deadlines, failures become PluginError."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from types import MappingProxyType
+
+import pluggy
+import pytest
+import trio
+
+from submitd import DeliveryOutcome, Envelope, MailParams, Recipient, Reject, Reply, hookimpl
+from submitd._hookcall import HookCaller, PluginDelivery
+from submitd.config import Config, Limits, PluginsConfig, QueueConfig
+from submitd.errors import PluginError
+from submitd.message import MessageHandle
+from submitd import hookspec
+
+
+def make_config(**plugin_opts: object) -> Config:
+    return Config(
+        path=Path("/nonexistent/submitd.toml"),
+        hostname="mx.test",
+        listeners=(),
+        tls=None,
+        limits=Limits(),
+        queue=QueueConfig(dir=Path("/nonexistent/spool")),
+        plugins=PluginsConfig(**plugin_opts),  # type: ignore[arg-type]
+    )
+
+
+def make_caller(*plugins: tuple[str, object], **opts: object) -> HookCaller:
+    pm = pluggy.PluginManager("submitd")
+    pm.add_hookspecs(hookspec)
+    for name, plugin in plugins:
+        pm.register(plugin, name=name)
+    return HookCaller(pm, make_config(**opts).plugins)
+
+
+def refusal(value: object) -> Reply:
+    if not isinstance(value, Reply):
+        raise TypeError("not a Reply")
+    return value
+
+
+REFUSE = Reply.make(550, "5.7.1", "no")
+
+
+class Accepting:
+    @hookimpl
+    def submitd_mail_from(self, session, sender, params):
+        return None
+
+
+class Refusing:
+    @hookimpl
+    async def submitd_mail_from(self, session, sender, params):
+        await trio.sleep(0)
+        return REFUSE
+
+
+class Raising:
+    @hookimpl
+    async def submitd_mail_from(self, session, sender, params):
+        raise RuntimeError("boom")
+
+
+class Slow:
+    @hookimpl
+    async def submitd_mail_from(self, session, sender, params):
+        await trio.sleep(3600)
+
+
+class Rejecting:
+    @hookimpl
+    def submitd_mail_from(self, sender):
+        raise Reject(Reply.make(553, "5.7.1", f"not {sender}"))
+
+
+async def test_first_answer_stops_the_walk_in_pluggy_order() -> None:
+    calls: list[str] = []
+
+    class Recorder:
+        def __init__(self, name: str, answer: Reply | None) -> None:
+            self.name, self.answer = name, answer
+
+        @hookimpl
+        def submitd_mail_from(self, sender):
+            calls.append(self.name)
+            return self.answer
+
+    # pluggy calls the last registered plugin first.
+    caller = make_caller(("a", Recorder("a", REFUSE)), ("b", Recorder("b", None)),
+                         ("c", Recorder("c", None)))
+    result = await caller.first("submitd_mail_from", refusal, session=None, sender="x@y.z",
+                                params=MailParams())
+    assert result == ("a", REFUSE)
+    assert calls == ["c", "b", "a"]
+
+
+async def test_plain_def_and_async_def_implementations_both_work() -> None:
+    caller = make_caller(("sync", Accepting()), ("async", Refusing()))
+    result = await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                                params=MailParams())
+    assert result == ("async", REFUSE)
+
+
+async def test_no_answer_means_none() -> None:
+    caller = make_caller(("sync", Accepting()))
+    assert await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                              params=MailParams()) is None
+
+
+async def test_reject_exception_is_an_answer_and_args_are_passed_by_name() -> None:
+    caller = make_caller(("rej", Rejecting()))
+    result = await caller.first("submitd_mail_from", refusal, session=None, sender="a@b.c",
+                                params=MailParams())
+    assert result is not None
+    assert result[1].code == 553 and "a@b.c" in result[1].text
+
+
+async def test_exception_becomes_plugin_error_naming_the_plugin(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caller = make_caller(("exploder", Raising()))
+    with caplog.at_level(logging.ERROR), pytest.raises(PluginError) as info:
+        await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                           params=MailParams())
+    assert info.value.plugin == "exploder"
+    assert "plugin=exploder" in caplog.text and "hook=submitd_mail_from" in caplog.text
+
+
+async def test_timeout_becomes_plugin_error(autojump_clock: trio.abc.Clock) -> None:
+    caller = make_caller(("slow", Slow()), hook_timeout=2.0)
+    start = trio.current_time()
+    with pytest.raises(PluginError, match="timed out"):
+        await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                           params=MailParams())
+    assert trio.current_time() - start == pytest.approx(2.0)
+
+
+async def test_per_plugin_timeout_overrides_the_default(autojump_clock: trio.abc.Clock) -> None:
+    caller = make_caller(("slow", Slow()), hook_timeout=100.0,
+                         hook_timeouts=MappingProxyType({"slow": 0.5}))
+    start = trio.current_time()
+    with pytest.raises(PluginError):
+        await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                           params=MailParams())
+    assert trio.current_time() - start == pytest.approx(0.5)
+
+
+async def test_invalid_answer_is_a_plugin_error() -> None:
+    class Wrong:
+        @hookimpl
+        def submitd_mail_from(self):
+            return "550 no"
+
+    caller = make_caller(("wrong", Wrong()))
+    with pytest.raises(PluginError, match="invalid answer"):
+        await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                           params=MailParams())
+
+
+async def test_collect_skips_failing_plugins_and_keeps_the_rest() -> None:
+    class Keywords:
+        @hookimpl
+        def submitd_ehlo_keywords(self):
+            return ["DSN"]
+
+    class Broken:
+        @hookimpl
+        def submitd_ehlo_keywords(self):
+            raise ValueError("bad")
+
+    caller = make_caller(("kw", Keywords()), ("broken", Broken()))
+    assert await caller.collect("submitd_ehlo_keywords", session=None) == [("kw", ["DSN"])]
+
+
+async def test_hook_wrappers_are_refused_at_start() -> None:
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def submitd_mail_from(self):
+            return (yield)
+
+    with pytest.raises(ValueError, match="wrappers"):
+        make_caller(("w", Wrapper()))
+
+
+def _envelope() -> Envelope:
+    return Envelope(sender="a@b.example", recipients=("x@one.example", "y@two.example"),
+                    params=MailParams(), username="a", queue_id="Q1")
+
+
+def _message(tmp_path: Path) -> MessageHandle:
+    path = tmp_path / "m"
+    path.write_bytes(b"Subject: x\r\n\r\nbody\r\n")
+    return MessageHandle(path=path, size=19, headers=[("Subject", "x")], body_offset=13)
+
+
+async def test_deliver_hands_each_recipient_to_the_first_plugin_that_takes_it(
+    tmp_path: Path,
+) -> None:
+    seen: dict[str, list[str]] = {}
+
+    class Local:
+        @hookimpl
+        def submitd_deliver(self, recipients):
+            seen["local"] = [r.address for r in recipients]
+            return {r.address: DeliveryOutcome.delivered() for r in recipients
+                    if r.address.endswith("@one.example")}
+
+    class Remote:
+        @hookimpl
+        async def submitd_deliver(self, recipients):
+            seen["remote"] = [r.address for r in recipients]
+            return {r.address: DeliveryOutcome.permanent(Reply.make(550, "5.1.1", "unknown"))
+                    for r in recipients}
+
+    # Local registered last, so it is asked first.
+    caller = make_caller(("remote", Remote()), ("local", Local()))
+    delivery = PluginDelivery(caller, make_config)
+    recipients = (Recipient(address="x@one.example"), Recipient(address="y@two.example"))
+    outcomes = await delivery.deliver(_envelope(), _message(tmp_path), recipients)
+    assert seen == {"local": ["x@one.example", "y@two.example"], "remote": ["y@two.example"]}
+    assert outcomes["x@one.example"].kind.value == "delivered"
+    assert outcomes["y@two.example"].reply.code == 550
+
+
+async def test_deliver_with_no_taker_is_temporary(tmp_path: Path) -> None:
+    delivery = PluginDelivery(make_caller(), make_config)
+    outcomes = await delivery.deliver(_envelope(), _message(tmp_path),
+                                      (Recipient(address="x@one.example"),))
+    assert outcomes["x@one.example"].kind.value == "temporary"
+    assert outcomes["x@one.example"].reply.code == 451
+
+
+async def test_deliver_plugin_crash_is_temporary_not_lost(tmp_path: Path) -> None:
+    class Crash:
+        @hookimpl
+        def submitd_deliver(self):
+            raise OSError("disk on fire")
+
+    delivery = PluginDelivery(make_caller(("crash", Crash())), make_config)
+    outcomes = await delivery.deliver(_envelope(), _message(tmp_path),
+                                      (Recipient(address="x@one.example"),))
+    assert outcomes["x@one.example"].kind.value == "temporary"
