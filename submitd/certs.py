@@ -144,13 +144,16 @@ def inspect_certificate(cert_path: Path, key_path: Path) -> CertificateInfo:
     Raise OSError when a file cannot be read and ValueError when the files are not PEM, the
     key does not match the certificate, or the key is encrypted.
     """
+    cert_pem = cert_path.read_bytes()  # read first: ssl's own OSError does not name the file
+    with key_path.open("rb"):
+        pass
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
         # An encrypted key would prompt on the terminal; refuse it instead.
         ctx.load_cert_chain(cert_path, key_path, password=lambda: b"")
     except ssl.SSLError as exc:
         raise ValueError(f"cannot load the certificate and key: {exc.reason or exc}") from None
-    leaf = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    leaf = x509.load_pem_x509_certificate(cert_pem)
     try:
         san = leaf.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         names = tuple(str(n.value) for n in san)

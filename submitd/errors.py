@@ -44,7 +44,7 @@ class PluginError(SubmitdError):
         super().__init__(f"plugin {plugin!r} in {hook}: {message}")
 
 
-class Reject(SubmitdError):  # noqa: N818 - the name reads as the action a plugin takes
+class Reject(SubmitdError):
     """Raise from a hook to refuse with ``reply`` (equivalent to returning the reply)."""
 
     def __init__(self, reply: Reply) -> None:

@@ -119,7 +119,7 @@ class MessageHandle:
         self.edits.prepend.insert(0, (name, value))
 
     def remove_header(self, name: str) -> None:
-        """Drop every received field called ``name`` (case-insensitive) when the message is stored."""
+        """Drop every received field ``name`` (case-insensitive) when the message is stored."""
         self._check_editable()
         if not _FIELD_NAME_STR.match(name):
             raise ValueError(f"invalid header field name {name!r}")

@@ -147,12 +147,14 @@ class UsersFile:
 
     ``lines`` keeps every line in order: an entry, or the verbatim text of a comment or blank
     line, so that a rewrite preserves what the administrator wrote. ``signature`` identifies the
-    version on disk (device, inode, size, mtime) to notice changes cheaply.
+    version on disk (device, inode, size, mtime) to notice changes cheaply. ``hasher`` sets the
+    argon2id parameters for new hashes and for ``needs_rehash`` (default: argon2-cffi's).
     """
 
     path: Path
     lines: tuple[UserEntry | str, ...] = ()
     signature: tuple[int, ...] | None = None
+    hasher: argon2.PasswordHasher | None = field(default=None, repr=False, compare=False)
     _by_login: dict[str, UserEntry] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -162,7 +164,13 @@ class UsersFile:
     # --- reading ----------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, path: Path, *, missing_ok: bool = False) -> UsersFile:
+    def load(
+        cls,
+        path: Path,
+        *,
+        missing_ok: bool = False,
+        hasher: argon2.PasswordHasher | None = None,
+    ) -> UsersFile:
         """Read and parse ``path``; a missing file is empty when ``missing_ok``."""
         try:
             with path.open("rb") as f:
@@ -170,15 +178,20 @@ class UsersFile:
                 data = f.read()
         except FileNotFoundError:
             if missing_ok:
-                return cls(path=path)
+                return cls(path=path, hasher=hasher)
             raise UsersFileError(path, "no such file") from None
         except OSError as exc:
             raise UsersFileError(path, f"cannot read: {exc.strerror}") from None
-        return cls.parse(path, data, signature=file_signature(st))
+        return cls.parse(path, data, signature=file_signature(st), hasher=hasher)
 
     @classmethod
     def parse(
-        cls, path: Path, data: bytes, *, signature: tuple[int, ...] | None = None
+        cls,
+        path: Path,
+        data: bytes,
+        *,
+        signature: tuple[int, ...] | None = None,
+        hasher: argon2.PasswordHasher | None = None,
     ) -> UsersFile:
         """Parse the bytes of a users file; errors name ``path`` and the line number."""
         lines: list[UserEntry | str] = []
@@ -199,7 +212,7 @@ class UsersFile:
             lines.append(entry)
         if lines and lines[-1] == "":  # the newline ending the last line
             lines.pop()
-        return cls(path=path, lines=tuple(lines), signature=signature)
+        return cls(path=path, lines=tuple(lines), signature=signature, hasher=hasher)
 
     @property
     def entries(self) -> tuple[UserEntry, ...]:
@@ -222,7 +235,7 @@ class UsersFile:
         An unknown login is verified against a dummy hash made with the current default
         parameters, so that it costs about as much as a wrong password (SECURITY.md §3).
         """
-        hasher = argon2.PasswordHasher()
+        hasher = self._hasher
         entry = self.lookup(login)
         if entry is None:
             dummy = _dummy_hash(hasher.time_cost, hasher.memory_cost, hasher.parallelism)
@@ -258,7 +271,7 @@ class UsersFile:
         """Add ``login``; the file is created (mode 0600) if missing. Blocking."""
         entry = UserEntry(
             login=validate_login(login),
-            hash=hash_password(password),
+            hash=hash_password(password, self._hasher),
             senders=tuple(dict.fromkeys(validate_sender(s) for s in senders)),
         )
 
@@ -267,12 +280,12 @@ class UsersFile:
                 raise UserExistsError(self.path, f"user {login!r} already exists")
             return (*current.lines, entry)
 
-        return _edit(self.path, change, create=True)
+        return self._edit(change, create=True)
 
     def set_password(self, login: str, password: Secret) -> UsersFile:
         """Replace the hash of ``login``. Blocking."""
-        new_hash = hash_password(password)
-        return _edit(self.path, lambda cur: _replace_hash(cur, login, new_hash, None))
+        new_hash = hash_password(password, self._hasher)
+        return self._edit(lambda cur: _replace_hash(cur, login, new_hash, None))
 
     def rehash(self, login: str, password: Secret, old_hash: str) -> UsersFile:
         """Store a fresh hash for ``login`` if its hash on disk is still ``old_hash``.
@@ -280,8 +293,8 @@ class UsersFile:
         Used after a successful login whose hash had outdated parameters; if the password
         was changed meanwhile, the file is left alone. Blocking.
         """
-        new_hash = hash_password(password)
-        return _edit(self.path, lambda cur: _replace_hash(cur, login, new_hash, old_hash))
+        new_hash = hash_password(password, self._hasher)
+        return self._edit(lambda cur: _replace_hash(cur, login, new_hash, old_hash))
 
     def delete_user(self, login: str) -> UsersFile:
         """Remove ``login``. Blocking."""
@@ -291,7 +304,27 @@ class UsersFile:
                 raise NoSuchUserError(self.path, f"no user {login!r}")
             return tuple(e for e in current.lines if not _is_login(e, login))
 
-        return _edit(self.path, change)
+        return self._edit(change)
+
+    @property
+    def _hasher(self) -> argon2.PasswordHasher:
+        return self.hasher or argon2.PasswordHasher()
+
+    def _edit(
+        self,
+        change: Callable[[UsersFile], tuple[UserEntry | str, ...] | None],
+        *,
+        create: bool = False,
+    ) -> UsersFile:
+        """Lock, re-read, apply ``change`` (None: nothing to do), write atomically."""
+        with _locked_dir(self.path.parent):
+            current = UsersFile.load(self.path, missing_ok=create, hasher=self.hasher)
+            lines = change(current)
+            if lines is None:
+                return current
+            data = UsersFile(path=self.path, lines=lines).render()
+            signature = _write_atomically(self.path, data)
+            return UsersFile(path=self.path, lines=lines, signature=signature, hasher=self.hasher)
 
     def render(self) -> bytes:
         """Return the file's content."""
@@ -354,24 +387,6 @@ def _locked_dir(directory: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # closing releases the lock
-
-
-def _edit(
-    path: Path,
-    change: Callable[[UsersFile], tuple[UserEntry | str, ...] | None],
-    *,
-    create: bool = False,
-) -> UsersFile:
-    """Lock, re-read, apply ``change`` (None: nothing to do), write atomically."""
-    directory = path.parent
-    with _locked_dir(directory):
-        current = UsersFile.load(path, missing_ok=create)
-        lines = change(current)
-        if lines is None:
-            return current
-        updated = UsersFile(path=path, lines=lines)
-        signature = _write_atomically(path, updated.render())
-        return UsersFile(path=path, lines=lines, signature=signature)
 
 
 def _write_atomically(path: Path, data: bytes) -> tuple[int, ...]:

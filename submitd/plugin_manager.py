@@ -61,7 +61,9 @@ def create_plugin_manager(
     return pm
 
 
-def _register(pm: pluggy.PluginManager, config: Config, key: str, name: str, plugin: object) -> None:
+def _register(
+    pm: pluggy.PluginManager, config: Config, key: str, name: str, plugin: object
+) -> None:
     try:
         pm.register(plugin, name=name)
     except (ValueError, pluggy.PluginValidationError) as exc:

@@ -124,7 +124,7 @@ def quickstart(directory: Path) -> QuickstartResult:
         if target.exists():
             raise UsageError(f"{target} already exists; choose an empty directory")
     directory.mkdir(parents=True, exist_ok=True)
-    tls_dir.mkdir(mode=0o700, exist_ok=True)
+    tls_dir.mkdir(exist_ok=True)
     write_selfsigned(tls_dir, ["localhost", "127.0.0.1"])
 
     password = _new_password()

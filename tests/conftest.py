@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from submitd.testing import TestCA, write_config
 
 from tests.support import HASHER, PASSWORD, SENDER, USER
+
 
 @pytest.fixture(scope="session")
 def user_hash() -> str:

@@ -55,5 +55,5 @@ def new_queue_id(now: float | None = None) -> str:
 
 
 def is_queue_id(value: str) -> bool:
-    """True if ``value`` has the shape of a queue ID (so it is safe to use as a file name)."""
+    """Tell whether ``value`` has the shape of a queue ID (so it is safe as a file name)."""
     return bool(_QUEUE_ID.match(value))

@@ -43,11 +43,11 @@ class Layout:
         return self.base / "corrupt"
 
     def msg_path(self, queue_id: str) -> Path:
-        """The committed message file of ``queue_id``."""
+        """Return the committed message file of ``queue_id``."""
         return self.msg / queue_id
 
     def env_path(self, queue_id: str) -> Path:
-        """The committed sidecar of ``queue_id``."""
+        """Return the committed sidecar of ``queue_id``."""
         return self.env / f"{queue_id}.json"
 
     def create(self) -> None:

@@ -65,7 +65,7 @@ class RecipientRecord:
     next_attempt: float = 0.0
 
     def view(self) -> Recipient:
-        """The read-only :class:`Recipient` handed to queue hooks."""
+        """Return the read-only :class:`Recipient` handed to queue hooks."""
         return Recipient(address=self.address, attempts=self.attempts)
 
 

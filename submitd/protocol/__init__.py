@@ -1,5 +1,13 @@
-"""Sans-I/O SMTP: bytes in, events and replies out; no sockets, no trio, no pluggy."""
+"""Sans-I/O SMTP: bytes in, events and replies out; no sockets, no trio, no pluggy.
 
+The server role is :class:`ServerConnection`. The grammar (addresses, parameters, xtext), the
+command renderers and :func:`parse_reply` are shared with the client role. ``catalogue`` holds
+every reply the core sends on its own, by name.
+"""
+
+from . import _catalogue as catalogue
+from ._commands import Verb, render_command, render_mail_from, render_rcpt_to
+from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
     NEED_DATA,
     AuthRequest,
@@ -17,10 +25,25 @@ from ._events import (
     RcptTo,
     StartTLS,
 )
+from ._grammar import (
+    AddressError,
+    AddressProblem,
+    GrammarError,
+    Mailbox,
+    decode_xtext,
+    encode_xtext,
+    format_path,
+    parse_mailbox,
+    relay_trick,
+)
 from ._replies import Reply, ReplyParseError, parse_reply
+from ._server import ProtocolLimits, ServerConnection
+from ._state import ServerState
 
 __all__ = [
     "NEED_DATA",
+    "AddressError",
+    "AddressProblem",
     "AuthRequest",
     "BodyType",
     "ConnectionClosed",
@@ -28,14 +51,31 @@ __all__ = [
     "DataComplete",
     "DataStart",
     "Event",
+    "GrammarError",
     "Hello",
+    "LocalProtocolError",
     "MailFrom",
     "MailParams",
+    "Mailbox",
     "NeedData",
     "NeedsAnswer",
+    "ProtocolLimits",
     "RcptTo",
+    "RemoteProtocolError",
     "Reply",
     "ReplyParseError",
+    "ServerConnection",
+    "ServerState",
     "StartTLS",
+    "Verb",
+    "catalogue",
+    "decode_xtext",
+    "encode_xtext",
+    "format_path",
+    "parse_mailbox",
     "parse_reply",
+    "relay_trick",
+    "render_command",
+    "render_mail_from",
+    "render_rcpt_to",
 ]

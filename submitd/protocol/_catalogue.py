@@ -16,12 +16,12 @@ __all__ = [
     "AUTH_FAILED",
     "AUTH_REQUIRED",
     "AUTH_SUCCESSFUL",
-    "BAD_RECIPIENT",
-    "BAD_SENDER",
     "BARE_CR_COMMAND",
     "BARE_LF_COMMAND",
     "BYE",
     "CANNOT_VRFY",
+    "CONTROL_IN_ADDRESS",
+    "CREDENTIALS_NOT_UTF8",
     "DATA_BARE_CR_LF",
     "DATA_LINE_TOO_LONG",
     "DATA_NUL",
@@ -29,6 +29,7 @@ __all__ = [
     "HEADER_TOO_LARGE",
     "HELP",
     "INVALID_BASE64",
+    "INVALID_PLAIN",
     "INVALID_UTF8",
     "LINE_TOO_LONG",
     "LOGIN_PASSWORD",
@@ -44,9 +45,9 @@ __all__ = [
     "SASL_LINE_TOO_LONG",
     "SENDER_OK",
     "SHUTTING_DOWN",
-    "START_DATA",
     "STARTTLS_REQUIRED",
     "STARTTLS_UNAVAILABLE",
+    "START_DATA",
     "SYNTAX_ERROR",
     "TIMEOUT",
     "TOO_MANY_AUTH_FAILURES",
@@ -56,6 +57,8 @@ __all__ = [
     "UNKNOWN_MECHANISM",
     "UNKNOWN_PARAMETER",
     "UNRECOGNIZED",
+    "bad_recipient",
+    "bad_sender",
     "bad_sequence",
     "ehlo",
     "greeting",
@@ -133,8 +136,10 @@ SASL_LINE_TOO_LONG = Reply.make(500, "5.5.6", "Authentication exchange line is t
 SYNTAX_ERROR = Reply.make(501, "5.5.4", "Syntax error in parameters or arguments")
 AUTH_CANCELLED = Reply.make(501, "5.0.0", "Authentication cancelled")
 INVALID_BASE64 = Reply.make(501, "5.5.2", "Invalid base64")
-BAD_SENDER = Reply.make(501, "5.1.7", "Bad sender address syntax")
-BAD_RECIPIENT = Reply.make(501, "5.1.3", "Bad recipient address syntax")
+INVALID_PLAIN = Reply.make(501, "5.5.2", "Malformed PLAIN response")  # RFC 4616 §2
+CREDENTIALS_NOT_UTF8 = Reply.make(501, "5.5.2", "Credentials must be UTF-8")
+# SECURITY.md §1: controls in an address get 5.1.7 whichever command carried them.
+CONTROL_IN_ADDRESS = Reply.make(501, "5.1.7", "Control characters are not allowed in addresses")
 NOT_IMPLEMENTED = Reply.make(502, "5.5.1", "Command not implemented")
 STARTTLS_UNAVAILABLE = Reply.make(502, "5.5.1", "STARTTLS not available")
 UNKNOWN_MECHANISM = Reply.make(504, "5.5.4", "Unrecognized authentication mechanism")
@@ -162,6 +167,16 @@ DATA_NUL = Reply.make(554, "5.6.0", "Message contains NUL characters")
 def syntax_error(detail: str) -> Reply:
     """``501 5.5.4`` naming what is wrong (``detail`` is our text, never client input)."""
     return Reply.make(501, "5.5.4", f"Syntax error: {detail}")
+
+
+def bad_sender(reason: str) -> Reply:
+    """``501 5.1.7`` for a sender address that is not a valid mailbox (RFC 3463 §3.2)."""
+    return Reply.make(501, "5.1.7", f"Bad sender address syntax: {reason}")
+
+
+def bad_recipient(reason: str) -> Reply:
+    """``501 5.1.3`` for a recipient address that is not a valid mailbox (RFC 3463 §3.2)."""
+    return Reply.make(501, "5.1.3", f"Bad recipient address syntax: {reason}")
 
 
 def bad_sequence(detail: str) -> Reply:

@@ -48,7 +48,8 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # RFC 6531 §3.3: UTF8-non-ascii may appear in atext, qtextSMTP and sub-domains.
 _U = r"\u0080-\ud7ff\ue000-\U0010ffff"
 # RFC 5321 §4.1.2: Dot-string = Atom *("."  Atom); atext from RFC 5322 §3.2.3.
-_DOT_STRING = re.compile(rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]+)*\Z")
+_ATEXT = rf"[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~{_U}-]"
+_DOT_STRING = re.compile(rf"{_ATEXT}+(?:\.{_ATEXT}+)*\Z")
 # Quoted-string = DQUOTE *(qtextSMTP / quoted-pairSMTP) DQUOTE.
 _QUOTED = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*"')
 # sub-domain = Let-dig [Ldh-str]: no leading or trailing hyphen.

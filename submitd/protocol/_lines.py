@@ -1,9 +1,9 @@
-"""CRLF line framing for command and SASL lines, with a length bound and draining.
+r"""CRLF line framing for command and SASL lines, with a length bound and draining.
 
 A line ends only at CRLF (RFC 5321 §2.3.8). A bare LF still ends the line, but only so that
 the error reply goes out at a sensible moment: such a line is never executed. A bare CR does
 not end anything; the line runs on to the next LF and is refused as a whole, so
-``NOOP\\rMAIL FROM:<...>\\r\\n`` can never smuggle a second command.
+``NOOP\rMAIL FROM:<...>\r\n`` can never smuggle a second command.
 
 An over-long line is drained to its LF without being buffered: memory stays bounded by the
 largest allowed line (RFC 5321 §4.5.3.1.4, SECURITY.md §5).

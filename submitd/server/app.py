@@ -9,6 +9,7 @@ sessions; a bad new configuration is logged and the old one stays.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -129,11 +130,8 @@ class Server:
         sessions: trio.Nursery,
         scope: trio.CancelScope,
     ) -> None:
-        with scope:
-            try:
-                await trio.serve_listeners(handler, [tcp], handler_nursery=sessions)
-            except trio.ClosedResourceError:
-                pass
+        with scope, contextlib.suppress(trio.ClosedResourceError):
+            await trio.serve_listeners(handler, [tcp], handler_nursery=sessions)
 
     async def _drain(self) -> None:
         grace = self._config.limits.shutdown_grace

@@ -8,6 +8,7 @@ session. It catches every exception at its top: in trio one escaping handler wou
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -212,12 +213,11 @@ class _Driver:
 
     async def flush_quietly(self) -> None:
         """Best effort: send what is queued (a 421) within a short deadline, ignore failures."""
-        with trio.move_on_after(5), trio.CancelScope(shield=True):
-            try:
-                await self.flush()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError,
-                    OSError, ssl.SSLError):
-                pass
+        with trio.move_on_after(5), trio.CancelScope(shield=True), contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError,
+            ssl.SSLError,
+        ):
+            await self.flush()
 
     async def _receive(self) -> bool:
         """Read once under the current deadline; on timeout queue 421 4.4.2 and return False."""

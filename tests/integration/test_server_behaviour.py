@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import trio
-
 from submitd import Reply, hookimpl
 from submitd.testing import RawSMTPClient, TestCA, running_server
-from tests.support import RECIPIENT, SENDER, wait_for_mail
+
 from tests.integration.test_submission import open_session, send_message
+from tests.support import RECIPIENT, SENDER, wait_for_mail
 
 
 async def test_connections_over_the_per_ip_cap_get_421(
@@ -139,7 +139,7 @@ async def test_shutdown_lets_sessions_finish_then_sends_421(
             reply = await client.reply()
         assert (reply.code, reply.status) == (421, "4.3.2")
         # New connections are no longer accepted.
-        with pytest.raises(OSError):
+        with pytest.raises(OSError, match="refused|Connection"):
             await trio.open_tcp_stream("127.0.0.1", srv.port("implicit"))
         await client.aclose()
     (stored,) = await wait_for_mail(maildir)

@@ -9,13 +9,20 @@ from types import MappingProxyType
 import pluggy
 import pytest
 import trio
-
-from submitd import DeliveryOutcome, Envelope, MailParams, Recipient, Reject, Reply, hookimpl
+from submitd import (
+    DeliveryOutcome,
+    Envelope,
+    MailParams,
+    Recipient,
+    Reject,
+    Reply,
+    hookimpl,
+    hookspec,
+)
 from submitd._hookcall import HookCaller, PluginDelivery
 from submitd.config import Config, Limits, PluginsConfig, QueueConfig
 from submitd.errors import PluginError
 from submitd.message import MessageHandle
-from submitd import hookspec
 
 
 def make_config(**plugin_opts: object) -> Config:

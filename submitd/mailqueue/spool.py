@@ -1,0 +1,287 @@
+"""The spool: the durable queue between "250 queued" and delivery.
+
+The session streams a message into an :class:`IncomingMessage` (``tmp/ID.msg``), asks for
+its header section (:meth:`IncomingMessage.finish`), runs the filters, then commits: the
+message file is fsynced (rewritten first when filters edited headers), the envelope sidecar
+is written and fsynced, the message is renamed to ``msg/ID`` and its directory fsynced, then
+the sidecar to ``env/ID.json`` and its directory fsynced. The sidecar's rename is the commit
+point; only after it may the server say 250 (RFC 5321 §4.2.5, SECURITY.md §6). Any failure
+raises :class:`SpoolError` and leaves nothing to deliver.
+
+Every blocking call runs in ``trio.to_thread.run_sync``: the event loop never waits for disk.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from collections.abc import Callable, Iterable
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from ..errors import SpoolError
+from ..message import MessageHandle
+from . import _durable
+from ._edits import bounded_header_section
+from ._ids import is_queue_id, new_queue_id
+from ._incoming import WRITE_BUFFER_SIZE, IncomingMessage
+from ._layout import Layout
+from ._records import (
+    QueuedMessage,
+    QueueRecord,
+    decode_record,
+    encode_record,
+)
+from ._recovery import move_aside, recover_spool
+
+__all__ = [
+    "WRITE_BUFFER_SIZE",
+    "IncomingMessage",
+    "QueueEntryCorrupt",
+    "QueueEntryMissing",
+    "Spool",
+]
+
+_DEFAULT_HEADER_LIMIT = 262_144
+
+
+class QueueEntryMissing(SpoolError):
+    """No committed message has this queue ID (never queued, delivered, or deleted)."""
+
+
+class QueueEntryCorrupt(SpoolError):
+    """The message's sidecar or file cannot be read; :meth:`Spool.quarantine` moves it aside."""
+
+
+class _Busy:
+    """The queue IDs whose files this process is writing right now (recovery skips them)."""
+
+    def __init__(self) -> None:
+        self.incoming: set[str] = set()
+        self.saving: set[str] = set()
+
+    def __contains__(self, queue_id: object) -> bool:
+        return queue_id in self.incoming or queue_id in self.saving
+
+
+class Spool:
+    """The on-disk queue under ``directory`` (``[queue] dir``).
+
+    ``clock`` gives the wall-clock time recorded as a message's creation time when the
+    envelope carries none. ``max_header_size`` bounds how much of a message :meth:`load`
+    reads to parse its header section.
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_header_size: int = _DEFAULT_HEADER_LIMIT,
+    ) -> None:
+        self.directory = Path(directory)
+        self.layout = Layout(base=self.directory)
+        self._clock = clock
+        self._max_header_size = max_header_size
+        self._busy = _Busy()
+        self._layout_ready = False
+        self._recover_lock = trio.Lock()
+
+    # --- start-up -------------------------------------------------------------------------
+
+    async def recover(self) -> list[str]:
+        """Create the directories, remove fragments, move unreadable sidecars to ``corrupt/``.
+
+        Returns the committed queue IDs, oldest first. Safe to call while messages are being
+        received: files of messages in progress in this process are left alone.
+        """
+        async with self._recover_lock:
+            try:
+                ids = await trio.to_thread.run_sync(
+                    partial(
+                        recover_spool, self.layout, active=self._busy, check=self._check_sync
+                    )
+                )
+            except OSError as exc:
+                raise SpoolError(f"spool recovery failed in {self.directory}: {exc}") from exc
+        self._layout_ready = True
+        return ids
+
+    def _check_sync(self, queue_id: str) -> str | None:
+        try:
+            self._read_record_sync(queue_id)
+        except SpoolError as exc:
+            return str(exc)
+        return None
+
+    # --- receiving --------------------------------------------------------------------------
+
+    async def open_incoming(self) -> IncomingMessage:
+        """Start receiving a message: a new queue ID and an exclusive file in ``tmp/``."""
+        queue_id = new_queue_id()
+        path = self.layout.tmp / f"{queue_id}.msg"
+        self._busy.incoming.add(queue_id)
+        try:
+            fd = await trio.to_thread.run_sync(self._open_sync, path)
+        except BaseException as exc:
+            self._busy.incoming.discard(queue_id)
+            if isinstance(exc, OSError):
+                raise SpoolError(f"cannot create a spool file in {self.layout.tmp}: {exc}") from exc
+            raise
+        return IncomingMessage(
+            layout=self.layout,
+            busy=self._busy.incoming,
+            clock=self._clock,
+            queue_id=queue_id,
+            path=path,
+            fd=fd,
+        )
+
+    def _open_sync(self, path: Path) -> int:
+        if not self._layout_ready:
+            self.layout.create()
+            self._layout_ready = True
+        return _durable.open_exclusive(path)
+
+    # --- reading ----------------------------------------------------------------------------
+
+    async def queued_ids(self) -> list[str]:
+        """List the committed queue IDs, oldest first (reads ``env/`` in a worker thread)."""
+        try:
+            names = await trio.to_thread.run_sync(os.listdir, self.layout.env)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise SpoolError(f"cannot list {self.layout.env}: {exc}") from exc
+        return sorted(
+            n.removesuffix(".json")
+            for n in names
+            if n.endswith(".json") and is_queue_id(n.removesuffix(".json"))
+        )
+
+    async def load_record(self, queue_id: str) -> QueueRecord:
+        """Read the sidecar of ``queue_id`` (envelope and per-recipient state).
+
+        Raises :class:`QueueEntryMissing` or :class:`QueueEntryCorrupt` (both SpoolError).
+        """
+        return await trio.to_thread.run_sync(self._read_record_sync, queue_id)
+
+    async def load(self, queue_id: str) -> QueuedMessage:
+        """Read ``queue_id``: its record and a read-only :class:`MessageHandle` on ``msg/ID``.
+
+        Raises :class:`QueueEntryMissing` or :class:`QueueEntryCorrupt` (both SpoolError).
+        """
+        return await trio.to_thread.run_sync(self._load_sync, queue_id)
+
+    async def next_attempts(self, queue_ids: Iterable[str]) -> dict[str, float]:
+        """When each of ``queue_ids`` is due; an unreadable one is due at once (time 0)."""
+        return await trio.to_thread.run_sync(self._next_attempts_sync, list(queue_ids))
+
+    def _next_attempts_sync(self, queue_ids: list[str]) -> dict[str, float]:
+        due: dict[str, float] = {}
+        for queue_id in queue_ids:
+            try:
+                due[queue_id] = self._read_record_sync(queue_id).next_attempt
+            except SpoolError:
+                due[queue_id] = 0.0
+        return due
+
+    def _read_record_sync(self, queue_id: str) -> QueueRecord:
+        if not is_queue_id(queue_id):
+            raise QueueEntryMissing(f"not a queue ID: {queue_id!r}")
+        try:
+            data = self.layout.env_path(queue_id).read_bytes()
+        except FileNotFoundError as exc:
+            raise QueueEntryMissing(f"no queued message {queue_id}") from exc
+        except OSError as exc:
+            raise SpoolError(f"cannot read the sidecar of {queue_id}: {exc}") from exc
+        try:
+            return decode_record(data, queue_id=queue_id)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise QueueEntryCorrupt(f"unreadable sidecar of {queue_id}: {exc}") from exc
+
+    def _load_sync(self, queue_id: str) -> QueuedMessage:
+        record = self._read_record_sync(queue_id)
+        path = self.layout.msg_path(queue_id)
+        try:
+            with path.open("rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                head = f.read(min(size, self._max_header_size))
+        except FileNotFoundError as exc:
+            raise QueueEntryCorrupt(f"message file of {queue_id} is missing") from exc
+        except OSError as exc:
+            raise SpoolError(f"cannot read the message {queue_id}: {exc}") from exc
+        fields, body_offset, _ = bounded_header_section(head, complete=len(head) >= size)
+        handle = MessageHandle(
+            path=path,
+            size=size,
+            headers=fields,
+            body_offset=body_offset,
+            queue_id=queue_id,
+            editable=False,
+        )
+        return QueuedMessage(record=record, message=handle)
+
+    # --- updating ---------------------------------------------------------------------------
+
+    async def save(self, record: QueueRecord) -> None:
+        """Atomically replace the sidecar of ``record.queue_id`` (tmp, fsync, rename, fsync).
+
+        Raises :class:`QueueEntryMissing` if the message was removed meanwhile (it is not
+        brought back), :class:`SpoolError` on any I/O failure (the old sidecar stays).
+        """
+        queue_id = record.queue_id
+        self._busy.saving.add(queue_id)
+        try:
+            await trio.to_thread.run_sync(self._save_sync, record)
+        except OSError as exc:
+            raise SpoolError(f"cannot update the sidecar of {queue_id}: {exc}") from exc
+        finally:
+            self._busy.saving.discard(queue_id)
+
+    def _save_sync(self, record: QueueRecord) -> None:
+        target = self.layout.env_path(record.queue_id)
+        if not target.exists():
+            raise QueueEntryMissing(f"no queued message {record.queue_id}")
+        tmp = self.layout.tmp / f"{record.queue_id}.json.{secrets.token_hex(4)}"
+        _durable.write_file_durably(tmp, encode_record(record))
+        try:
+            os.replace(tmp, target)
+        except BaseException:
+            _durable.unlink_quietly(tmp)
+            raise
+        _durable.fsync_dir(self.layout.env)
+
+    async def remove(self, queue_id: str) -> None:
+        """Delete ``queue_id``: the sidecar first (no longer queued), then the message file.
+
+        Removing a message that is already gone is not an error.
+        """
+        if not is_queue_id(queue_id):
+            raise QueueEntryMissing(f"not a queue ID: {queue_id!r}")
+        try:
+            await trio.to_thread.run_sync(self._remove_sync, queue_id)
+        except OSError as exc:
+            raise SpoolError(f"cannot remove {queue_id}: {exc}") from exc
+
+    def _remove_sync(self, queue_id: str) -> None:
+        # The sidecar's removal must be durable before the message file goes: a crash in
+        # between must never leave a sidecar pointing at nothing.
+        for path in (self.layout.env_path(queue_id), self.layout.msg_path(queue_id)):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                continue
+            _durable.fsync_dir(path.parent)
+
+    async def quarantine(self, queue_id: str, reason: str) -> None:
+        """Move ``queue_id``'s files to ``corrupt/`` and log ``reason`` (no longer queued)."""
+        if not is_queue_id(queue_id):
+            raise QueueEntryMissing(f"not a queue ID: {queue_id!r}")
+        try:
+            await trio.to_thread.run_sync(move_aside, self.layout, queue_id, reason)
+        except OSError as exc:
+            raise SpoolError(f"cannot move {queue_id} aside: {exc}") from exc

@@ -1,0 +1,522 @@
+"""``ServerConnection``: the server role of the sans-I/O SMTP core.
+
+Bytes go in with :meth:`~ServerConnection.receive_data`; :meth:`~ServerConnection.next_event`
+turns them into events, answering on its own whatever needs no policy (syntax errors, 503s,
+NOOP, RSET, HELP, VRFY, QUIT) and stopping at every event that does. Replies are queued in
+command order, so pipelining (RFC 2920) needs nothing special: the core simply keeps reading
+buffered commands after each answer. :meth:`~ServerConnection.data_to_send` drains the queue.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, fields
+
+from . import _catalogue as R
+from ._commands import (
+    AUTH_LINE_MAX,
+    Command,
+    Verb,
+    command_line_limit,
+    is_cross_protocol,
+    parse_auth,
+    parse_command,
+    parse_hello,
+    parse_mail,
+    parse_rcpt,
+    require_no_argument,
+)
+from ._data import DataReader
+from ._errors import LocalProtocolError, RemoteProtocolError
+from ._events import (
+    NEED_DATA,
+    AuthRequest,
+    ConnectionClosed,
+    DataComplete,
+    DataStart,
+    Event,
+    Hello,
+    MailFrom,
+    NeedData,
+    RcptTo,
+    StartTLS,
+)
+from ._grammar import has_control
+from ._lines import Line, LineProblem, LineReader
+from ._replies import Reply
+from ._sasl import Challenge, SaslExchange, SaslFailure, SaslStep
+from ._state import Facts, Greeting, ServerState, Transaction, check_sequence
+
+__all__ = ["ProtocolLimits", "ServerConnection"]
+
+# RFC 5321 §4.1.1.1: ehlo-keyword *( SP ehlo-param ).
+_EHLO_LINE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*\Z")
+
+_Answerable = Hello | AuthRequest | MailFrom | RcptTo | DataStart | DataComplete
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProtocolLimits:
+    """The bounds the protocol core enforces by itself (the ``[limits]`` slice it needs)."""
+
+    max_message_size: int = 26_214_400  # advertised as "SIZE n" (RFC 1870)
+    max_recipients: int = 100
+    max_header_size: int = 262_144
+    max_auth_failures: int = 3
+    max_errors: int = 10
+    max_transactions: int = 100
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{f.name} must be a positive integer, not {value!r}")
+
+
+def _sasl_limit(prefix: bytes) -> int:
+    return AUTH_LINE_MAX  # RFC 4954 §4
+
+
+def _require_status(reply: Reply) -> None:
+    # RFC 2034 §3 / RFC 3463: every 2xx, 4xx and 5xx reply after the greeting carries one.
+    if reply.code // 100 != 3 and not reply.status:
+        raise LocalProtocolError(f"reply {reply.code} needs an enhanced status code")
+
+
+def _check_refusal(reply: Reply, *, status: bool = True) -> None:
+    if reply.code < 400:
+        raise LocalProtocolError(f"a refusal must be 4xx or 5xx, not {reply.code}")
+    if reply.code == 521:
+        raise LocalProtocolError("521 is not sent on a submission port; use 421 (RFC 6409 §7)")
+    if status:
+        _require_status(reply)
+
+
+class ServerConnection:
+    """One SMTP server conversation, with no I/O of its own.
+
+    ``tls_active`` is True from the first byte on an implicit-TLS listener (RFC 8314);
+    ``tls_available`` says whether STARTTLS may be offered (RFC 3207).
+    """
+
+    def __init__(
+        self, *, hostname: str, limits: ProtocolLimits, tls_active: bool, tls_available: bool
+    ) -> None:
+        if not hostname or has_control(hostname) or any(c.isspace() for c in hostname):
+            raise ValueError("hostname must be a non-empty name without spaces or controls")
+        self._hostname = hostname
+        self._limits = limits
+        self._tls_active = tls_active
+        self._tls_available = tls_available
+        self._state = ServerState.NOT_GREETED
+        self._buf = bytearray()
+        self._out = bytearray()
+        self._eof = False
+        self._lines = LineReader()
+        self._data: DataReader | None = None
+        self._sasl: SaslExchange | None = None
+        self._pending: _Answerable | None = None
+        self._close_reason = ""
+        self._greeting = Greeting.NONE
+        self._authenticated = False
+        self._transaction = Transaction.NONE
+        self._recipients = 0
+        self._smtputf8 = False
+        self._errors = 0
+        self._auth_failures = 0
+        self._transactions = 0
+
+    # -- what the driver and session may look at ----------------------------------------------
+
+    @property
+    def state(self) -> ServerState:
+        """Where the conversation is."""
+        return self._state
+
+    @property
+    def tls_active(self) -> bool:
+        """True once the conversation runs inside TLS."""
+        return self._tls_active
+
+    @property
+    def authenticated(self) -> bool:
+        """True after an AUTH the session accepted (forgotten when TLS starts)."""
+        return self._authenticated
+
+    @property
+    def closed(self) -> bool:
+        """True when nothing more will be read; flush :meth:`data_to_send` and close."""
+        return self._state is ServerState.CLOSED
+
+    # -- the driver's side --------------------------------------------------------------------
+
+    def greet(self, refusal: Reply | None = None) -> None:
+        """Queue the ``220`` greeting, or ``refusal`` which ends the connection."""
+        if self._state is not ServerState.NOT_GREETED:
+            raise LocalProtocolError("greet() was already called")
+        if refusal is not None:
+            _check_refusal(refusal, status=False)  # greetings carry no status (RFC 2034 §3)
+            self._shut("refused at greeting", refusal)
+            return
+        self._send(R.greeting(self._hostname))
+        self._goto(ServerState.COMMAND)
+
+    def receive_data(self, data: bytes) -> None:
+        """Feed bytes from the client; ``b""`` means the client closed its side."""
+        if self._state in (ServerState.CLOSED, ServerState.TLS_HANDSHAKE):
+            # After STARTTLS nothing sent in plaintext is ever read (CVE-2011-0411).
+            return
+        if not data:
+            self._eof = True
+            return
+        if self._eof:
+            raise LocalProtocolError("receive_data() after end of file")
+        self._buf += data
+
+    def data_to_send(self) -> bytes:
+        """Take every reply queued so far, in order, as bytes for the wire."""
+        out = bytes(self._out)
+        self._out.clear()
+        return out
+
+    def tls_started(self) -> None:
+        """The driver finished the TLS handshake after :class:`StartTLS`.
+
+        Everything learnt in plaintext is forgotten (RFC 3207 §4.2): EHLO is required again,
+        no one is authenticated, and STARTTLS is no longer offered.
+        """
+        if self._state is not ServerState.TLS_HANDSHAKE:
+            raise LocalProtocolError("tls_started() without an accepted STARTTLS")
+        self._tls_active = True
+        self._greeting = Greeting.NONE
+        self._authenticated = False
+        self._reset_transaction()
+        self._buf.clear()
+        self._lines.reset()
+        self._goto(ServerState.COMMAND)
+
+    def close(self, reply: Reply | None = None) -> None:
+        """End the conversation from the server side, queueing ``reply`` (a ``421``) if given.
+
+        Closing a closed connection does nothing.
+        """
+        if self._state is ServerState.CLOSED:
+            return
+        if reply is not None:
+            _check_refusal(reply)
+        self._shut("closed by server", reply)
+
+    # -- events -------------------------------------------------------------------------------
+
+    def next_event(self) -> Event | NeedData:
+        """The next event, or :data:`NEED_DATA` when the buffer holds no complete input."""
+        if self._state is ServerState.NOT_GREETED:
+            raise LocalProtocolError("call greet() before next_event()")
+        if self._pending is not None:
+            name = type(self._pending).__name__
+            raise LocalProtocolError(f"answer {name} with accept() or reject() first")
+        if self._state is ServerState.TLS_HANDSHAKE:
+            raise LocalProtocolError("call tls_started() once the TLS handshake is done")
+        while self._state is not ServerState.CLOSED:
+            event = self._read_data() if self._state is ServerState.DATA else self._read_line()
+            if event is NEED_DATA:
+                return NEED_DATA
+            if event is not None:
+                if isinstance(event, _Answerable):
+                    self._pending = event
+                    self._goto(ServerState.AWAITING_ANSWER)
+                return event
+        return ConnectionClosed(reason=self._close_reason)
+
+    def _read_data(self) -> Event | NeedData | None:
+        assert self._data is not None
+        result = self._data.read(self._buf)
+        if result is None:
+            if self._eof:
+                self._shut("connection closed by client during DATA")
+                return None
+            return NEED_DATA
+        if isinstance(result, DataComplete):
+            self._data = None
+        return result
+
+    def _read_line(self) -> Event | NeedData | None:
+        sasl = self._state is ServerState.SASL
+        line = self._lines.next_line(self._buf, _sasl_limit if sasl else command_line_limit)
+        if line is None:
+            if self._eof:
+                self._shut("connection closed by client")
+                return None
+            return NEED_DATA
+        return self._on_sasl_line(line) if sasl else self._on_command_line(line)
+
+    def _on_command_line(self, line: Line) -> Event | None:
+        if is_cross_protocol(line.text):
+            # ALPACA: say nothing a browser could take for an HTTP response.
+            self._shut("cross-protocol request")
+            return None
+        if line.problem is not LineProblem.NONE:
+            self._send(_FRAMING_REPLIES[line.problem])
+            return None
+        try:
+            command = parse_command(line.text)
+            rule = check_sequence(command.verb, self._facts())
+            if rule is not None:
+                raise RemoteProtocolError(rule.reply, closes=rule.closes)
+            return self._dispatch(command)
+        except RemoteProtocolError as exc:
+            if exc.closes:
+                self._shut(exc.reply.text, exc.reply)
+            else:
+                self._send(exc.reply)
+            return None
+
+    def _dispatch(self, command: Command) -> Event | None:
+        verb, argument = command.verb, command.argument
+        if verb in (Verb.EHLO, Verb.HELO):
+            domain = parse_hello(argument)
+            self._reset_transaction()  # RFC 5321 §4.1.4: EHLO implies RSET
+            return Hello(domain=domain, extended=verb is Verb.EHLO)
+        if verb is Verb.STARTTLS:
+            require_no_argument(command)
+            return self._start_tls()
+        if verb is Verb.AUTH:
+            mechanism, initial = parse_auth(argument)
+            self._sasl = SaslExchange(mechanism)
+            return self._sasl_step(self._sasl.start(initial))
+        if verb is Verb.MAIL:
+            sender, params = parse_mail(argument, max_size=self._limits.max_message_size)
+            return MailFrom(sender=sender, params=params)
+        if verb is Verb.RCPT:
+            if self._recipients >= self._limits.max_recipients:
+                raise RemoteProtocolError(R.TOO_MANY_RECIPIENTS)
+            return RcptTo(recipient=parse_rcpt(argument, smtputf8=self._smtputf8))
+        if verb is Verb.DATA:
+            require_no_argument(command)
+            return DataStart()
+        self._send(self._simple_reply(command))
+        if verb is Verb.QUIT:
+            self._shut("quit")
+        return None
+
+    def _simple_reply(self, command: Command) -> Reply:
+        verb = command.verb
+        if verb in (Verb.RSET, Verb.QUIT):
+            require_no_argument(command)
+        if verb is Verb.RSET:
+            self._reset_transaction()
+            return R.OK
+        if verb is Verb.QUIT:
+            return R.BYE
+        if verb is Verb.NOOP:
+            return R.OK
+        if verb is Verb.VRFY:
+            if not command.argument:
+                raise RemoteProtocolError(R.syntax_error("VRFY needs an argument"))
+            return R.CANNOT_VRFY
+        if verb is Verb.HELP:
+            return R.HELP
+        return R.NOT_IMPLEMENTED  # EXPN, TURN, ETRN, BDAT
+
+    def _start_tls(self) -> StartTLS:
+        self._send(R.READY_TO_START_TLS)
+        # RFC 3207 §4.2 / CVE-2011-0411: pipelined plaintext must not run inside TLS. Only
+        # what is already buffered is counted; nothing waits for more.
+        discarded = len(self._buf)
+        self._buf.clear()
+        self._lines.reset()
+        self._goto(ServerState.TLS_HANDSHAKE)
+        return StartTLS(discarded=discarded)
+
+    # -- AUTH ---------------------------------------------------------------------------------
+
+    def _on_sasl_line(self, line: Line) -> Event | None:
+        assert self._sasl is not None
+        if line.problem is not LineProblem.NONE:
+            self._sasl = None
+            self._goto(ServerState.COMMAND)
+            too_long = line.problem is LineProblem.TOO_LONG
+            self._send(R.SASL_LINE_TOO_LONG if too_long else _FRAMING_REPLIES[line.problem])
+            return None
+        return self._sasl_step(self._sasl.respond(line.text))
+
+    def _sasl_step(self, step: SaslStep) -> Event | None:
+        if isinstance(step, Challenge):
+            self._send(step.reply)
+            self._goto(ServerState.SASL)
+            return None
+        self._sasl = None
+        self._goto(ServerState.COMMAND)
+        if isinstance(step, SaslFailure):
+            if step.counted:
+                self._auth_failed(step.reply)
+            else:
+                self._send(step.reply)
+            return None
+        return AuthRequest(
+            mechanism=step.mechanism.value,
+            username=step.username,
+            authzid=step.authzid,
+            password=step.password,
+        )
+
+    def _auth_failed(self, reply: Reply) -> None:
+        self._send(reply)
+        self._auth_failures += 1
+        if self._auth_failures >= self._limits.max_auth_failures:
+            self._shut("too many authentication failures", R.TOO_MANY_AUTH_FAILURES)
+
+    # -- answers ------------------------------------------------------------------------------
+
+    def _take_pending(self) -> _Answerable:
+        if self._pending is None:
+            raise LocalProtocolError("no event is waiting for an answer")
+        return self._pending
+
+    def accept(self, reply: Reply | None = None, *, keywords: Sequence[str] = ()) -> None:
+        """Answer the pending event positively (see each event for the default reply).
+
+        ``keywords`` add EHLO extension lines. :class:`DataComplete` needs ``reply`` (the
+        session's ``250 2.0.0`` with the queue id) and cannot be accepted when it has an error.
+        """
+        event = self._take_pending()
+        if keywords and not isinstance(event, Hello):
+            raise LocalProtocolError("keywords only belong to the EHLO answer")
+        if reply is not None:
+            _require_status(reply)
+        next_state = ServerState.COMMAND
+        if isinstance(event, Hello):
+            if reply is not None:
+                raise LocalProtocolError("the EHLO/HELO answer is built by the core")
+            answer = self._hello_reply(event, keywords)
+            self._greeting = Greeting.EHLO if event.extended else Greeting.HELO
+        elif isinstance(event, AuthRequest):
+            answer = _positive(reply, R.AUTH_SUCCESSFUL, "235")
+            self._authenticated = True
+        elif isinstance(event, MailFrom):
+            answer = _positive(reply, R.SENDER_OK, "2")
+            self._transaction = Transaction.SENDER
+            self._smtputf8 = event.params.smtputf8
+        elif isinstance(event, RcptTo):
+            answer = _positive(reply, R.RECIPIENT_OK, "2")
+            self._transaction = Transaction.RECIPIENTS
+            self._recipients += 1
+        elif isinstance(event, DataStart):
+            answer = _positive(reply, R.START_DATA, "354")
+            self._data = DataReader(
+                max_size=self._limits.max_message_size,
+                max_header_size=self._limits.max_header_size,
+            )
+            next_state = ServerState.DATA
+        else:
+            if reply is None:
+                raise LocalProtocolError("accept(reply) of DataComplete needs the queue reply")
+            if event.error is not None:
+                raise LocalProtocolError("a refused message must be answered reject(error)")
+            answer = _positive(reply, reply, "2")
+            self._end_transaction()
+        self._pending = None
+        self._goto(next_state)
+        self._send(answer)
+
+    def reject(self, reply: Reply) -> None:
+        """Refuse the pending event with ``reply`` (4xx or 5xx); a ``421`` also closes."""
+        event = self._take_pending()
+        _check_refusal(reply)
+        self._pending = None
+        self._goto(ServerState.COMMAND)
+        if isinstance(event, Hello):
+            self._greeting = Greeting.NONE
+        elif isinstance(event, DataComplete):
+            self._end_transaction()
+        if isinstance(event, AuthRequest):
+            self._auth_failed(reply)
+        else:
+            self._send(reply)
+        if reply.code == 421:  # RFC 5321 §3.8: 421 means the server closes the channel
+            self._shut("closed after a 421 reply")
+
+    def _hello_reply(self, event: Hello, keywords: Sequence[str]) -> Reply:
+        if not event.extended:
+            return R.helo(self._hostname)
+        if isinstance(keywords, str):
+            raise LocalProtocolError("keywords must be a sequence of strings")
+        for keyword in keywords:
+            if not isinstance(keyword, str) or not _EHLO_LINE.match(keyword):
+                raise LocalProtocolError("invalid EHLO keyword line")
+        lines = [
+            "PIPELINING",  # RFC 2920
+            f"SIZE {self._limits.max_message_size}",  # RFC 1870
+            "8BITMIME",  # RFC 6152
+            "ENHANCEDSTATUSCODES",  # RFC 2034
+            "SMTPUTF8",  # RFC 6531
+        ]
+        if self._tls_active:
+            lines.append("AUTH PLAIN LOGIN")  # RFC 4954, only inside TLS
+        elif self._tls_available:
+            lines.append("STARTTLS")  # RFC 3207
+        try:
+            return R.ehlo(self._hostname, [*lines, *keywords])
+        except ValueError as exc:
+            raise LocalProtocolError(f"EHLO answer: {exc}") from None
+
+    # -- bookkeeping --------------------------------------------------------------------------
+
+    def _facts(self) -> Facts:
+        return Facts(
+            tls_active=self._tls_active,
+            tls_available=self._tls_available,
+            greeting=self._greeting,
+            authenticated=self._authenticated,
+            transaction=self._transaction,
+            transactions_left=self._transactions < self._limits.max_transactions,
+        )
+
+    def _reset_transaction(self) -> None:
+        self._transaction = Transaction.NONE
+        self._recipients = 0
+        self._smtputf8 = False
+
+    def _end_transaction(self) -> None:
+        self._transactions += 1
+        self._reset_transaction()
+
+    def _goto(self, state: ServerState) -> None:
+        if self._state is not ServerState.CLOSED:
+            self._state = state
+
+    def _send(self, reply: Reply) -> None:
+        if self._state is ServerState.CLOSED:
+            return
+        self._out += reply.to_bytes()
+        if reply.code >= 500:
+            self._errors += 1
+            if self._errors >= self._limits.max_errors:
+                self._shut("too many errors", R.TOO_MANY_ERRORS)
+
+    def _shut(self, reason: str, reply: Reply | None = None) -> None:
+        if self._state is ServerState.CLOSED:
+            return
+        if reply is not None:
+            self._out += reply.to_bytes()
+        self._state = ServerState.CLOSED
+        self._close_reason = reason
+        self._pending = None
+        self._sasl = None
+        self._data = None
+        self._buf.clear()
+
+
+def _positive(reply: Reply | None, default: Reply, code_prefix: str) -> Reply:
+    answer = default if reply is None else reply
+    if not str(answer.code).startswith(code_prefix):
+        raise LocalProtocolError(f"accept() needs a {code_prefix}xx reply here, not {answer.code}")
+    return answer
+
+
+_FRAMING_REPLIES = {
+    LineProblem.BARE_LF: R.BARE_LF_COMMAND,
+    LineProblem.BARE_CR: R.BARE_CR_COMMAND,
+    LineProblem.TOO_LONG: R.LINE_TOO_LONG,
+}

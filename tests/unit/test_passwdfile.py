@@ -1,0 +1,340 @@
+"""The passwdfile plugin, driven through its hooks as the session would call them."""
+
+from __future__ import annotations
+
+import logging
+import stat
+from pathlib import Path
+
+import argon2
+import pytest
+import trio
+from submitd import (
+    AuthResult,
+    Config,
+    ConfigError,
+    Credentials,
+    Envelope,
+    MailParams,
+    MessageHandle,
+    Secret,
+    SessionInfo,
+)
+from submitd.config import load_config
+from submitd.passwords import UsersFile
+
+from submitd_plugins import passwdfile
+
+CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
+PASSWORD = "s3cret passphrase"
+CONFIG = """\
+hostname = "mail.example.org"
+[[listen]]
+address = "127.0.0.1:2587"
+mode = "starttls"
+[tls]
+cert = "cert.pem"
+key = "key.pem"
+[plugins]
+enable = ["passwdfile"]
+[plugins.passwdfile]
+path = "users"
+"""
+
+
+@pytest.fixture
+def users_path(tmp_path: Path) -> Path:
+    path = tmp_path / "users"
+    path.write_text(
+        "# test users\n"
+        f"alice {CHEAP.hash(PASSWORD)} alice@example.com @alias.example\n"
+        f"bounces {CHEAP.hash(PASSWORD)} <> notify@example.com\n"
+    )
+    path.chmod(0o600)
+    return path
+
+
+def make_config(tmp_path: Path, extra: str = "") -> Config:
+    path = tmp_path / "submitd.toml"
+    path.write_text(CONFIG + extra)
+    return load_config(path)
+
+
+@pytest.fixture
+def config(tmp_path: Path, users_path: Path) -> Config:
+    config = make_config(tmp_path)
+    passwdfile.submitd_configure(config)
+    return config
+
+
+def session(config: Config, username: str | None = "alice") -> SessionInfo:
+    return SessionInfo(
+        session_id="S1", config=config, listener=config.listeners[0], peer_host="192.0.2.7",
+        peer_port=40000, tls=True, username=username,
+    )
+
+
+def creds(username: str, password: str = PASSWORD) -> Credentials:
+    return Credentials(mechanism="PLAIN", username=username, authzid="", password=Secret(password))
+
+
+def message(tmp_path: Path, *headers: tuple[str, str]) -> MessageHandle:
+    path = tmp_path / "msg"
+    path.write_bytes(b"".join(f"{n}: {v}\r\n".encode() for n, v in headers) + b"\r\nbody\r\n")
+    return MessageHandle(path=path, size=path.stat().st_size, headers=list(headers), body_offset=0)
+
+
+ENVELOPE = Envelope(
+    sender="alice@example.com", recipients=("bob@example.net",), params=MailParams(),
+    username="alice",
+)
+
+
+# --- configuration --------------------------------------------------------------------------
+
+
+def test_configure_loads_the_users_file_relative_to_the_config(config: Config) -> None:
+    state = config.stash[passwdfile.STATE]
+    assert state.path == config.path.parent / "users"
+    assert [e.login for e in state.users.entries] == ["alice", "bounces"]
+    assert state.queue_timeout == 10.0
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "fragment"),
+    [
+        ('colour = "red"', "plugins.passwdfile.colour", "unknown key"),
+        ("max_parallel = 0", "plugins.passwdfile.max_parallel", "positive integer"),
+        ('max_parallel = "4"', "plugins.passwdfile.max_parallel", "positive integer"),
+        ('queue_timeout = "soon"', "plugins.passwdfile.queue_timeout", "not a duration"),
+        ("queue_timeout = 0", "plugins.passwdfile.queue_timeout", "longer than zero"),
+        ('path = "absent"', "plugins.passwdfile.path", "no such file"),
+    ],
+)
+def test_bad_settings_are_config_errors_naming_the_key(
+    tmp_path: Path, users_path: Path, table: str, key: str, fragment: str
+) -> None:
+    text = CONFIG.replace('path = "users"\n', "") if table.startswith("path") else CONFIG
+    (tmp_path / "submitd.toml").write_text(text + table + "\n")
+    config = load_config(tmp_path / "submitd.toml")
+    with pytest.raises(ConfigError) as info:
+        passwdfile.submitd_configure(config)
+    assert info.value.key == key
+    assert info.value.path == config.path
+    assert fragment in info.value.message
+
+
+def test_missing_path_is_a_config_error(tmp_path: Path) -> None:
+    (tmp_path / "submitd.toml").write_text(CONFIG.replace('path = "users"\n', "max_parallel = 2\n"))
+    with pytest.raises(ConfigError, match="required") as info:
+        passwdfile.submitd_configure(load_config(tmp_path / "submitd.toml"))
+    assert info.value.key == "plugins.passwdfile.path"
+
+
+def test_invalid_users_file_is_a_config_error_with_the_line(
+    tmp_path: Path, users_path: Path
+) -> None:
+    users_path.write_text("# ok\nalice nothash\n")
+    with pytest.raises(ConfigError, match=r"users:2: the hash of 'alice'") as info:
+        passwdfile.submitd_configure(make_config(tmp_path))
+    assert info.value.key == "plugins.passwdfile.path"
+
+
+# --- AUTH -----------------------------------------------------------------------------------
+
+
+async def test_correct_password_logs_in_and_upgrades_an_outdated_hash(
+    config: Config, users_path: Path
+) -> None:
+    result = await passwdfile.submitd_auth(session(config, None), creds("alice"))
+    assert result == AuthResult.ok("alice")
+    entry = UsersFile.load(users_path).lookup("alice")
+    assert entry is not None
+    assert argon2.extract_parameters(entry.hash).memory_cost == argon2.PasswordHasher().memory_cost
+    assert stat.S_IMODE(users_path.stat().st_mode) == 0o600
+    assert users_path.read_text().startswith("# test users\n")
+    # The upgraded hash still takes the same password.
+    again = await passwdfile.submitd_auth(session(config, None), creds("alice"))
+    assert again == AuthResult.ok("alice")
+
+
+async def test_wrong_password_and_unknown_login_are_denied(config: Config) -> None:
+    denied = AuthResult.deny()
+    assert await passwdfile.submitd_auth(session(config, None), creds("alice", "wrong")) == denied
+    assert await passwdfile.submitd_auth(session(config, None), creds("mallory")) == denied
+    assert await passwdfile.submitd_auth(session(config, None), creds("ALICE")) == denied
+
+
+async def test_login_waits_at_most_queue_timeout_for_a_free_slot(
+    tmp_path: Path, users_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, 'max_parallel = 1\nqueue_timeout = "3s"\n')
+    passwdfile.submitd_configure(config)
+    limiter = config.stash[passwdfile.STATE].limiter
+    busy = object()
+    await limiter.acquire_on_behalf_of(busy)
+    start = trio.current_time()
+    result = await passwdfile.submitd_auth(session(config, None), creds("alice"))
+    assert trio.current_time() - start == pytest.approx(3.0)
+    assert result.accepted is False
+    assert result.reply is not None
+    assert str(result.reply) == "454 4.7.0 Temporary authentication failure, try again later"
+    assert limiter.borrowed_tokens == 1  # the refused login holds nothing
+
+    limiter.release_on_behalf_of(busy)
+    assert await passwdfile.submitd_auth(session(config, None), creds("bounces")) == (
+        AuthResult.ok("bounces")
+    )
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_a_login_queued_behind_a_busy_slot_runs_when_it_frees(
+    tmp_path: Path, users_path: Path, autojump_clock: trio.testing.MockClock
+) -> None:
+    config = make_config(tmp_path, 'max_parallel = 1\nqueue_timeout = "3s"\n')
+    passwdfile.submitd_configure(config)
+    limiter = config.stash[passwdfile.STATE].limiter
+    busy = object()
+    await limiter.acquire_on_behalf_of(busy)
+    results: list[AuthResult | None] = []
+
+    async def login() -> None:
+        results.append(await passwdfile.submitd_auth(session(config, None), creds("bounces")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(login)
+        await trio.sleep(2)
+        limiter.release_on_behalf_of(busy)
+    assert results == [AuthResult.ok("bounces")]
+
+
+async def test_users_file_changes_apply_without_a_restart(
+    config: Config, users_path: Path
+) -> None:
+    UsersFile(path=users_path, hasher=CHEAP).add_user("dave", Secret("pw"), ["dave@example.com"])
+    assert await passwdfile.submitd_auth(session(config, None), creds("dave", "pw")) == (
+        AuthResult.ok("dave")
+    )
+    assert passwdfile.submitd_mail_from(session(config, "dave"), "dave@example.com",
+                                        MailParams()) is None
+    UsersFile.load(users_path).delete_user("dave")
+    assert await passwdfile.submitd_auth(session(config, None), creds("dave", "pw")) == (
+        AuthResult.deny()
+    )
+
+
+async def test_a_broken_users_file_keeps_the_previous_users(
+    config: Config, users_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    users_path.write_text(users_path.read_text() + "broken line\n")
+    with caplog.at_level(logging.ERROR, logger="submitd.plugins.passwdfile"):
+        first = await passwdfile.submitd_auth(session(config, None), creds("bounces"))
+        second = await passwdfile.submitd_auth(session(config, None), creds("bounces"))
+    assert first == second == AuthResult.ok("bounces")
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1  # logged once per broken version, not per login
+    assert ":4:" in errors[0].getMessage()
+
+
+async def test_unwritable_users_file_still_logs_in_and_stops_trying_to_rehash(
+    config: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    attempts: list[str] = []
+
+    def read_only(self: UsersFile, login: str, password: Secret, old_hash: str) -> UsersFile:
+        attempts.append(login)
+        raise OSError(30, "Read-only file system")
+
+    monkeypatch.setattr(UsersFile, "rehash", read_only)
+    for _ in range(2):
+        assert await passwdfile.submitd_auth(session(config, None), creds("alice")) == (
+            AuthResult.ok("alice")
+        )
+    assert attempts == ["alice"]
+
+
+# --- sender ownership -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("login", "sender", "allowed"),
+    [
+        ("alice", "alice@example.com", True),
+        ("alice", "alice@EXAMPLE.COM", True),
+        ("alice", "anything@alias.example", True),
+        ("alice", "bob@example.com", False),
+        ("alice", "", False),
+        ("bounces", "", True),
+        ("bounces", "notify@example.com", True),
+        (None, "alice@example.com", False),
+    ],
+)
+def test_mail_from_allows_only_the_senders_listed_for_the_login(
+    config: Config, login: str | None, sender: str, allowed: bool
+) -> None:
+    reply = passwdfile.submitd_mail_from(session(config, login), sender, MailParams())
+    if allowed:
+        assert reply is None
+    else:
+        assert reply is not None
+        assert (reply.code, reply.status) == (550, "5.7.1")
+        assert reply.text == f"Sender address <{sender}> not owned by user {login or '(none)'}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("From", "Alice <alice@example.com>")],
+        [("From", "alice@EXAMPLE.com")],
+        [("From", '"Someone Else <boss@corp.example>" <alice@example.com>')],
+        [("From", "Alice <alice@example.com>, Team <team@alias.example>")],
+        [("From", "team@alias.example"), ("Sender", "alice@example.com")],
+        [("Subject", "no From: at all; a later plugin adds it")],
+    ],
+)
+def test_header_from_and_sender_owned_by_the_login_pass(
+    config: Config, tmp_path: Path, headers: list[tuple[str, str]]
+) -> None:
+    handle = message(tmp_path, *headers)
+    assert passwdfile.submitd_data_filter(session(config), ENVELOPE, handle) is None
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("From", "boss@corp.example")],
+        [("From", '"alice@example.com" <boss@corp.example>')],  # display name is not the address
+        [("From", "alice@example.com <boss@corp.example>")],
+        [("From", "Alice <alice@example.com>, boss@corp.example")],
+        [("From", "alice@example.com"), ("From", "boss@corp.example")],
+        [("From", "alice@example.com"), ("Sender", "boss@corp.example")],
+        [("From", "alice@example.com@corp.example")],
+        [("From", "<>")],
+        [("From", "undisclosed-recipients:;")],
+        [("From", "")],
+        [("From", "boss@corp.example\x01")],
+    ],
+)
+def test_header_addresses_not_owned_by_the_login_are_refused(
+    config: Config, tmp_path: Path, headers: list[tuple[str, str]]
+) -> None:
+    reply = passwdfile.submitd_data_filter(session(config), ENVELOPE, message(tmp_path, *headers))
+    assert reply is not None
+    assert (reply.code, reply.status) == (550, "5.7.1")
+    assert "\x01" not in reply.text
+
+
+def test_header_refusal_names_the_field_address_and_login(config: Config, tmp_path: Path) -> None:
+    handle = message(tmp_path, ("From", "Boss <boss@corp.example>"))
+    reply = passwdfile.submitd_data_filter(session(config), ENVELOPE, handle)
+    assert reply is not None
+    assert reply.text == "Header From: address <boss@corp.example> not owned by user alice"
+
+
+def test_plugin_state_lives_in_the_config_stash_not_in_module_globals(
+    tmp_path: Path, users_path: Path
+) -> None:
+    first, second = make_config(tmp_path), make_config(tmp_path)
+    passwdfile.submitd_configure(first)
+    passwdfile.submitd_configure(second)
+    assert first.stash[passwdfile.STATE] is not second.stash[passwdfile.STATE]

@@ -1,0 +1,426 @@
+"""The spool: what gets 250 is on disk, survives kill -9, and nothing else is ever queued."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import re
+import signal
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import trio
+from submitd import Envelope, MailParams, MessageHandle
+from submitd.errors import SpoolError
+from submitd.mailqueue import (
+    QUEUE_ID_LENGTH,
+    IncomingMessage,
+    QueueEntryMissing,
+    RecipientState,
+    Spool,
+    new_queue_id,
+)
+from submitd.mailqueue.spool import WRITE_BUFFER_SIZE
+from submitd.protocol._events import BodyType
+from submitd.protocol._replies import Reply
+
+MESSAGE = (
+    b"From: Alice <alice@example.org>\r\n"
+    b"To: bob@example.net\r\n"
+    b"Subject: lunch\r\n"
+    b"\r\n"
+    b"See you at noon.\r\n"
+    b".leading dot stays unstuffed\r\n"
+)
+SESSION = {"session_id": "S1", "peer": "192.0.2.7:40000", "tls": "TLSv1.3"}
+
+
+def envelope(*recipients: str, received_at: float = 1_700_000_000.0) -> Envelope:
+    return Envelope(
+        sender="alice@example.org",
+        recipients=recipients or ("bob@example.net",),
+        params=MailParams(size=1234, body=BodyType.EIGHT_BIT_MIME, auth="<>"),
+        username="alice",
+        received_at=received_at,
+    )
+
+
+async def receive(
+    spool: Spool, data: bytes, *, chunk: int = 1000
+) -> tuple[IncomingMessage, MessageHandle]:
+    incoming = await spool.open_incoming()
+    for i in range(0, len(data), chunk):
+        await incoming.write(data[i : i + chunk])
+    handle = await incoming.finish(max_header_size=65536)
+    return incoming, handle
+
+
+async def queue(spool: Spool, data: bytes = MESSAGE, *recipients: str) -> str:
+    incoming, handle = await receive(spool, data)
+    return await incoming.commit(envelope(*recipients), handle, session_info=SESSION)
+
+
+def files(directory: Path) -> list[str]:
+    return sorted(os.listdir(directory)) if directory.exists() else []
+
+
+@pytest.fixture
+async def spool(tmp_path: Path) -> Spool:
+    spool = Spool(tmp_path / "spool")
+    await spool.recover()
+    return spool
+
+
+# --- queue IDs ------------------------------------------------------------------------------
+
+
+def test_queue_ids_are_short_unique_filename_safe_and_sorted_by_time() -> None:
+    ids = [new_queue_id() for _ in range(2000)]
+    assert len(set(ids)) == len(ids)
+    assert ids == sorted(ids)
+    assert all(len(i) == QUEUE_ID_LENGTH <= 16 for i in ids)
+    assert all(re.fullmatch(r"[0-9A-Z]+", i) for i in ids)
+    assert new_queue_id(now=1_000_000) < new_queue_id(now=2_000_000_000)
+
+
+# --- commit and load ------------------------------------------------------------------------
+
+
+async def test_committed_message_reloads_byte_for_byte_after_restart(tmp_path: Path) -> None:
+    body = b"".join(b"line %06d of a long message\r\n" % i for i in range(40_000))
+    data = MESSAGE + body  # over a megabyte: several buffered writes
+    assert len(data) > 3 * WRITE_BUFFER_SIZE
+    first = Spool(tmp_path / "spool")
+    await first.recover()
+    incoming, handle = await receive(first, data, chunk=65536)
+    assert handle.get("Subject") == "lunch"
+    queue_id = await incoming.commit(
+        envelope("bob@example.net", "carol@example.com"), handle, session_info=SESSION
+    )
+
+    restarted = Spool(tmp_path / "spool")
+    assert await restarted.recover() == [queue_id]
+    queued = await restarted.load(queue_id)
+    assert queued.message.path.read_bytes() == data
+    assert queued.message.size == len(data)
+    assert queued.message.get("From") == "Alice <alice@example.org>"
+    assert queued.message.queue_id == queue_id
+    with pytest.raises(RuntimeError):
+        queued.message.add_header("X-Late", "no")  # queue hooks get a read-only handle
+    assert queued.envelope == replace(
+        envelope("bob@example.net", "carol@example.com"), queue_id=queue_id
+    )
+    assert [r.address for r in queued.recipients] == ["bob@example.net", "carol@example.com"]
+    assert all(r.state is RecipientState.PENDING and r.attempts == 0 for r in queued.recipients)
+    assert dict(queued.record.session) == SESSION
+    assert queued.record.next_attempt == queued.record.created == 1_700_000_000.0
+    assert await restarted.queued_ids() == [queue_id]
+
+
+async def test_sidecar_is_versioned_json_naming_the_message(spool: Spool) -> None:
+    queue_id = await queue(spool)
+    sidecar = json.loads((spool.directory / "env" / f"{queue_id}.json").read_bytes())
+    assert sidecar["version"] == 1
+    assert sidecar["id"] == queue_id
+    assert sidecar["sender"] == "alice@example.org"
+    assert sidecar["username"] == "alice"
+    assert sidecar["params"] == {"size": 1234, "body": "8BITMIME", "smtputf8": False, "auth": "<>"}
+    assert sidecar["recipients"] == [
+        {
+            "address": "bob@example.net",
+            "state": "pending",
+            "attempts": 0,
+            "last_reply": None,
+            "next_attempt": 1_700_000_000.0,
+        }
+    ]
+    assert (spool.directory / "msg" / queue_id).read_bytes() == MESSAGE
+    assert files(spool.directory / "tmp") == []
+
+
+async def test_header_edits_are_applied_on_commit_and_stay_crlf(spool: Spool) -> None:
+    data = (
+        b"X-Secret: one\r\n"
+        b"Subject: hi\r\n"
+        b"x-secret: two,\r\n"
+        b"\tcontinued\r\n"
+        b"From: a@example.org\r\n"
+        b"\r\n"
+        b"X-Secret: in the body is not a header\r\n"
+    )
+    incoming, handle = await receive(spool, data)
+    handle.add_header("Date", "Tue, 1 Oct 2024 10:00:00 +0000")
+    handle.add_header("Received", "from client by mail.example.org with ESMTPSA")
+    handle.remove_header("X-SECRET")
+    queue_id = await incoming.commit(envelope(), handle, session_info={})
+
+    stored = (await spool.load(queue_id)).message.path.read_bytes()
+    assert stored == (
+        b"Received: from client by mail.example.org with ESMTPSA\r\n"
+        b"Date: Tue, 1 Oct 2024 10:00:00 +0000\r\n"
+        b"Subject: hi\r\n"
+        b"From: a@example.org\r\n"
+        b"\r\n"
+        b"X-Secret: in the body is not a header\r\n"
+    )
+    assert b"\n" not in stored.replace(b"\r\n", b"")
+    assert files(spool.directory / "tmp") == []
+
+
+async def test_prepended_header_keeps_a_message_without_headers_as_body(spool: Spool) -> None:
+    incoming, handle = await receive(spool, b"just some text\r\nno headers here\r\n")
+    handle.add_header("Received", "by mail.example.org")
+    queue_id = await incoming.commit(envelope(), handle, session_info={})
+    stored = (await spool.load(queue_id)).message.path.read_bytes()
+    assert stored == b"Received: by mail.example.org\r\n\r\njust some text\r\nno headers here\r\n"
+
+
+async def test_header_edit_smuggling_a_line_break_queues_nothing(spool: Spool) -> None:
+    incoming, handle = await receive(spool, MESSAGE)
+    # Bypassing add_header's check by editing the list directly is caught at commit.
+    handle.edits.prepend.append(("X-Note", "fine\r\nBcc: victim@example.net"))
+    with pytest.raises(SpoolError):
+        await incoming.commit(envelope(), handle, session_info={})
+    assert await spool.queued_ids() == []
+    assert files(spool.directory / "tmp") == files(spool.directory / "msg") == []
+
+
+async def test_header_parsing_is_bounded_and_never_keeps_a_cut_line(spool: Spool) -> None:
+    data = b"Subject: first\r\nX-Long: " + b"a" * 5000 + b"\r\n\r\nbody\r\n"
+    incoming = await spool.open_incoming()
+    await incoming.write(data)
+    handle = await incoming.finish(max_header_size=1024)
+    assert handle.headers == (("Subject", "first"),)
+    await incoming.abort()
+
+
+# --- failures -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("failing_call", [1, 2, 3, 4], ids=["msg", "env", "msg-dir", "env-dir"])
+async def test_failed_fsync_queues_nothing_and_removes_temp_files(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, failing_call: int
+) -> None:
+    incoming, handle = await receive(spool, MESSAGE)
+    real_fsync = os.fsync
+    calls: list[int] = []
+
+    def flaky_fsync(fd: int) -> None:
+        calls.append(fd)
+        if len(calls) == failing_call:
+            raise OSError(errno.EIO, "I/O error")
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", flaky_fsync)
+    with pytest.raises(SpoolError):
+        await incoming.commit(envelope(), handle, session_info={})
+    assert len(calls) >= failing_call
+    monkeypatch.undo()
+    assert await spool.queued_ids() == []
+    for sub in ("tmp", "msg", "env"):
+        assert files(spool.directory / sub) == [], sub
+    assert await Spool(spool.directory).recover() == []
+    await incoming.abort()  # harmless after a failure
+
+
+async def test_failed_fsync_with_header_edits_queues_nothing(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    incoming, handle = await receive(spool, MESSAGE)
+    handle.add_header("Received", "by mail.example.org")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(SpoolError):
+        await incoming.commit(envelope(), handle, session_info={})
+    monkeypatch.undo()
+    for sub in ("tmp", "msg", "env"):
+        assert files(spool.directory / sub) == [], sub
+
+
+async def test_full_disk_while_receiving_raises_and_cleans_up(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    incoming = await spool.open_incoming()
+
+    def disk_full(fd: int, data: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(SpoolError):
+        await incoming.write(b"x" * (WRITE_BUFFER_SIZE + 1))
+    monkeypatch.undo()
+    assert files(spool.directory / "tmp") == []
+    with pytest.raises(SpoolError):
+        await incoming.write(b"more")
+    with pytest.raises(SpoolError):
+        await incoming.finish(max_header_size=1000)
+
+
+async def test_abort_removes_the_temp_file_and_can_be_repeated(spool: Spool) -> None:
+    incoming, _ = await receive(spool, MESSAGE)
+    assert files(spool.directory / "tmp") == [f"{incoming.queue_id}.msg"]
+    await incoming.abort()
+    await incoming.abort()
+    assert files(spool.directory / "tmp") == []
+    assert await spool.queued_ids() == []
+
+
+async def test_abort_after_commit_keeps_the_message(spool: Spool) -> None:
+    incoming, handle = await receive(spool, MESSAGE)
+    queue_id = await incoming.commit(envelope(), handle, session_info={})
+    await incoming.abort()
+    assert await spool.queued_ids() == [queue_id]
+    with pytest.raises(SpoolError):
+        await incoming.commit(envelope(), handle, session_info={})
+
+
+# --- recovery -------------------------------------------------------------------------------
+
+
+async def test_recovery_removes_fragments_and_quarantines_unreadable_sidecars(
+    spool: Spool, caplog: pytest.LogCaptureFixture
+) -> None:
+    good = await queue(spool)
+    root = spool.directory
+    (root / "tmp" / f"{new_queue_id()}.msg").write_bytes(b"half a mess")
+    orphan = new_queue_id()
+    (root / "msg" / orphan).write_bytes(MESSAGE)  # renamed, but its sidecar never was
+    broken = new_queue_id()
+    (root / "msg" / broken).write_bytes(MESSAGE)
+    (root / "env" / f"{broken}.json").write_bytes(b'{"version": 1, "id": ')
+    lonely = new_queue_id()
+    shutil_copy = (root / "env" / f"{good}.json").read_text().replace(good, lonely)
+    (root / "env" / f"{lonely}.json").write_text(shutil_copy)  # no message file
+
+    with caplog.at_level(logging.INFO, logger="submitd.queue"):
+        assert await Spool(root).recover() == [good]
+
+    assert files(root / "tmp") == []
+    assert files(root / "msg") == [good]
+    assert files(root / "env") == [f"{good}.json"]
+    assert sorted(files(root / "corrupt")) == sorted([broken, f"{broken}.json", f"{lonely}.json"])
+    quarantined = [r.getMessage() for r in caplog.records if "event=quarantined" in r.getMessage()]
+    assert any(f"queue_id={broken}" in line for line in quarantined)
+    assert any(f"queue_id={lonely}" in line for line in quarantined)
+
+
+async def test_recovery_leaves_a_message_being_received_alone(spool: Spool) -> None:
+    incoming, handle = await receive(spool, MESSAGE)
+    assert await spool.recover() == []
+    queue_id = await incoming.commit(envelope(), handle, session_info={})
+    assert await spool.recover() == [queue_id]
+
+
+CRASH_SCRIPT = """
+import os, signal, sys
+from pathlib import Path
+import trio
+from submitd import Envelope, MailParams
+from submitd.mailqueue import Spool
+
+async def main() -> None:
+    spool = Spool(Path(sys.argv[1]))
+    await spool.recover()
+    incoming = await spool.open_incoming()
+    await incoming.write(bytes.fromhex(sys.argv[3]))
+    handle = await incoming.finish(max_header_size=65536)
+    handle.add_header("Received", "by crash.example.org")
+    if sys.argv[2] == "before-commit":
+        os.kill(os.getpid(), signal.SIGKILL)
+    env = Envelope(sender="a@example.org", recipients=("b@example.net",),
+                   params=MailParams(), username="a")
+    queue_id = await incoming.commit(env, handle, session_info={"session_id": "S9"})
+    print(queue_id, flush=True)  # what the client would see as "250 queued as ..."
+    os.kill(os.getpid(), signal.SIGKILL)
+
+trio.run(main)
+"""
+
+
+async def _crash(spool_dir: Path, when: str) -> str:
+    result = await trio.run_process(
+        [sys.executable, "-c", CRASH_SCRIPT, str(spool_dir), when, MESSAGE.hex()],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr.decode()
+    return result.stdout.decode().strip()
+
+
+async def test_message_acknowledged_before_kill_9_is_recovered(tmp_path: Path) -> None:
+    queue_id = await _crash(tmp_path / "spool", "after-commit")
+    assert queue_id
+    spool = Spool(tmp_path / "spool")
+    assert await spool.recover() == [queue_id]
+    queued = await spool.load(queue_id)
+    assert queued.message.path.read_bytes() == b"Received: by crash.example.org\r\n" + MESSAGE
+    assert queued.envelope.recipients == ("b@example.net",)
+
+
+async def test_kill_9_before_commit_leaves_only_a_fragment_that_recovery_removes(
+    tmp_path: Path,
+) -> None:
+    assert await _crash(tmp_path / "spool", "before-commit") == ""
+    assert files(tmp_path / "spool" / "tmp") != []
+    spool = Spool(tmp_path / "spool")
+    assert await spool.recover() == []
+    assert files(tmp_path / "spool" / "tmp") == []
+
+
+# --- state updates --------------------------------------------------------------------------
+
+
+async def test_saved_state_replaces_the_sidecar(spool: Spool) -> None:
+    queue_id = await queue(spool, MESSAGE, "bob@example.net", "carol@example.com")
+    record = await spool.load_record(queue_id)
+    reply = Reply(code=451, status="4.4.1", lines=("first line", "second line"))
+    bob, carol = record.recipients
+    updated = replace(
+        record,
+        recipients=(
+            replace(bob, state=RecipientState.DELIVERED, attempts=1),
+            replace(carol, attempts=1, last_reply=reply, next_attempt=record.created + 60),
+        ),
+        next_attempt=record.created + 60,
+    )
+    await spool.save(updated)
+    assert await Spool(spool.directory).load_record(queue_id) == updated
+    assert files(spool.directory / "tmp") == []
+
+
+async def test_removed_message_is_gone_and_not_resurrected_by_a_late_save(spool: Spool) -> None:
+    queue_id = await queue(spool)
+    record = await spool.load_record(queue_id)
+    await spool.remove(queue_id)
+    await spool.remove(queue_id)  # already gone: fine
+    assert await spool.queued_ids() == []
+    assert files(spool.directory / "msg") == []
+    with pytest.raises(QueueEntryMissing):
+        await spool.load(queue_id)
+    with pytest.raises(QueueEntryMissing):
+        await spool.save(record)
+    assert await spool.queued_ids() == []
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc/passwd", "", "0123456789abcdef", "A" * 40])
+async def test_loading_something_that_is_not_a_queue_id_finds_nothing(
+    spool: Spool, bad_id: str
+) -> None:
+    with pytest.raises(QueueEntryMissing):
+        await spool.load(bad_id)
+
+
+async def test_message_without_recipients_is_refused(spool: Spool) -> None:
+    incoming, handle = await receive(spool, MESSAGE)
+    empty = replace(envelope(), recipients=())
+    with pytest.raises(SpoolError):
+        await incoming.commit(empty, handle, session_info={})
+    assert files(spool.directory / "tmp") == []
