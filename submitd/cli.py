@@ -267,7 +267,8 @@ def cmd_user_add(args: argparse.Namespace) -> int:
     if login in users:  # say so before asking for a password (add re-checks under the lock)
         raise UsageError(f"user {login!r} already exists in {path}")
     users.add_user(login, _read_password(args), senders)
-    print(f"added {login} to {path}")
+    note = "" if senders else " (no --sender: it can log in but not send)"
+    print(f"added {login} to {path}{note}")
     return EXIT_OK
 
 

@@ -152,6 +152,11 @@ class Config:
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.base_dir / p)
 
+    @staticmethod
+    def parse_duration(value: object) -> float:
+        """Parse a duration from a plugin table as the core does (see :func:`parse_duration`)."""
+        return parse_duration(value)
+
 
 # --- durations ------------------------------------------------------------------------------
 

@@ -38,7 +38,6 @@ from submitd import (
     StashKey,
     hookimpl,
 )
-from submitd.config import parse_duration
 from submitd.passwords import UsersFile, UsersFileError, file_signature
 
 __all__ = [
@@ -55,6 +54,7 @@ _KEYS = ("path", "max_parallel", "queue_timeout")
 _DEFAULT_QUEUE_TIMEOUT = "10s"
 
 log = logging.getLogger("submitd.plugins.passwdfile")
+_UNREADABLE: tuple[int, ...] = ()  # stands for "stat failed" where a signature is expected
 
 
 class PasswdFileState:
@@ -87,12 +87,15 @@ class PasswdFileState:
             try:
                 signature = file_signature(os.stat(self.path))
             except OSError as exc:
-                if self._broken != ():
+                if self._broken != _UNREADABLE:
                     log.error("users file %s unreadable (%s); keeping the loaded one",
                               self.path, exc.strerror)
-                    self._broken = ()
+                    self._broken = _UNREADABLE
                 return self.users
-            if signature in (self.users.signature, self._broken):
+            if signature == self.users.signature:
+                self._broken = None
+                return self.users
+            if signature == self._broken:
                 return self.users
             try:
                 self.users = UsersFile.load(self.path)
@@ -142,7 +145,7 @@ def submitd_configure(config: Config) -> None:
     if isinstance(max_parallel, bool) or not isinstance(max_parallel, int) or max_parallel < 1:
         raise ConfigError(config.path, key("max_parallel"), "must be a positive integer")
     try:
-        queue_timeout = parse_duration(table.get("queue_timeout", _DEFAULT_QUEUE_TIMEOUT))
+        queue_timeout = config.parse_duration(table.get("queue_timeout", _DEFAULT_QUEUE_TIMEOUT))
     except ValueError as exc:
         raise ConfigError(config.path, key("queue_timeout"), str(exc)) from None
     if queue_timeout <= 0:

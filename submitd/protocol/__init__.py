@@ -36,8 +36,9 @@ from ._grammar import (
     parse_mailbox,
     relay_trick,
 )
+from ._limits import ProtocolLimits
 from ._replies import Reply, ReplyParseError, parse_reply
-from ._server import ProtocolLimits, ServerConnection
+from ._server import ServerConnection
 from ._state import ServerState
 
 __all__ = [

@@ -9,11 +9,10 @@ buffered commands after each answer. :meth:`~ServerConnection.data_to_send` drai
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
 
 from . import _catalogue as R
+from ._answers import check_positive, check_refusal, ehlo_reply
 from ._commands import (
     AUTH_LINE_MAX,
     Command,
@@ -43,54 +42,19 @@ from ._events import (
     StartTLS,
 )
 from ._grammar import has_control
+from ._limits import ProtocolLimits
 from ._lines import Line, LineProblem, LineReader
 from ._replies import Reply
 from ._sasl import Challenge, SaslExchange, SaslFailure, SaslStep
 from ._state import Facts, Greeting, ServerState, Transaction, check_sequence
 
-__all__ = ["ProtocolLimits", "ServerConnection"]
-
-# RFC 5321 §4.1.1.1: ehlo-keyword *( SP ehlo-param ).
-_EHLO_LINE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*\Z")
+__all__ = ["ServerConnection"]
 
 _Answerable = Hello | AuthRequest | MailFrom | RcptTo | DataStart | DataComplete
 
 
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ProtocolLimits:
-    """The bounds the protocol core enforces by itself (the ``[limits]`` slice it needs)."""
-
-    max_message_size: int = 26_214_400  # advertised as "SIZE n" (RFC 1870)
-    max_recipients: int = 100
-    max_header_size: int = 262_144
-    max_auth_failures: int = 3
-    max_errors: int = 10
-    max_transactions: int = 100
-
-    def __post_init__(self) -> None:
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{f.name} must be a positive integer, not {value!r}")
-
-
 def _sasl_limit(prefix: bytes) -> int:
     return AUTH_LINE_MAX  # RFC 4954 §4
-
-
-def _require_status(reply: Reply) -> None:
-    # RFC 2034 §3 / RFC 3463: every 2xx, 4xx and 5xx reply after the greeting carries one.
-    if reply.code // 100 != 3 and not reply.status:
-        raise LocalProtocolError(f"reply {reply.code} needs an enhanced status code")
-
-
-def _check_refusal(reply: Reply, *, status: bool = True) -> None:
-    if reply.code < 400:
-        raise LocalProtocolError(f"a refusal must be 4xx or 5xx, not {reply.code}")
-    if reply.code == 521:
-        raise LocalProtocolError("521 is not sent on a submission port; use 421 (RFC 6409 §7)")
-    if status:
-        _require_status(reply)
 
 
 class ServerConnection:
@@ -156,7 +120,7 @@ class ServerConnection:
         if self._state is not ServerState.NOT_GREETED:
             raise LocalProtocolError("greet() was already called")
         if refusal is not None:
-            _check_refusal(refusal, status=False)  # greetings carry no status (RFC 2034 §3)
+            check_refusal(refusal, status=False)  # greetings carry no status (RFC 2034 §3)
             self._shut("refused at greeting", refusal)
             return
         self._send(R.greeting(self._hostname))
@@ -204,7 +168,7 @@ class ServerConnection:
         if self._state is ServerState.CLOSED:
             return
         if reply is not None:
-            _check_refusal(reply)
+            check_refusal(reply)
         self._shut("closed by server", reply)
 
     # -- events -------------------------------------------------------------------------------
@@ -383,27 +347,35 @@ class ServerConnection:
         event = self._take_pending()
         if keywords and not isinstance(event, Hello):
             raise LocalProtocolError("keywords only belong to the EHLO answer")
-        if reply is not None:
-            _require_status(reply)
         next_state = ServerState.COMMAND
         if isinstance(event, Hello):
             if reply is not None:
                 raise LocalProtocolError("the EHLO/HELO answer is built by the core")
-            answer = self._hello_reply(event, keywords)
+            answer = (
+                ehlo_reply(
+                    self._hostname,
+                    max_message_size=self._limits.max_message_size,
+                    tls_active=self._tls_active,
+                    tls_available=self._tls_available,
+                    keywords=keywords,
+                )
+                if event.extended
+                else R.helo(self._hostname)
+            )
             self._greeting = Greeting.EHLO if event.extended else Greeting.HELO
         elif isinstance(event, AuthRequest):
-            answer = _positive(reply, R.AUTH_SUCCESSFUL, "235")
+            answer = check_positive(reply, R.AUTH_SUCCESSFUL, range(235, 236))
             self._authenticated = True
         elif isinstance(event, MailFrom):
-            answer = _positive(reply, R.SENDER_OK, "2")
+            answer = check_positive(reply, R.SENDER_OK, range(200, 300))
             self._transaction = Transaction.SENDER
             self._smtputf8 = event.params.smtputf8
         elif isinstance(event, RcptTo):
-            answer = _positive(reply, R.RECIPIENT_OK, "2")
+            answer = check_positive(reply, R.RECIPIENT_OK, range(200, 300))
             self._transaction = Transaction.RECIPIENTS
             self._recipients += 1
         elif isinstance(event, DataStart):
-            answer = _positive(reply, R.START_DATA, "354")
+            answer = check_positive(reply, R.START_DATA, range(354, 355))
             self._data = DataReader(
                 max_size=self._limits.max_message_size,
                 max_header_size=self._limits.max_header_size,
@@ -414,7 +386,7 @@ class ServerConnection:
                 raise LocalProtocolError("accept(reply) of DataComplete needs the queue reply")
             if event.error is not None:
                 raise LocalProtocolError("a refused message must be answered reject(error)")
-            answer = _positive(reply, reply, "2")
+            answer = check_positive(reply, reply, range(200, 300))
             self._end_transaction()
         self._pending = None
         self._goto(next_state)
@@ -423,7 +395,7 @@ class ServerConnection:
     def reject(self, reply: Reply) -> None:
         """Refuse the pending event with ``reply`` (4xx or 5xx); a ``421`` also closes."""
         event = self._take_pending()
-        _check_refusal(reply)
+        check_refusal(reply)
         self._pending = None
         self._goto(ServerState.COMMAND)
         if isinstance(event, Hello):
@@ -436,30 +408,6 @@ class ServerConnection:
             self._send(reply)
         if reply.code == 421:  # RFC 5321 §3.8: 421 means the server closes the channel
             self._shut("closed after a 421 reply")
-
-    def _hello_reply(self, event: Hello, keywords: Sequence[str]) -> Reply:
-        if not event.extended:
-            return R.helo(self._hostname)
-        if isinstance(keywords, str):
-            raise LocalProtocolError("keywords must be a sequence of strings")
-        for keyword in keywords:
-            if not isinstance(keyword, str) or not _EHLO_LINE.match(keyword):
-                raise LocalProtocolError("invalid EHLO keyword line")
-        lines = [
-            "PIPELINING",  # RFC 2920
-            f"SIZE {self._limits.max_message_size}",  # RFC 1870
-            "8BITMIME",  # RFC 6152
-            "ENHANCEDSTATUSCODES",  # RFC 2034
-            "SMTPUTF8",  # RFC 6531
-        ]
-        if self._tls_active:
-            lines.append("AUTH PLAIN LOGIN")  # RFC 4954, only inside TLS
-        elif self._tls_available:
-            lines.append("STARTTLS")  # RFC 3207
-        try:
-            return R.ehlo(self._hostname, [*lines, *keywords])
-        except ValueError as exc:
-            raise LocalProtocolError(f"EHLO answer: {exc}") from None
 
     # -- bookkeeping --------------------------------------------------------------------------
 
@@ -506,13 +454,6 @@ class ServerConnection:
         self._sasl = None
         self._data = None
         self._buf.clear()
-
-
-def _positive(reply: Reply | None, default: Reply, code_prefix: str) -> Reply:
-    answer = default if reply is None else reply
-    if not str(answer.code).startswith(code_prefix):
-        raise LocalProtocolError(f"accept() needs a {code_prefix}xx reply here, not {answer.code}")
-    return answer
 
 
 _FRAMING_REPLIES = {

@@ -79,8 +79,6 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[list[BoundListener]]
                     = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`request_shutdown`; ``task_status.started`` gets the bound listeners."""
-        recovered = await self.spool.recover()
-        log.info("spool_recovered dir=%s messages=%d", self.spool.directory, len(recovered))
         try:
             async with trio.open_nursery() as root:
                 await root.start(self.runner.run)

@@ -41,5 +41,5 @@ def test_accepted_message_survives_kill_9_and_is_delivered_after_restart(
         assert b"Subject: survivor\r\n" in stored and b"keep me\r\n" in stored
     finally:
         assert second.stop() == 0
-    assert any("spool_recovered" in line and "messages=1" in line for line in second.log), \
+    assert any("spool_recovered" in line and "queued=1" in line for line in second.log), \
         "".join(second.log)

@@ -292,3 +292,10 @@ def test_default_config_path_honours_the_environment(monkeypatch: pytest.MonkeyP
     assert default_config_path() == DEFAULT_CONFIG_PATH == Path("/etc/submitd/submitd.toml")
     monkeypatch.setenv("SUBMITD_CONFIG", "/srv/mail/submitd.toml")
     assert default_config_path() == Path("/srv/mail/submitd.toml")
+
+
+def test_plugins_parse_durations_through_the_config(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, 'hostname = "mail.example.org"\n'))
+    assert config.parse_duration("10s") == 10.0
+    with pytest.raises(ValueError, match="not a duration"):
+        config.parse_duration("soon")

@@ -236,6 +236,18 @@ async def test_a_broken_users_file_keeps_the_previous_users(
     assert ":4:" in errors[0].getMessage()
 
 
+async def test_a_vanished_users_file_keeps_the_previous_users(
+    config: Config, users_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    users_path.unlink()
+    with caplog.at_level(logging.ERROR, logger="submitd.plugins.passwdfile"):
+        for _ in range(2):
+            assert await passwdfile.submitd_auth(session(config, None), creds("bounces")) == (
+                AuthResult.ok("bounces")
+            )
+    assert ["unreadable" in r.getMessage() for r in caplog.records] == [True]
+
+
 async def test_unwritable_users_file_still_logs_in_and_stops_trying_to_rehash(
     config: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from submitd.protocol import (
     NEED_DATA,
     ConnectionClosed,
@@ -98,7 +97,7 @@ def test_dot_line_right_after_354_is_an_empty_message() -> None:
 def test_lone_dot_line_with_stuffing_is_content() -> None:
     conn = in_data()
     out, events = pump(conn, b"..\r\n.\r\n")
-    assert body(events) == b".\r\n"
+    assert (out, body(events)) == (OK, b".\r\n")
 
 
 # Each variant is followed by a smuggled transaction and then by the real terminator: the
@@ -293,6 +292,7 @@ def test_eof_during_data_closes_without_completing_the_message() -> None:
     conn.receive_data(b"partial message\r\n")
     conn.receive_data(b"")
     out, events = pump(conn)
+    assert out == b""
     assert completions(events) == []
     assert events[-1] == ConnectionClosed(reason="connection closed by client during DATA")
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from submitd.protocol import (
     NEED_DATA,
     ConnectionClosed,
@@ -24,7 +23,9 @@ QUEUED = Reply.make(250, "2.0.0", "Ok: queued as TEST")
 PLAIN = base64.b64encode(b"\0user\0secret")
 
 
-def make(*, tls_active: bool = True, tls_available: bool = False, **limits: int) -> ServerConnection:
+def make(
+    *, tls_active: bool = True, tls_available: bool = False, **limits: int
+) -> ServerConnection:
     conn = ServerConnection(
         hostname=HOST, limits=ProtocolLimits(**limits), tls_active=tls_active,
         tls_available=tls_available,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 
 import pytest
-
 from submitd.protocol import (
     NEED_DATA,
     AuthRequest,
@@ -159,7 +158,8 @@ def test_before_tls_credentials_and_mail_get_530_first(command: bytes, ehlo: byt
 
 def test_plain_listener_without_tls_never_accepts_auth_or_mail() -> None:
     conn = make(tls_available=False)
-    out, _ = pump(conn, b"EHLO c.example\r\nAUTH PLAIN " + PLAIN + b"\r\nMAIL FROM:<a@b.example>\r\n")
+    auth = b"AUTH PLAIN " + PLAIN + b"\r\n"
+    out, _ = pump(conn, b"EHLO c.example\r\n" + auth + b"MAIL FROM:<a@b.example>\r\n")
     assert out.endswith(MUST_STARTTLS + MUST_STARTTLS)
 
 
