@@ -57,7 +57,7 @@ class ServerProcess:
                 self.ports.setdefault(m.group(2), int(m.group(1)))
             if " ready " in line:
                 return
-        self.proc.kill()
+        self.stop(9)
         raise RuntimeError("submitd did not start:\n" + "".join(self.log))
 
     def stop(self, sig: int | None = None) -> int:
@@ -74,6 +74,7 @@ class ServerProcess:
                 self.proc.wait()
         assert self.proc.stderr is not None
         self.log.extend(self.proc.stderr.readlines())
+        self.proc.stderr.close()
         return self.proc.returncode
 
 

@@ -84,14 +84,15 @@ class Server:
                 await root.start(self.runner.run)
                 async with trio.open_nursery() as sessions:
                     listeners = await self._open_listeners()
-                    accept_scope = trio.CancelScope()
-                    for handler, tcp in listeners:
-                        sessions.start_soon(self._accept, handler, tcp, sessions, accept_scope)
+                    accept_scopes = [trio.CancelScope() for _ in listeners]
+                    for (handler, tcp), scope in zip(listeners, accept_scopes, strict=True):
+                        sessions.start_soon(self._accept, handler, tcp, sessions, scope)
                     task_status.started(list(self.bound))
                     await self._shutdown.wait()
                     log.info("shutdown_started sessions=%d",
                              sum(len(h.active) for h in self._handlers))
-                    accept_scope.cancel()
+                    for scope in accept_scopes:
+                        scope.cancel()
                     for _, tcp in listeners:
                         await tcp.aclose()
                     await self._drain()

@@ -185,9 +185,11 @@ class _Driver:
             await self.flush()
             return
         while True:
-            await self.flush()
+            # Replies are flushed only when we are about to wait for the client, so a
+            # pipelined batch of commands gets one batch of replies (RFC 2920 §3.2).
             event = self.conn.next_event()
             if event is NEED_DATA:
+                await self.flush()
                 if not await self._receive():
                     continue
             elif isinstance(event, StartTLS):
@@ -227,7 +229,7 @@ class _Driver:
             timeout = min(timeout, max(0.0, deadline - trio.current_time()))
         with trio.move_on_after(timeout):
             data = await self.stream.receive_some(_RECEIVE_SIZE)
-            self.conn.receive_data(data)
+            self.conn.receive_data(bytes(data))
             return True
         log.info("timeout session=%s phase=%s", self.sid,
                  "data" if deadline is not None else "command")

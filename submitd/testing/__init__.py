@@ -166,7 +166,11 @@ class RawSMTPClient:
         if tls is None:
             return cls(tcp)
         stream = trio.SSLStream(tcp, tls, server_hostname=server_hostname)
-        await stream.do_handshake()
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
         return cls(stream)
 
     async def send(self, data: bytes) -> None:

@@ -51,6 +51,7 @@ async def test_idle_client_is_closed_with_421_after_the_command_timeout(
             reply = await client.reply()
         assert (reply.code, reply.status) == (421, "4.4.2")
         assert await client.at_eof()
+        await client.aclose()
 
 
 async def test_slow_tls_handshake_is_cut_off(make_config: Callable[..., Path], tmp_path: Path
@@ -139,7 +140,7 @@ async def test_shutdown_lets_sessions_finish_then_sends_421(
             reply = await client.reply()
         assert (reply.code, reply.status) == (421, "4.3.2")
         # New connections are no longer accepted.
-        with pytest.raises(OSError, match="refused|Connection"):
+        with pytest.raises(OSError, match="connect"):
             await trio.open_tcp_stream("127.0.0.1", srv.port("implicit"))
         await client.aclose()
     (stored,) = await wait_for_mail(maildir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import warnings
 import ssl
 from collections.abc import Callable
 from pathlib import Path
@@ -199,23 +200,15 @@ async def test_smuggled_message_is_refused_and_never_delivered(
         assert (await client.command("DATA")).code == 354
         await client.send(b"Subject: outer\r\n\r\nouter" + terminator + smuggled + b".\r\n")
         reply = await client.reply()
-        if b"\x00" in terminator:
-            # No bare CR/LF: one well-formed message whose body holds the would-be commands.
-            assert reply.code == 250
-        else:
-            assert reply.code in (550, 554) and reply.status in ("5.5.2", "5.6.0"), reply
+        # Bare CR/LF and NUL are refused outright (after reading to the real end).
+        assert reply.code in (550, 554) and reply.status in ("5.5.2", "5.6.0"), reply
         assert (await client.command("NOOP")).code == 250, "session goes on, nothing pipelined"
         # A clean message after it: once it has arrived, everything that was queued has.
         await send_message(client)
-    expected = 2 if b"\x00" in terminator else 1
-    stored = await wait_for_mail(maildir, expected)
-    assert len(stored) == expected
-    assert not any(b"Subject: smuggled" in m and b"Subject: outer" not in m for m in stored)
-    if b"\x00" in terminator:
-        assert any(b"Subject: outer" in m and b"RCPT TO:<victim@example.org>" in m
-                   for m in stored), "the would-be commands stayed inside the one message"
-    else:
-        assert not any(b"Subject: outer" in m for m in stored), "refused message not delivered"
+    stored = await wait_for_mail(maildir, 1)
+    assert len(stored) == 1, "only the clean message"
+    assert b"Subject: integration" in stored[0]
+    assert b"smuggled" not in stored[0] and b"outer" not in stored[0]
 
 
 async def test_http_request_is_closed_without_reply(server: RunningServer) -> None:
@@ -231,8 +224,11 @@ async def test_failed_tls_handshake_ends_only_that_connection(
     old = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     old.check_hostname = False
     old.verify_mode = ssl.CERT_NONE
-    old.maximum_version = ssl.TLSVersion.TLSv1_1
-    old.minimum_version = ssl.TLSVersion.TLSv1
+    old.set_ciphers("DEFAULT:@SECLEVEL=0")  # let the client offer TLS 1.1 at all
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old.minimum_version = ssl.TLSVersion.TLSv1
+        old.maximum_version = ssl.TLSVersion.TLSv1_1
     with pytest.raises(trio.BrokenResourceError):
         await RawSMTPClient.connect("127.0.0.1", server.port("implicit"), tls=old)
     cbc = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
