@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import pluggy
 import trio
 
+from ._logfmt import logfmt
 from .config import Config, PluginsConfig
 from .errors import PluginError, Reject
 from .message import MessageHandle
@@ -65,12 +66,12 @@ class HookCaller:
         except Reject as exc:
             return exc.reply
         except trio.TooSlowError:
-            log.error("plugin_timeout session=%s plugin=%s hook=%s timeout=%.1fs",
-                      sid, impl.plugin_name, name, timeout)
+            log.error(logfmt("plugin_timeout", session=sid, plugin=impl.plugin_name, hook=name,
+                             timeout=timeout))
             raise PluginError(impl.plugin_name, name, f"timed out after {timeout:g}s") from None
         except Exception as exc:
-            log.error("plugin_error session=%s plugin=%s hook=%s error=%s",
-                      sid, impl.plugin_name, name, type(exc).__name__, exc_info=True)
+            log.error(logfmt("plugin_error", session=sid, plugin=impl.plugin_name, hook=name,
+                             error=type(exc).__name__), exc_info=True)
             raise PluginError(impl.plugin_name, name, type(exc).__name__) from exc
         return result
 
@@ -89,8 +90,8 @@ class HookCaller:
             try:
                 return impl.plugin_name, validate(result)
             except (TypeError, ValueError) as exc:
-                log.error("plugin_bad_answer plugin=%s hook=%s error=%s",
-                          impl.plugin_name, name, exc)
+                log.error(logfmt("plugin_bad_answer", plugin=impl.plugin_name, hook=name,
+                                 error=exc))
                 raise PluginError(impl.plugin_name, name, f"invalid answer: {exc}") from exc
         return None
 
@@ -138,8 +139,8 @@ class PluginDelivery:
             if result is None:
                 continue
             if not isinstance(result, Mapping):
-                log.error("plugin_bad_answer plugin=%s hook=submitd_deliver queue_id=%s",
-                          impl.plugin_name, envelope.queue_id)
+                log.error(logfmt("plugin_bad_answer", plugin=impl.plugin_name,
+                                 hook="submitd_deliver", queue_id=envelope.queue_id))
                 for address in remaining:
                     outcomes[address] = DeliveryOutcome.temporary(_PLUGIN_FAILED)
                 return outcomes

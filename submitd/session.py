@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Protocol
 import trio
 
 from ._hookcall import HookCaller
+from ._logfmt import logfmt
 from .config import Config
 from .errors import PluginError, SpoolError
 from .message import MessageHandle
@@ -39,23 +40,17 @@ if TYPE_CHECKING:
     from .mailqueue.spool import IncomingMessage, Spool
     from .server.limits import AuthThrottle
 
-__all__ = ["ServerContext", "Session", "printable"]
+__all__ = ["ServerContext", "Session"]
 
 log = logging.getLogger("submitd.session")
 
 _KEYWORD = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*\Z")
-_UNPRINTABLE = re.compile(r"[^\x21-\x7e]")
 
 R_PLUGIN_FAILED = Reply.make(451, "4.3.0", "Temporary local problem, try again later")
 R_NOT_QUEUED = Reply.make(451, "4.3.0", "Temporary failure, message not queued")
 R_AUTH_INVALID = Reply.make(535, "5.7.8", "Authentication credentials invalid")
 R_AUTH_THROTTLED = Reply.make(454, "4.7.0", "Too many failed logins, try again later")
 R_CONNECT_FAILED = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
-
-
-def printable(text: str, limit: int = 200) -> str:
-    """Escape client-supplied text for a log line: no spaces, controls or raw non-ASCII."""
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text[:limit])
 
 
 class Notifier(Protocol):
@@ -121,9 +116,9 @@ class Session:
         self.data_deadline: float | None = None
 
     @property
-    def log_prefix(self) -> str:
-        """``session=ID`` for log lines."""
-        return f"session={self.info.session_id}"
+    def sid(self) -> str:
+        """The session id every log line about this session carries."""
+        return self.info.session_id
 
     async def start(self) -> bool:
         """Run ``submitd_connect`` and queue the greeting; False when the client is refused."""
@@ -136,8 +131,7 @@ class Session:
             return False
         if answer is not None:
             plugin, reply = answer
-            log.info("connect_refused %s plugin=%s reply=%s", self.log_prefix, plugin,
-                     reply.code)
+            log.info(logfmt("connect_refused", session=self.sid, plugin=plugin, reply=reply.code))
             self.conn.greet(reply)
             return False
         self.conn.greet()
@@ -188,21 +182,21 @@ class Session:
 
     def _valid_keywords(self, plugin: str, answer: object) -> Iterable[str]:
         if isinstance(answer, str) or not isinstance(answer, Iterable):
-            log.error("plugin_bad_answer plugin=%s hook=submitd_ehlo_keywords", plugin)
+            log.error(logfmt("plugin_bad_answer", plugin=plugin, hook="submitd_ehlo_keywords"))
             return []
         good = [k for k in answer if isinstance(k, str) and _KEYWORD.match(k)]
         if len(good) != len(list(answer)):
-            log.error("plugin_bad_keyword plugin=%s hook=submitd_ehlo_keywords", plugin)
+            log.error(logfmt("plugin_bad_keyword", plugin=plugin, hook="submitd_ehlo_keywords"))
         return good
 
     # -- AUTH ---------------------------------------------------------------------------------
 
     async def _auth(self, event: AuthRequest) -> None:
         ip = self.info.peer_host
-        who = printable(event.username)
+        who = event.username
         wait = self.ctx.throttle.blocked_for(ip, event.username)
         if wait > 0:
-            log.warning("auth_throttled %s user=%s wait=%.0fs", self.log_prefix, who, wait)
+            log.warning(logfmt("auth_throttled", session=self.sid, user=who, wait=round(wait)))
             self.conn.reject(R_AUTH_THROTTLED)
             return
         credentials = Credentials(
@@ -223,15 +217,15 @@ class Session:
             username = result.username or event.username
             self.ctx.throttle.succeeded(ip, event.username)
             self.info = replace(self.info, username=username)
-            log.info("auth_ok %s user=%s mechanism=%s", self.log_prefix, printable(username),
-                     event.mechanism)
+            log.info(logfmt("auth_ok", session=self.sid, user=username,
+                            mechanism=event.mechanism))
             self.conn.accept()
             return
         reply = (result.reply if result is not None else None) or R_AUTH_INVALID
         if reply.code == 535:
             self.ctx.throttle.failed(ip, event.username)
-        log.warning("auth_failed %s user=%s mechanism=%s reply=%s", self.log_prefix, who,
-                    event.mechanism, reply.code)
+        log.warning(logfmt("auth_failed", session=self.sid, user=who, mechanism=event.mechanism,
+                           reply=reply.code))
         self.conn.reject(reply)
 
     # -- transaction --------------------------------------------------------------------------
@@ -262,8 +256,8 @@ class Session:
             self.conn.reject(R_PLUGIN_FAILED)
             return
         if answer is not None:
-            log.info("mail_refused %s from=<%s> plugin=%s reply=%s", self.log_prefix,
-                     event.sender, answer[0], answer[1].code)
+            log.info(logfmt("mail_refused", session=self.sid, sender=f"<{event.sender}>",
+                            plugin=answer[0], reply=answer[1].code))
             self.conn.reject(answer[1])
             return
         self._sender = event.sender
@@ -280,8 +274,8 @@ class Session:
             self.conn.reject(R_PLUGIN_FAILED)
             return
         if answer is not None and answer[1].code >= 400:
-            log.info("rcpt_refused %s to=<%s> plugin=%s reply=%s", self.log_prefix,
-                     event.recipient, answer[0], answer[1].code)
+            log.info(logfmt("rcpt_refused", session=self.sid, rcpt=f"<{event.recipient}>",
+                            plugin=answer[0], reply=answer[1].code))
             self.conn.reject(answer[1])
             return
         self._recipients.append(event.recipient)
@@ -291,7 +285,7 @@ class Session:
         try:
             self._incoming = await self.ctx.spool.open_incoming()
         except (SpoolError, OSError) as exc:
-            log.error("spool_open_failed %s error=%s", self.log_prefix, exc)
+            log.error(logfmt("spool_open_failed", session=self.sid, error=exc))
             self.conn.reject(R_NOT_QUEUED)
             return
         self._write_failed = False
@@ -305,14 +299,14 @@ class Session:
             await self._incoming.write(event.data)
         except (SpoolError, OSError) as exc:
             # Keep reading to the end of data, then refuse: the client must get a reply.
-            log.error("spool_write_failed %s error=%s", self.log_prefix, exc)
+            log.error(logfmt("spool_write_failed", session=self.sid, error=exc))
             self._write_failed = True
 
     async def _data_complete(self, event: DataComplete) -> None:
         self.data_deadline = None
         if event.error is not None:
-            log.info("data_refused %s reply=%s size=%d", self.log_prefix, event.error.code,
-                     event.size)
+            log.info(logfmt("data_refused", session=self.sid, reply=event.error.code,
+                            size=event.size))
             await self._discard_incoming()
             self.conn.reject(event.error)
             self._reset_transaction()
@@ -349,8 +343,8 @@ class Session:
             except PluginError:
                 return R_PLUGIN_FAILED
             if answer is not None:
-                log.info("message_refused %s plugin=%s reply=%s", self.log_prefix, answer[0],
-                         answer[1].code)
+                log.info(logfmt("message_refused", session=self.sid, plugin=answer[0],
+                                reply=answer[1].code))
                 return answer[1]
             message.freeze()
             # Once the commit starts it finishes: a half-done commit helps nobody.
@@ -360,15 +354,15 @@ class Session:
                 )
             committed = True
         except (SpoolError, OSError) as exc:
-            log.error("spool_commit_failed %s error=%s", self.log_prefix, exc)
+            log.error(logfmt("spool_commit_failed", session=self.sid, error=exc))
             return R_NOT_QUEUED
         finally:
             if not committed:
                 with trio.CancelScope(shield=True):
                     await incoming.abort()
-        log.info("queued %s queue_id=%s user=%s from=<%s> nrcpt=%d size=%d", self.log_prefix,
-                 queue_id, printable(self.info.username or "-"), envelope.sender,
-                 len(envelope.recipients), message.size)
+        log.info(logfmt("accepted", session=self.sid, queue_id=queue_id, user=self.info.username,
+                        sender=f"<{envelope.sender}>", nrcpt=len(envelope.recipients),
+                        size=message.size))
         self.ctx.runner.notify(queue_id)
         return Reply.make(250, "2.0.0", f"Ok: queued as {queue_id}")
 

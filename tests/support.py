@@ -55,7 +55,7 @@ class ServerProcess:
             m = re.search(r"listening address=\S+ port=(\d+) mode=(\w+)", line)
             if m:
                 self.ports.setdefault(m.group(2), int(m.group(1)))
-            if " ready " in line:
+            if "event=ready" in line:
                 return
         self.stop(9)
         raise RuntimeError("submitd did not start:\n" + "".join(self.log))

@@ -19,13 +19,13 @@ from typing import NoReturn
 
 import trio
 
+from .._logfmt import logfmt
 from ..errors import SpoolError
 from ..message import HeaderEdits, MessageHandle
 from ..views import Envelope
 from . import _durable
 from ._edits import bounded_header_section, edited_header_section
 from ._layout import Layout
-from ._logfmt import logfmt
 from ._records import QueueRecord, RecipientRecord, encode_record
 
 __all__ = ["WRITE_BUFFER_SIZE", "IncomingMessage"]

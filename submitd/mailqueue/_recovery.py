@@ -15,10 +15,10 @@ import time
 from collections.abc import Callable, Container
 from pathlib import Path
 
+from .._logfmt import logfmt
 from . import _durable
 from ._ids import is_queue_id
 from ._layout import Layout
-from ._logfmt import logfmt
 
 __all__ = ["move_aside", "recover_spool"]
 

@@ -25,12 +25,12 @@ from typing import Protocol
 
 import trio
 
+from .._logfmt import logfmt
 from ..config import QueueConfig
 from ..errors import SpoolError
 from ..message import MessageHandle
 from ..protocol._replies import Reply
 from ..views import DeliveryOutcome, Envelope, OutcomeKind, Recipient
-from ._logfmt import logfmt
 from ._records import QueueRecord, RecipientRecord, RecipientState
 from .schedule import is_expired, next_attempt_at, retry_delay
 from .spool import QueueEntryCorrupt, QueueEntryMissing, Spool

@@ -8,6 +8,7 @@ import sys
 
 import trio
 
+from .._logfmt import logfmt
 from ..config import Config
 from ..errors import ConfigError
 from .app import BoundListener, Server
@@ -33,12 +34,12 @@ async def _main(config: Config) -> None:
         server = Server(config)
         async with trio.open_nursery() as nursery:
             await nursery.start(server.serve)
-            log.info("ready hostname=%s", config.hostname)
+            log.info(logfmt("ready", hostname=config.hostname))
             async for signum in signals:
                 if signum == signal.SIGHUP:
                     await server.reload()
                     continue
-                log.info("signal name=%s", signal.Signals(signum).name)
+                log.info(logfmt("signal", name=signal.Signals(signum).name))
                 server.request_shutdown()
                 break
 

@@ -18,6 +18,7 @@ import pluggy
 import trio
 
 from .._hookcall import HookCaller, PluginDelivery
+from .._logfmt import logfmt
 from ..config import Config, ListenerConfig, load_config
 from ..errors import ConfigError
 from ..mailqueue.runner import QueueRunner
@@ -89,8 +90,8 @@ class Server:
                         sessions.start_soon(self._accept, handler, tcp, sessions, scope)
                     task_status.started(list(self.bound))
                     await self._shutdown.wait()
-                    log.info("shutdown_started sessions=%d",
-                             sum(len(h.active) for h in self._handlers))
+                    active = sum(len(h.active) for h in self._handlers)
+                    log.info(logfmt("shutdown_started", sessions=active))
                     for scope in accept_scopes:
                         scope.cancel()
                     for _, tcp in listeners:
@@ -99,7 +100,7 @@ class Server:
                 root.cancel_scope.cancel()
         finally:
             unconfigure_plugins(self.pm, self._config)
-        log.info("shutdown_complete")
+        log.info(logfmt("shutdown_complete"))
 
     async def _open_listeners(self) -> list[tuple[ConnectionHandler, trio.SocketListener]]:
         out: list[tuple[ConnectionHandler, trio.SocketListener]] = []
@@ -118,7 +119,7 @@ class Server:
             for tcp in tcps:
                 host, port = tcp.socket.getsockname()[:2]
                 self.bound.append(BoundListener(config=lc, host=host, port=port))
-                log.info("listening address=%s port=%d mode=%s", host, port, lc.mode.value)
+                log.info(logfmt("listening", address=host, port=port, mode=lc.mode.value))
                 out.append((handler, tcp))
         return out
 
@@ -160,12 +161,12 @@ class Server:
             context = make_server_context(new.tls)
             configure_plugins(self.pm, new)
         except ConfigError as exc:
-            log.error("reload_failed error=%s", exc)
+            log.error(logfmt("reload_failed", error=exc))
             return False
         old, self._config = self._config, new
         self.tls.config, self.tls.context = new.tls, context
         self.hooks.plugins = new.plugins
         self.context = replace(self.context, config=new)
         unconfigure_plugins(self.pm, old)
-        log.info("reloaded config=%s", new.path)
+        log.info(logfmt("reloaded", config=new.path))
         return True

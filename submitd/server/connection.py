@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import trio
 
+from .._logfmt import logfmt
 from ..config import ListenerConfig, ListenMode
 from ..protocol import (
     NEED_DATA,
@@ -97,7 +98,7 @@ class ConnectionHandler:
         host, port = _peer(stream)
         sid = _new_session_id()
         if not self._limiter.try_acquire(host):
-            log.warning("connection_refused session=%s peer=%s reason=limit", sid, host)
+            log.warning(logfmt("connection_refused", session=sid, peer=host, reason="limit"))
             with trio.move_on_after(5):
                 try:
                     if self.listener.mode is ListenMode.IMPLICIT:
@@ -136,8 +137,8 @@ class ConnectionHandler:
             tls_available=True,
         )
         session = Session(ctx, conn, info)
-        log.info("connect session=%s peer=%s port=%d listener=%s", sid, host, port,
-                 self.listener.address)
+        log.info(logfmt("connect", session=sid, peer=host, port=port,
+                        listener=self.listener.address))
         driver = _Driver(stream, conn, session, self._tls, ctx)
         try:
             with scope:
@@ -146,17 +147,17 @@ class ConnectionHandler:
                 conn.close(R_SHUTDOWN)
                 await driver.flush_quietly()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("disconnect session=%s reason=%s", sid, type(exc).__name__)
+            log.info(logfmt("disconnect", session=sid, reason=type(exc).__name__))
         except Exception:
             # The last line of defence: log with the session id, tell the client if we can.
-            log.exception("connection_error session=%s", sid)
+            log.exception(logfmt("connection_error", session=sid))
             conn.close(R_INTERNAL)
             await driver.flush_quietly()
         finally:
             with trio.CancelScope(shield=True):
                 await session.aclose()
                 await trio.aclose_forcefully(driver.stream)
-            log.info("close session=%s", sid)
+            log.info(logfmt("close", session=sid))
 
 
 class _Driver:
@@ -194,15 +195,15 @@ class _Driver:
                     continue
             elif isinstance(event, StartTLS):
                 if event.discarded:
-                    log.warning("starttls_injection session=%s discarded=%d", self.sid,
-                                event.discarded)
+                    log.warning(logfmt("starttls_injection", session=self.sid,
+                                       discarded=event.discarded))
                 await self.flush()
                 if not await self._handshake():
                     return
                 self.conn.tls_started()
             elif isinstance(event, ConnectionClosed):
                 await self.flush()
-                log.info("closing session=%s reason=%s", self.sid, event.reason)
+                log.info(logfmt("closing", session=self.sid, reason=event.reason))
                 return
             else:
                 await self.session.handle(event)
@@ -231,8 +232,8 @@ class _Driver:
             data = await self.stream.receive_some(_RECEIVE_SIZE)
             self.conn.receive_data(bytes(data))
             return True
-        log.info("timeout session=%s phase=%s", self.sid,
-                 "data" if deadline is not None else "command")
+        phase = "data" if deadline is not None else "command"
+        log.info(logfmt("timeout", session=self.sid, phase=phase))
         self.conn.close(R_TIMEOUT)
         return False
 
@@ -245,7 +246,7 @@ class _Driver:
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # A failed handshake ends only this connection.
             reason = "timeout" if isinstance(exc, trio.TooSlowError) else _tls_reason(exc)
-            log.info("tls_failed session=%s reason=%s", self.sid, reason)
+            log.info(logfmt("tls_failed", session=self.sid, reason=reason))
             return False
         self.stream = tls_stream
         # SSLStream forwards version() and cipher() to its SSLObject.
@@ -253,7 +254,7 @@ class _Driver:
         cipher = tls_stream.cipher()
         cipher_name: str | None = cipher[0] if cipher else None
         self.session.tls_started(version, cipher_name)
-        log.info("tls session=%s version=%s cipher=%s", self.sid, version, cipher_name)
+        log.info(logfmt("tls", session=self.sid, version=version, cipher=cipher_name))
         return True
 
 

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import base64
-import warnings
 import ssl
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 

@@ -7,6 +7,7 @@ import re
 
 __all__ = ["logfmt"]
 
+_MAX_VALUE = 256
 _PLAIN = re.compile(r"\A[A-Za-z0-9@._+\-/:,<>\[\]]+\Z")
 
 
@@ -22,6 +23,8 @@ def logfmt(event: str, **fields: object) -> str:
         if value is None:
             continue
         text = str(value)
+        if len(text) > _MAX_VALUE:  # client-supplied values (user names) can be 12 KiB long
+            text = text[:_MAX_VALUE] + "..."
         if not _PLAIN.match(text):
             text = json.dumps(text, ensure_ascii=True)
         parts.append(f"{key}={text}")
