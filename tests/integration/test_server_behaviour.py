@@ -13,7 +13,7 @@ from submitd import Reply, hookimpl
 from submitd.testing import RawSMTPClient, TestCA, running_server
 
 from tests.integration.test_submission import open_session, send_message
-from tests.support import RECIPIENT, SENDER, wait_for_mail
+from tests.support import PASSWORD, RECIPIENT, SENDER, wait_for_mail
 
 
 async def test_connections_over_the_per_ip_cap_get_421(
@@ -145,3 +145,122 @@ async def test_shutdown_lets_sessions_finish_then_sends_421(
         await client.aclose()
     (stored,) = await wait_for_mail(maildir)
     assert b"Subject: drained" in stored
+
+
+class FailClosed:
+    """Every session-hook failure must refuse, never wave through."""
+
+    @hookimpl
+    async def submitd_auth(self, session, credentials):
+        if credentials.username == "crash":
+            raise RuntimeError("directory down")
+        return None
+
+    @hookimpl
+    async def submitd_data_filter(self, session, envelope, message):
+        if message.get("Subject") == "crash":
+            raise RuntimeError("scanner down")
+        return None
+
+
+async def test_auth_and_filter_plugin_failures_fail_closed(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext, maildir: Path,
+) -> None:
+    import base64
+
+    async with running_server(make_config(), extra_plugins=[("failclosed", FailClosed())]) as srv:
+        async with await open_session(srv, "implicit", client_tls, auth=False) as client:
+            token = base64.b64encode(b"\0crash\0pw").decode()
+            reply = await client.command(f"AUTH PLAIN {token}")
+            assert (reply.code, reply.status) == (451, "4.3.0")
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 530
+        async with await open_session(srv, "implicit", client_tls) as client:
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+            assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
+            assert (await client.command("DATA")).code == 354
+            await client.send(f"From: <{SENDER}>\r\nSubject: crash\r\n\r\nx\r\n.\r\n".encode())
+            reply = await client.reply()
+            assert (reply.code, reply.status) == (451, "4.3.0")
+            # The refused message is not queued: the next one is the only delivery.
+            await send_message(client)
+    stored = await wait_for_mail(maildir)
+    assert len(stored) == 1 and b"Subject: crash" not in stored[0]
+    spool = srv.server.spool
+    assert await spool.queued_ids() == []
+    assert not list((spool.directory / "tmp").iterdir()), "no temp files left behind"
+
+
+class Gatekeeper:
+    @hookimpl
+    def submitd_connect(self, session):
+        return Reply.make(521, "5.3.2", "Go away")
+
+
+async def test_connect_refusal_never_sends_521_on_a_submission_port(
+    make_config: Callable[..., Path],
+) -> None:
+    async with running_server(make_config(), extra_plugins=[("gate", Gatekeeper())]) as srv:
+        async with await RawSMTPClient.connect("127.0.0.1", srv.port("starttls")) as client:
+            reply = await client.reply()
+            assert (reply.code, reply.status, reply.text) == (554, "5.7.1", "Go away")
+            assert await client.at_eof()
+
+
+async def test_repeated_failed_logins_are_throttled_before_hashing(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext,
+) -> None:
+    import base64
+
+    bad = base64.b64encode(b"\0demo\0wrong").decode()
+    good = base64.b64encode(b"\0demo\0" + PASSWORD.encode()).decode()
+    async with running_server(make_config()) as srv:
+        async with await open_session(srv, "implicit", client_tls, auth=False) as client:
+            for _ in range(3):
+                assert (await client.command(f"AUTH PLAIN {bad}")).code == 535
+        async with await open_session(srv, "implicit", client_tls, auth=False) as client:
+            for _ in range(2):
+                assert (await client.command(f"AUTH PLAIN {bad}")).code == 535
+            # Five failures: now even the right password waits (growing delay, no lockout).
+            reply = await client.command(f"AUTH PLAIN {good}")
+            assert (reply.code, reply.status) == (454, "4.7.0")
+
+
+async def test_users_file_changes_apply_without_restart(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext, users_file: Path,
+) -> None:
+    import base64
+
+    from tests.support import HASHER
+
+    async with running_server(make_config()) as srv:
+        token = base64.b64encode(b"\0newbie\0fresh password").decode()
+        async with await open_session(srv, "implicit", client_tls, auth=False) as client:
+            assert (await client.command(f"AUTH PLAIN {token}")).code == 535
+        with users_file.open("a") as f:
+            f.write(f"newbie {HASHER.hash('fresh password')} newbie@example.com\n")
+        async with await open_session(srv, "implicit", client_tls, auth=False) as client:
+            assert (await client.command(f"AUTH PLAIN {token}")).code == 235
+            assert (await client.command("MAIL FROM:<newbie@example.com>")).code == 250
+
+
+async def test_oversized_message_is_refused_552_after_reading_to_its_end(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext, maildir: Path,
+) -> None:
+    async with running_server(make_config(limits={"max_message_size": 10_000})) as srv:
+        async with await open_session(srv, "implicit", client_tls) as client:
+            ehlo = await client.command("EHLO again.example")
+            assert "SIZE 10000" in ehlo.lines
+            reply = await client.command(f"MAIL FROM:<{SENDER}> SIZE=20000")
+            assert (reply.code, reply.status) == (552, "5.3.4")
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+            assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
+            assert (await client.command("DATA")).code == 354
+            await client.send(b"Subject: big\r\n\r\n")
+            for _ in range(30):
+                await client.send(b"y" * 998 + b"\r\n")
+            await client.send(b".\r\n")
+            reply = await client.reply()
+            assert (reply.code, reply.status) == (552, "5.3.4")
+            await send_message(client)
+    (stored,) = await wait_for_mail(maildir)
+    assert b"Subject: big" not in stored
