@@ -40,7 +40,8 @@ test-external: $(STAMP)
 test: lint typecheck test-unit test-integration test-external
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	@$(BIN)/python -c 'import aiosmtpd' 2>/dev/null || $(BIN)/python -m pip install -q aiosmtpd >&2
+	@$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import argon2
-from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
+from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from argon2.exceptions import InvalidHashError, VerificationError
 
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -101,7 +101,7 @@ class Handler:
         self.users = users
         self.maildir = maildir
 
-    async def handle_MAIL(  # noqa: N802 (aiosmtpd's hook name)
+    async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
@@ -113,7 +113,7 @@ class Handler:
         envelope.mail_options.extend(mail_options)
         return "250 2.1.0 Sender OK"
 
-    async def handle_RCPT(  # noqa: N802
+    async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
@@ -121,7 +121,7 @@ class Handler:
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 Recipient OK"
 
-    async def handle_DATA(  # noqa: N802
+    async def handle_DATA(
         self, server: SMTP, session: Session, envelope: Envelope,
     ) -> str:
         content = envelope.original_content
@@ -142,7 +142,7 @@ class SubmissionSMTP(SMTP):
     hasher = argon2.PasswordHasher()  # argon2-cffi's defaults, as submitd's users file uses
     users: dict[str, tuple[str, frozenset[str]]] = {}
 
-    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:  # noqa: N802
+    async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
             blob = await self.challenge_auth("")
             if not isinstance(blob, bytes):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import trio
@@ -28,37 +29,52 @@ async def wait_for_mail(maildir: Path, count: int = 1, timeout: float = 10.0) ->
 
 
 class ServerProcess:
-    """``submitd serve`` as a child process; ports are read from its log lines."""
+    """``submitd serve`` as a child process, logging to a file; ports are read from the log."""
 
     def __init__(self, config: Path, *, timeout: float = 20.0) -> None:
         import os
-        import re
         import subprocess
         import sys
-        import time
 
         exe = Path(sys.executable).with_name("submitd")
-        self.proc = subprocess.Popen(
-            [str(exe), "serve", "-c", str(config)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        )
+        self.log_path = config.parent / f"submitd-{os.getpid()}-{id(self):x}.log"
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [str(exe), "serve", "-c", str(config)],
+                stdout=subprocess.DEVNULL, stderr=log,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
         self.ports: dict[str, int] = {}
-        self.log: list[str] = []
+        try:
+            self.wait_for_log("event=ready", timeout=timeout)
+        except TimeoutError:
+            self.stop(9)
+            raise RuntimeError("submitd did not start:\n" + self.text()) from None
+        for m in re.finditer(r"event=listening address=\S+ port=(\d+) mode=(\w+)", self.text()):
+            self.ports.setdefault(m.group(2), int(m.group(1)))
+
+    def text(self) -> str:
+        """Everything the server logged so far."""
+        return self.log_path.read_text(errors="replace")
+
+    @property
+    def log(self) -> list[str]:
+        """The log, one entry per line."""
+        return self.text().splitlines(keepends=True)
+
+    def wait_for_log(self, pattern: str, *, count: int = 1, timeout: float = 15.0) -> str:
+        """Wait until ``pattern`` (a regex) matched ``count`` log lines; return the last one."""
+        import time
+
         deadline = time.monotonic() + timeout
-        assert self.proc.stderr is not None
         while time.monotonic() < deadline:
-            line = self.proc.stderr.readline()
-            if not line:
+            found = re.findall(f".*{pattern}.*", self.text())
+            if len(found) >= count:
+                return str(found[count - 1])
+            if self.proc.poll() is not None:
                 break
-            self.log.append(line)
-            m = re.search(r"listening address=\S+ port=(\d+) mode=(\w+)", line)
-            if m:
-                self.ports.setdefault(m.group(2), int(m.group(1)))
-            if "event=ready" in line:
-                return
-        self.stop(9)
-        raise RuntimeError("submitd did not start:\n" + "".join(self.log))
+            time.sleep(0.02)
+        raise TimeoutError(f"{pattern!r} not logged")
 
     def stop(self, sig: int | None = None) -> int:
         """Send ``sig`` (SIGTERM by default), wait, and return the exit status."""
@@ -72,9 +88,6 @@ class ServerProcess:
             if self.proc.poll() is None:
                 self.proc.kill()
                 self.proc.wait()
-        assert self.proc.stderr is not None
-        self.log.extend(self.proc.stderr.readlines())
-        self.proc.stderr.close()
         return self.proc.returncode
 
 

@@ -47,6 +47,10 @@ async def _main(config: Config) -> None:
 def run_server(config: Config) -> int:
     """Serve in the foreground until SIGTERM/SIGINT; return the process exit code."""
     setup_logging()
+    # trio restores these when its receiver closes: a second SIGTERM during the last steps of
+    # shutdown must not turn a clean exit into death by signal.
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
     try:
         trio.run(_main, config)
     except ConfigError as exc:

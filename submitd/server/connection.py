@@ -42,6 +42,8 @@ R_SHUTDOWN = Reply.make(421, "4.3.2", "Service shutting down, try again later")
 R_INTERNAL = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
 
 _RECEIVE_SIZE = 65536
+_REFUSAL_TIMEOUT = 5.0
+_MAX_TLS_REFUSALS = 32
 _SEND_TIMEOUT = 60.0
 _session_counter = itertools.count(1)
 _session_prefix = os.urandom(3).hex()
@@ -92,6 +94,7 @@ class ConnectionHandler:
         self.active: set[trio.CancelScope] = set()
         self.idle = trio.Event()
         self.idle.set()
+        self._refusing = 0
 
     async def __call__(self, stream: trio.abc.Stream) -> None:
         """Entry point for ``trio.serve_listeners``; never raises (but lets Cancelled through)."""
@@ -99,16 +102,7 @@ class ConnectionHandler:
         sid = _new_session_id()
         if not self._limiter.try_acquire(host):
             log.warning(logfmt("connection_refused", session=sid, peer=host, reason="limit"))
-            with trio.move_on_after(5):
-                try:
-                    if self.listener.mode is ListenMode.IMPLICIT:
-                        # Speak TLS or say nothing: plaintext on 465 would confuse the client.
-                        await trio.aclose_forcefully(stream)
-                        return
-                    await stream.send_all(R_TOO_MANY.to_bytes())
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
-                    pass
-            await trio.aclose_forcefully(stream)
+            await self._refuse(stream)
             return
         scope = trio.CancelScope()
         self.active.add(scope)
@@ -120,6 +114,30 @@ class ConnectionHandler:
             self.active.discard(scope)
             if not self.active:
                 self.idle.set()
+
+    async def _refuse(self, stream: trio.abc.Stream) -> None:
+        """Tell an over-the-cap client ``421 4.7.0`` (inside TLS on an implicit listener).
+
+        Refusals are cheap on a STARTTLS listener; on an implicit one they cost a handshake,
+        so only a few run at once and the rest are closed without a word.
+        """
+        implicit = self.listener.mode is ListenMode.IMPLICIT
+        if implicit and self._refusing >= _MAX_TLS_REFUSALS:
+            await trio.aclose_forcefully(stream)
+            return
+        self._refusing += 1
+        try:
+            with trio.move_on_after(_REFUSAL_TIMEOUT), contextlib.suppress(
+                trio.BrokenResourceError, trio.ClosedResourceError, OSError
+            ):
+                if implicit:
+                    tls_stream = trio.SSLStream(stream, self._tls.context, server_side=True)
+                    stream = tls_stream
+                    await tls_stream.do_handshake()
+                await stream.send_all(R_TOO_MANY.to_bytes())
+        finally:
+            self._refusing -= 1
+            await trio.aclose_forcefully(stream)
 
     async def _serve(
         self, stream: trio.abc.Stream, sid: str, host: str, port: int, scope: trio.CancelScope

@@ -1,0 +1,187 @@
+"""submitd benchmark: one JSON document on stdout, progress on stderr (``make bench``).
+
+Three measurements, each against a peer run in the same invocation (see bench/README.md):
+
+1. ``throughput``: the same submission load (STARTTLS + AUTH PLAIN + several ~10 KiB
+   messages per connection, several connections at once) against ``submitd serve`` and an
+   aiosmtpd server set up alike; rounds alternate between the two.
+2. ``large_message``: one 20 MiB message to each; the server's peak RSS growth.
+3. ``protocol_core``: the sans-I/O core parsing a 10 MiB DATA phase, against a bare
+   split-and-unstuff of the same bytes.
+
+Usage: ``python bench/run.py [--quick] [--only NAME ...]``. Everything runs on 127.0.0.1
+with ports the OS picks, in a temporary directory; child servers are stopped on any exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from core import run_core
+from load import LoadResult, large_message_probe, make_message, run_load, summarize
+from servers import ServerHandle, Workspace, start_peer, start_submitd
+
+MIB = 1024 * 1024
+MAX_SIZE = 32 * MIB
+SECTIONS = ("throughput", "large_message", "protocol_core")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    """How big each measurement is (``--quick`` shrinks everything)."""
+
+    rounds: int
+    connections: int
+    messages: int
+    message_size: int
+    large_size: int
+    core_size: int
+    core_repeats: int
+    small_size: int
+    small_count: int
+
+
+FULL = Plan(rounds=5, connections=8, messages=200, message_size=10 * 1024,
+            large_size=20 * MIB, core_size=10 * MIB, core_repeats=7,
+            small_size=10 * 1024, small_count=300)
+QUICK = Plan(rounds=1, connections=4, messages=60, message_size=10 * 1024,
+             large_size=20 * MIB, core_size=4 * MIB, core_repeats=3,
+             small_size=10 * 1024, small_count=100)
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout carries only the JSON)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def ratio(a: float, b: float) -> float | None:
+    """``a / b`` rounded, or None when ``b`` is zero."""
+    return round(a / b, 3) if b else None
+
+
+def bench_throughput(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
+    """Alternate rounds of the same load against both servers (one process each)."""
+    context = ws.ca.client_context()
+    results: dict[str, list[LoadResult]] = {"submitd": [], "peer": []}
+    with start_submitd(ws, work / "tp-submitd", max_size=MAX_SIZE) as sd, \
+            start_peer(ws, work / "tp-peer", max_size=MAX_SIZE) as peer:
+        servers: dict[str, ServerHandle] = {"submitd": sd, "peer": peer}
+        # One untimed warm-up message each: imports, first TLS session, first argon2 run.
+        for server in servers.values():
+            run_load(server, context, connections=1, messages=1, size=plan.message_size)
+        for n in range(plan.rounds):
+            # Alternate who goes first, so drift on the shared machine hits both alike.
+            order = ("submitd", "peer") if n % 2 == 0 else ("peer", "submitd")
+            for key in order:
+                result = run_load(servers[key], context, connections=plan.connections,
+                                  messages=plan.messages, size=plan.message_size)
+                results[key].append(result)
+                progress(f"throughput round {n + 1}/{plan.rounds} {servers[key].name}: "
+                         f"{result.msgs_per_s:.1f} msg/s")
+    sd_sum, peer_sum = summarize(results["submitd"]), summarize(results["peer"])
+    peer_sum["name"] = "aiosmtpd (bench/peer_aiosmtpd.py)"
+    return {
+        "load": {
+            "connections": plan.connections,
+            "messages": plan.messages,
+            "message_bytes": len(make_message(plan.message_size, 0)),
+            "rounds": plan.rounds,
+            "session": "STARTTLS (verified) + AUTH PLAIN (argon2id, default parameters)",
+        },
+        "submitd": sd_sum,
+        "peer": peer_sum,
+        "ratio_submitd_over_peer": ratio(sd_sum["msgs_per_s"], peer_sum["msgs_per_s"]),
+        # Round n of each server ran back to back: these pairs share the machine's mood.
+        "ratio_rounds": [ratio(a.msgs_per_s, b.msgs_per_s)
+                         for a, b in zip(results["submitd"], results["peer"], strict=True)],
+        "ratio_p50_latency_submitd_over_peer": ratio(
+            sd_sum["latency_ms"]["p50"], peer_sum["latency_ms"]["p50"]
+        ),
+        "ratio_cpu_per_msg_submitd_over_peer": ratio(
+            sd_sum["server_cpu_ms_per_msg"], peer_sum["server_cpu_ms_per_msg"]
+        ),
+    }
+
+
+def bench_large(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
+    """One large message to a fresh process of each server."""
+    context = ws.ca.client_context()
+    body = make_message(plan.large_size, 0)
+    out: dict[str, Any] = {"message_bytes": len(body), "max_message_size": MAX_SIZE}
+    starters: dict[str, Callable[..., Any]] = {"submitd": start_submitd, "peer": start_peer}
+    for key, start in starters.items():
+        with start(ws, work / f"large-{key}", max_size=MAX_SIZE) as server:
+            out[key] = large_message_probe(server, context, body=body)
+        progress(f"large message {server.name}: peak RSS +{out[key]['peak_growth_kib']} KiB")
+    out["peer"]["name"] = "aiosmtpd (bench/peer_aiosmtpd.py)"
+    out["ratio_submitd_over_peer"] = ratio(
+        out["submitd"]["peak_growth_kib"], out["peer"]["peak_growth_kib"]
+    )
+    out["submitd_growth_over_message_size"] = round(
+        out["submitd"]["peak_growth_kib"] * 1024 / len(body), 3
+    )
+    out["peer_growth_over_message_size"] = round(
+        out["peer"]["peak_growth_kib"] * 1024 / len(body), 3
+    )
+    return out
+
+
+def bench_core(plan: Plan) -> dict[str, Any]:
+    """The protocol core against the split-and-unstuff reference."""
+    result = run_core(size=plan.core_size, repeats=plan.core_repeats,
+                      small_size=plan.small_size, small_count=plan.small_count)
+    small = result["small_messages"]
+    progress(f"protocol core: {result['submitd']['mib_per_s']} MiB/s "
+             f"(reference {result['peer']['mib_per_s']}); small messages "
+             f"{small['submitd']['mib_per_s']} MiB/s (reference {small['peer']['mib_per_s']})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="submitd benchmark (JSON on stdout)")
+    parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
+    parser.add_argument("--only", choices=SECTIONS, action="append",
+                        help="run only this measurement (repeatable)")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    wanted = args.only or list(SECTIONS)
+    import submitd
+
+    report: dict[str, Any] = {
+        "benchmark": "submitd",
+        "submitd_version": submitd.__version__,
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "quick": args.quick,
+        "note": "ratios compare runs made in this same invocation; absolute figures vary "
+                "with the machine's load",
+    }
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="submitd-bench-") as tmp:
+        work = Path(tmp)
+        progress(f"work directory {work} (CA, users, configs, spools, Maildirs)")
+        ws = Workspace.create(work)
+        if "protocol_core" in wanted:
+            report["protocol_core"] = bench_core(plan)
+        if "throughput" in wanted:
+            report["throughput"] = bench_throughput(ws, work, plan)
+        if "large_message" in wanted:
+            report["large_message"] = bench_large(ws, work, plan)
+    report["elapsed_s"] = round(time.perf_counter() - started, 1)
+    json.dump(report, sys.stdout, indent=2)
+    print()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
