@@ -187,7 +187,13 @@ class DataReader:
         overflow is taken here; anything unusual is left to the line-by-line path, which is
         the one that decides. This only makes the common case cheap.
         """
-        end = buf.rfind(b"\r\n", pos, pos + CHUNK_SIZE - len(self._out))
+        limit = pos + CHUNK_SIZE - len(self._out)
+        # A small message usually arrives whole with its terminator: end the block at the
+        # CRLF before the final "." so the body still takes the fast path.
+        term = buf.find(_TERMINATOR, pos, limit + len(_TERMINATOR))
+        if term != -1:
+            limit = min(limit, term + 2)
+        end = buf.rfind(b"\r\n", pos, limit)
         if end == -1:
             return pos, False
         block = bytes(buf[pos : end + 2])
