@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import argon2
+
 from submitd.testing import TestCA, write_config
 
 USER = "bench"

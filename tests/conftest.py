@@ -7,8 +7,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from submitd.testing import TestCA, write_config
 
+from submitd.testing import TestCA, write_config
 from tests.support import HASHER, PASSWORD, SENDER, USER
 
 

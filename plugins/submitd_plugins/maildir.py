@@ -24,6 +24,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import trio
+
 from submitd import (
     Config,
     ConfigError,

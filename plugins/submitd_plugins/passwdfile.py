@@ -24,6 +24,7 @@ import threading
 from pathlib import Path
 
 import trio
+
 from submitd import (
     AuthResult,
     Config,

@@ -15,8 +15,8 @@ from email.message import EmailMessage
 from pathlib import Path
 
 import pytest
-from submitd.testing import TestCA
 
+from submitd.testing import TestCA
 from tests.support import PASSWORD, RECIPIENT, SENDER, USER, ServerProcess, wait_for_mail_sync
 
 pytestmark = pytest.mark.external

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from submitd.testing import TestCA
-
 from tests.support import PASSWORD, RECIPIENT, SENDER, USER, ServerProcess, wait_for_mail_sync
 
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from submitd import Reply, hookimpl
 from submitd.mailqueue.spool import Spool
 from submitd.testing import RawSMTPClient, TestCA, running_server
-
 from tests.integration.test_submission import open_session, send_message
 from tests.support import PASSWORD, RECIPIENT, SENDER, wait_for_mail
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import trio
-from submitd.testing import RawSMTPClient, RunningServer, running_server
 
+from submitd.testing import RawSMTPClient, RunningServer, running_server
 from tests.support import PASSWORD, RECIPIENT, SENDER, USER, wait_for_mail
 
 PLAIN = base64.b64encode(f"\0{USER}\0{PASSWORD}".encode()).decode()

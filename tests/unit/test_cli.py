@@ -11,6 +11,7 @@ from pathlib import Path
 
 import argon2
 import pytest
+
 from submitd import cli
 from submitd.certs import write_selfsigned
 from submitd.config import Config, load_config

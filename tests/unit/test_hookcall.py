@@ -9,6 +9,7 @@ from types import MappingProxyType
 import pluggy
 import pytest
 import trio
+
 from submitd import (
     DeliveryOutcome,
     Envelope,

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from submitd import (
     Config,
     ConfigError,
@@ -20,7 +21,6 @@ from submitd import (
     Reply,
 )
 from submitd.config import Limits, PluginsConfig, QueueConfig
-
 from submitd_plugins import maildir
 
 STORED = b"Received: by mail.example.org\r\nSubject: hi\r\n\r\nhello\r\n.not stuffed\r\n"

@@ -9,6 +9,7 @@ from pathlib import Path
 import argon2
 import pytest
 import trio
+
 from submitd import (
     AuthResult,
     Config,
@@ -22,7 +23,6 @@ from submitd import (
 )
 from submitd.config import load_config
 from submitd.passwords import UsersFile
-
 from submitd_plugins import passwdfile
 
 CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import argon2
 import pytest
+
 from submitd.passwords import (
     NoSuchUserError,
     UserEntry,

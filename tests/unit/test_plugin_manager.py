@@ -8,6 +8,7 @@ import tomllib
 from pathlib import Path
 
 import pytest
+
 import submitd
 from submitd.errors import ConfigError
 from submitd.plugin_manager import available_plugins

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import base64
-
 import pytest
+
 from submitd.protocol import (
     NEED_DATA,
     AddressError,
     BodyType,
     MailFrom,
     MailParams,
-    ProtocolLimits,
     RcptTo,
     Reply,
     ServerConnection,
@@ -24,28 +22,12 @@ from submitd.protocol import (
     render_mail_from,
     render_rcpt_to,
 )
+from tests.unit.protocol_support import HOST, RCPT_OK, SENDER_OK, ready
 
-HOST = "mx.example.org"
-PLAIN = base64.b64encode(b"\0user\0secret")
-SENDER_OK = b"250 2.1.0 Sender OK\r\n"
-RCPT_OK = b"250 2.1.5 Recipient OK\r\n"
 CONTROL = b"501 5.1.7 Control characters are not allowed in addresses\r\n"
 UNKNOWN = b"555 5.5.4 Parameter not recognized or not implemented\r\n"
 NEEDS_UTF8 = b"553 5.6.7 Non-ASCII address requires SMTPUTF8\r\n"
 BAD_LOCAL = b"501 5.1.7 Bad sender address syntax: bad local part\r\n"
-
-
-def ready(**limits: int) -> ServerConnection:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(**limits), tls_active=True, tls_available=False
-    )
-    conn.greet()
-    conn.receive_data(b"EHLO client.example\r\nAUTH PLAIN " + PLAIN + b"\r\n")
-    for _ in range(2):
-        conn.next_event()
-        conn.accept()
-    conn.data_to_send()
-    return conn
 
 
 def send(conn: ServerConnection, line: bytes) -> tuple[bytes, MailFrom | RcptTo | None]:

@@ -5,19 +5,19 @@ from __future__ import annotations
 import base64
 
 import pytest
+
 from submitd.protocol import (
     NEED_DATA,
     AuthRequest,
     ConnectionClosed,
     Event,
-    ProtocolLimits,
     Reply,
     ServerConnection,
     ServerState,
 )
 from submitd.secret import Secret
+from tests.unit.protocol_support import connection, greeted
 
-HOST = "mx.example.org"
 SUCCESS = b"235 2.7.0 Authentication successful\r\n"
 FAILED = b"535 5.7.8 Authentication credentials invalid\r\n"
 BAD_B64 = b"501 5.5.2 Invalid base64\r\n"
@@ -28,18 +28,6 @@ TOO_MANY = b"421 4.7.0 Too many authentication failures\r\n"
 
 def b64(raw: bytes) -> bytes:
     return base64.b64encode(raw)
-
-
-def make(**limits: int) -> ServerConnection:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(**limits), tls_active=True, tls_available=False
-    )
-    conn.greet()
-    conn.receive_data(b"EHLO client.example\r\n")
-    conn.next_event()
-    conn.accept()
-    conn.data_to_send()
-    return conn
 
 
 def feed(conn: ServerConnection, data: bytes) -> tuple[bytes, list[Event]]:
@@ -61,7 +49,7 @@ def request(username: str, password: str, authzid: str = "", mechanism: str = "P
 
 
 def test_plain_with_initial_response() -> None:
-    conn = make()
+    conn = greeted()
     out, events = feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")
     assert (out, events) == (b"", [request("user", "secret")])
     conn.accept()
@@ -70,7 +58,7 @@ def test_plain_with_initial_response() -> None:
 
 
 def test_plain_without_initial_response_gets_an_empty_challenge() -> None:
-    conn = make()
+    conn = greeted()
     assert feed(conn, b"AUTH PLAIN\r\n") == (b"334 \r\n", [])
     assert conn.state is ServerState.SASL
     events = feed(conn, b64(b"user\0user\0secret") + b"\r\n")[1]
@@ -78,12 +66,12 @@ def test_plain_without_initial_response_gets_an_empty_challenge() -> None:
 
 
 def test_mechanism_name_is_case_insensitive() -> None:
-    conn = make()
+    conn = greeted()
     assert feed(conn, b"auth plain\r\n")[0] == b"334 \r\n"
 
 
 def test_login_asks_for_username_then_password() -> None:
-    conn = make()
+    conn = greeted()
     assert feed(conn, b"AUTH LOGIN\r\n")[0] == b"334 VXNlcm5hbWU6\r\n"
     assert feed(conn, b64(b"user") + b"\r\n")[0] == b"334 UGFzc3dvcmQ6\r\n"
     assert feed(conn, b64(b"secret") + b"\r\n") == (
@@ -92,26 +80,26 @@ def test_login_asks_for_username_then_password() -> None:
 
 
 def test_login_may_carry_the_username_as_initial_response() -> None:
-    conn = make()
+    conn = greeted()
     assert feed(conn, b"AUTH LOGIN " + b64(b"user") + b"\r\n")[0] == b"334 UGFzc3dvcmQ6\r\n"
     assert feed(conn, b64(b"secret") + b"\r\n")[1] == [request("user", "secret", mechanism="LOGIN")]
 
 
 def test_credentials_are_utf8() -> None:
-    conn = make()
+    conn = greeted()
     out, events = feed(conn, b"AUTH PLAIN " + b64("\0jörg\0pässwörd".encode()) + b"\r\n")
     assert (out, events) == (b"", [request("jörg", "pässwörd")])
 
 
 def test_password_never_shows_in_the_event_repr() -> None:
-    conn = make()
+    conn = greeted()
     _, events = feed(conn, b"AUTH PLAIN " + b64(b"\0user\0hunter2") + b"\r\n")
     assert "hunter2" not in repr(events)
 
 
 @pytest.mark.parametrize("start", [b"AUTH PLAIN\r\n", b"AUTH LOGIN\r\n"])
 def test_star_cancels_the_exchange(start: bytes) -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, start)
     assert feed(conn, b"*\r\n") == (CANCELLED, [])
     assert conn.state is ServerState.COMMAND
@@ -125,7 +113,7 @@ def test_star_cancels_the_exchange(start: bytes) -> None:
     ],
 )
 def test_canonical_base64_is_accepted(encoded: bytes) -> None:
-    conn = make()
+    conn = greeted()
     assert feed(conn, b"AUTH PLAIN " + encoded + b"\r\n")[1] == [request("user", "secret")]
 
 
@@ -148,13 +136,13 @@ GOOD = b64(b"\0user\0secret!")  # "AHVzZXIAc2VjcmV0IQ=="
     ],
 )
 def test_invalid_base64_initial_response_is_refused(encoded: bytes) -> None:
-    conn = make()
+    conn = greeted()
     assert feed(conn, b"AUTH PLAIN " + encoded + b"\r\n") == (BAD_B64, [])
 
 
 @pytest.mark.parametrize("encoded", [GOOD[:-1], b"=", b"a b"])
 def test_invalid_base64_response_line_is_refused(encoded: bytes) -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, b"AUTH PLAIN\r\n")
     out = feed(conn, encoded + b"\r\n")[0]
     assert out == BAD_B64 if encoded != b"=" else BAD_PLAIN
@@ -177,14 +165,14 @@ def test_invalid_base64_response_line_is_refused(encoded: bytes) -> None:
     ],
 )
 def test_malformed_plain_credentials_are_refused_without_an_event(raw: bytes, reply: bytes) -> None:
-    conn = make()
+    conn = greeted()
     encoded = b64(raw) if raw else b"="
     assert feed(conn, b"AUTH PLAIN " + encoded + b"\r\n") == (reply, [])
     assert not conn.authenticated
 
 
 def test_empty_login_username_or_password_fails() -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, b"AUTH LOGIN =\r\n")
     assert feed(conn, b64(b"secret") + b"\r\n") == (FAILED, [])
     feed(conn, b"AUTH LOGIN " + b64(b"user") + b"\r\n")
@@ -201,12 +189,12 @@ def test_empty_login_username_or_password_fails() -> None:
     ],
 )
 def test_auth_command_syntax(line: bytes, reply: bytes) -> None:
-    conn = make()
+    conn = greeted()
     assert feed(conn, line) == (reply, [])
 
 
 def test_second_auth_is_a_bad_sequence() -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")
     conn.accept()
     conn.data_to_send()
@@ -216,9 +204,7 @@ def test_second_auth_is_a_bad_sequence() -> None:
 
 
 def test_auth_after_helo_is_a_bad_sequence() -> None:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(), tls_active=True, tls_available=False
-    )
+    conn = connection()
     conn.greet()
     conn.receive_data(b"HELO client.example\r\n")
     conn.next_event()
@@ -230,7 +216,7 @@ def test_auth_after_helo_is_a_bad_sequence() -> None:
 
 
 def test_session_refusal_counts_as_failure_and_third_closes() -> None:
-    conn = make()
+    conn = greeted()
     for attempt in range(3):
         out, events = feed(conn, b"AUTH PLAIN " + b64(b"\0user\0wrong") + b"\r\n")
         assert (out, events) == (b"", [request("user", "wrong")])
@@ -242,7 +228,7 @@ def test_session_refusal_counts_as_failure_and_third_closes() -> None:
 
 
 def test_core_and_session_failures_share_one_count() -> None:
-    conn = make(max_auth_failures=2)
+    conn = greeted(max_auth_failures=2)
     assert feed(conn, b"AUTH PLAIN " + b64(b"admin\0user\0pw") + b"\r\n") == (FAILED, [])
     assert feed(conn, b"AUTH PLAIN " + b64(b"\0user\0pw") + b"\r\n")[1] == [request("user", "pw")]
     conn.reject(Reply.make(535, "5.7.8", "Authentication credentials invalid"))
@@ -251,7 +237,7 @@ def test_core_and_session_failures_share_one_count() -> None:
 
 
 def test_syntax_errors_and_cancels_are_not_authentication_failures() -> None:
-    conn = make(max_auth_failures=1)
+    conn = greeted(max_auth_failures=1)
     feed(conn, b"AUTH PLAIN !!!\r\n")
     feed(conn, b"AUTH LOGIN\r\n")
     feed(conn, b"*\r\n")
@@ -259,7 +245,7 @@ def test_syntax_errors_and_cancels_are_not_authentication_failures() -> None:
 
 
 def test_sasl_line_too_long_aborts_the_exchange() -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, b"AUTH PLAIN\r\n")
     assert feed(conn, b"A" * 12287 + b"\r\n")[0] == (
         b"500 5.5.6 Authentication exchange line is too long\r\n"
@@ -268,14 +254,14 @@ def test_sasl_line_too_long_aborts_the_exchange() -> None:
 
 
 def test_sasl_line_of_exactly_12288_octets_is_read() -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, b"AUTH PLAIN\r\n")
     # Read and judged as base64 (12286 is not a multiple of 4), not refused as too long.
     assert feed(conn, b"A" * 12286 + b"\r\n")[0] == BAD_B64
 
 
 def test_bare_lf_in_sasl_line_aborts_the_exchange() -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, b"AUTH LOGIN\r\n")
     out, events = feed(conn, b64(b"user") + b"\n")
     assert out.startswith(b"500 5.5.2 Line must end with CRLF") and events == []
@@ -283,7 +269,7 @@ def test_bare_lf_in_sasl_line_aborts_the_exchange() -> None:
 
 
 def test_accept_with_a_custom_success_reply() -> None:
-    conn = make()
+    conn = greeted()
     feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")
     conn.accept(Reply.make(235, "2.7.0", "Welcome"))
     assert conn.data_to_send() == b"235 2.7.0 Welcome\r\n"

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-
 import pytest
+
 from submitd.protocol import (
     NEED_DATA,
     ConnectionClosed,
     DataComplete,
     DataStart,
-    Event,
     Hello,
     LocalProtocolError,
     MailFrom,
@@ -20,53 +18,23 @@ from submitd.protocol import (
     Reply,
     ServerConnection,
     ServerState,
-    StartTLS,
     Verb,
 )
 from submitd.protocol._state import Facts, Greeting, Transaction, check_sequence
+from tests.unit.protocol_support import (
+    PLAIN,
+    QUEUED,
+    RCPT_OK,
+    SENDER_OK,
+    connection,
+    make,
+    pump,
+    ready,
+)
 
-HOST = "mx.example.org"
-QUEUED = Reply.make(250, "2.0.0", "Ok: queued as TEST")
-PLAIN = base64.b64encode(b"\0user\0secret")
 OK = b"250 2.0.0 OK\r\n"
-SENDER_OK = b"250 2.1.0 Sender OK\r\n"
-RCPT_OK = b"250 2.1.5 Recipient OK\r\n"
 MAIL = b"MAIL FROM:<a@example.org>\r\n"
 RCPT = b"RCPT TO:<b@example.net>\r\n"
-
-
-def make(**limits: int) -> ServerConnection:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(**limits), tls_active=True, tls_available=False
-    )
-    conn.greet()
-    conn.data_to_send()
-    return conn
-
-
-def pump(conn: ServerConnection, data: bytes = b"") -> tuple[bytes, list[Event]]:
-    """Feed ``data``, accept every event with its default answer; return replies and events."""
-    if data:
-        conn.receive_data(data)
-    events: list[Event] = []
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            break
-        events.append(event)
-        if isinstance(event, StartTLS | ConnectionClosed):
-            break
-        if isinstance(event, DataComplete):
-            conn.reject(event.error) if event.error else conn.accept(QUEUED)
-        elif isinstance(event, NeedsAnswer):
-            conn.accept()
-    return conn.data_to_send(), events
-
-
-def ready(**limits: int) -> ServerConnection:
-    conn = make(**limits)
-    pump(conn, b"EHLO client.example\r\nAUTH PLAIN " + PLAIN + b"\r\n")
-    return conn
 
 
 def seq(text: str) -> bytes:
@@ -289,8 +257,7 @@ def test_reject_with_421_closes_the_connection() -> None:
 
 
 def test_greeting_refusal_ends_the_session() -> None:
-    conn = ServerConnection(hostname=HOST, limits=ProtocolLimits(), tls_active=False,
-                            tls_available=True)
+    conn = connection(tls_active=False, tls_available=True)
     conn.greet(Reply.make(554, "5.7.1", "Go away"))
     conn.receive_data(b"EHLO c.example\r\n")
     assert conn.next_event() == ConnectionClosed(reason="refused at greeting")
@@ -380,8 +347,7 @@ def test_keywords_only_answer_ehlo() -> None:
 
 
 def test_api_order_is_enforced() -> None:
-    conn = ServerConnection(hostname=HOST, limits=ProtocolLimits(), tls_active=True,
-                            tls_available=False)
+    conn = connection()
     with pytest.raises(LocalProtocolError):
         conn.next_event()
     conn.greet()

@@ -2,26 +2,19 @@
 
 from __future__ import annotations
 
-import base64
-
 import pytest
+
 from submitd.protocol import (
-    NEED_DATA,
     ConnectionClosed,
     DataChunk,
     DataComplete,
     Event,
     MailFrom,
     NeedsAnswer,
-    ProtocolLimits,
-    Reply,
     ServerConnection,
-    StartTLS,
 )
+from tests.unit.protocol_support import pump, ready
 
-HOST = "mx.example.org"
-QUEUED = Reply.make(250, "2.0.0", "Ok: queued as TEST")
-PLAIN = base64.b64encode(b"\0user\0secret")
 START = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
 START_REPLIES = (
     b"250 2.1.0 Sender OK\r\n250 2.1.5 Recipient OK\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
@@ -35,37 +28,8 @@ NUL = b"554 5.6.0 Message contains NUL characters\r\n"
 SMUGGLED = b"MAIL FROM:<evil@example.org>\r\nRCPT TO:<victim@example.net>\r\nDATA\r\nevil\r\n"
 
 
-def make(**limits: int) -> ServerConnection:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(**limits), tls_active=True, tls_available=False
-    )
-    conn.greet()
-    conn.data_to_send()
-    return conn
-
-
-def pump(conn: ServerConnection, data: bytes = b"") -> tuple[bytes, list[Event]]:
-    """Feed ``data``, accept every event with its default answer; return replies and events."""
-    if data:
-        conn.receive_data(data)
-    events: list[Event] = []
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            break
-        events.append(event)
-        if isinstance(event, StartTLS | ConnectionClosed):
-            break
-        if isinstance(event, DataComplete):
-            conn.reject(event.error) if event.error else conn.accept(QUEUED)
-        elif isinstance(event, NeedsAnswer):
-            conn.accept()
-    return conn.data_to_send(), events
-
-
 def in_data(**limits: int) -> ServerConnection:
-    conn = make(**limits)
-    pump(conn, b"EHLO client.example\r\nAUTH PLAIN " + PLAIN + b"\r\n")
+    conn = ready(**limits)
     assert pump(conn, START)[0] == START_REPLIES
     return conn
 
@@ -276,8 +240,7 @@ def test_data_after_terminator_is_parsed_as_commands() -> None:
 
 
 def test_size_parameter_does_not_decide_where_data_ends() -> None:
-    conn = make()
-    pump(conn, b"EHLO client.example\r\nAUTH PLAIN " + PLAIN + b"\r\n")
+    conn = ready()
     out, events = pump(
         conn,
         b"MAIL FROM:<a@example.org> SIZE=5\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"

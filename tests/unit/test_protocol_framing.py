@@ -2,64 +2,10 @@
 
 from __future__ import annotations
 
-import base64
-
 import pytest
-from submitd.protocol import (
-    NEED_DATA,
-    ConnectionClosed,
-    DataComplete,
-    Event,
-    NeedsAnswer,
-    ProtocolLimits,
-    Reply,
-    ServerConnection,
-    ServerState,
-    StartTLS,
-)
 
-HOST = "mx.example.org"
-QUEUED = Reply.make(250, "2.0.0", "Ok: queued as TEST")
-PLAIN = base64.b64encode(b"\0user\0secret")
-
-
-def make(
-    *, tls_active: bool = True, tls_available: bool = False, **limits: int
-) -> ServerConnection:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(**limits), tls_active=tls_active,
-        tls_available=tls_available,
-    )
-    conn.greet()
-    conn.data_to_send()
-    return conn
-
-
-def pump(conn: ServerConnection, data: bytes = b"") -> tuple[bytes, list[Event]]:
-    """Feed ``data``, accept every event with its default answer; return replies and events."""
-    if data:
-        conn.receive_data(data)
-    events: list[Event] = []
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            break
-        events.append(event)
-        if isinstance(event, StartTLS | ConnectionClosed):
-            break
-        if isinstance(event, DataComplete):
-            conn.reject(event.error) if event.error else conn.accept(QUEUED)
-        elif isinstance(event, NeedsAnswer):
-            conn.accept()
-    return conn.data_to_send(), events
-
-
-def ready(**limits: int) -> ServerConnection:
-    conn = make(**limits)
-    pump(conn, b"EHLO client.example\r\nAUTH PLAIN " + PLAIN + b"\r\n")
-    assert conn.authenticated
-    return conn
-
+from submitd.protocol import NEED_DATA, ConnectionClosed, Reply, ServerState
+from tests.unit.protocol_support import connection, make, pump, ready
 
 BARE_LF = (
     b"500 5.5.2 Line must end with CRLF (bare LF received; with openssl s_client use -crlf)\r\n"
@@ -69,9 +15,7 @@ TOO_LONG = b"500 5.5.2 Line too long\r\n"
 
 
 def test_greeting_names_the_host_without_enhanced_code() -> None:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(), tls_active=False, tls_available=True
-    )
+    conn = connection(tls_active=False, tls_available=True)
     conn.greet()
     assert conn.data_to_send() == b"220 mx.example.org ESMTP submitd\r\n"
     assert conn.state is ServerState.COMMAND

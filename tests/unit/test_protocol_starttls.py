@@ -2,61 +2,26 @@
 
 from __future__ import annotations
 
-import base64
+from functools import partial
 
 import pytest
+
 from submitd.protocol import (
-    NEED_DATA,
     AuthRequest,
-    ConnectionClosed,
-    DataComplete,
-    Event,
     Hello,
     LocalProtocolError,
     MailFrom,
-    NeedsAnswer,
-    ProtocolLimits,
-    Reply,
-    ServerConnection,
     ServerState,
     StartTLS,
 )
+from tests.unit import protocol_support
+from tests.unit.protocol_support import PLAIN, pump
 
-HOST = "mx.example.org"
-QUEUED = Reply.make(250, "2.0.0", "Ok: queued as TEST")
-PLAIN = base64.b64encode(b"\0user\0secret")
+# The state STARTTLS is about: plaintext on port 587 with TLS on offer (RFC 3207).
+make = partial(protocol_support.make, tls_active=False, tls_available=True)
+
 READY = b"220 2.0.0 Ready to start TLS\r\n"
 MUST_STARTTLS = b"530 5.7.0 Must issue a STARTTLS command first\r\n"
-
-
-def make(*, tls_active: bool = False, tls_available: bool = True) -> ServerConnection:
-    conn = ServerConnection(
-        hostname=HOST, limits=ProtocolLimits(), tls_active=tls_active,
-        tls_available=tls_available,
-    )
-    conn.greet()
-    conn.data_to_send()
-    return conn
-
-
-def pump(conn: ServerConnection, data: bytes = b"") -> tuple[bytes, list[Event]]:
-    """Feed ``data``, accept every event with its default answer; return replies and events."""
-    if data:
-        conn.receive_data(data)
-    events: list[Event] = []
-    while True:
-        event = conn.next_event()
-        if event is NEED_DATA:
-            break
-        events.append(event)
-        if isinstance(event, StartTLS | ConnectionClosed):
-            break
-        if isinstance(event, DataComplete):
-            conn.reject(event.error) if event.error else conn.accept(QUEUED)
-        elif isinstance(event, NeedsAnswer):
-            conn.accept()
-    return conn.data_to_send(), events
-
 
 EHLO_PLAIN = (
     b"250-mx.example.org\r\n250-PIPELINING\r\n250-SIZE 26214400\r\n250-8BITMIME\r\n"

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 import trio.testing
+
 from submitd import DeliveryOutcome, Envelope, MailParams, MessageHandle, OutcomeKind, Recipient
 from submitd.config import QueueConfig
 from submitd.mailqueue import QueueRunner, Spool, retry_delay

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import trio
+
 from submitd import Envelope, MailParams, MessageHandle
 from submitd.errors import SpoolError
 from submitd.mailqueue import (
