@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
@@ -19,7 +20,7 @@ import trio
 
 from .._hookcall import HookCaller, PluginDelivery
 from .._logfmt import logfmt
-from ..config import Config, ListenerConfig, load_config
+from ..config import Config, ListenerConfig, TLSConfig, load_config
 from ..errors import ConfigError
 from ..mailqueue.runner import QueueRunner
 from ..mailqueue.spool import Spool
@@ -146,26 +147,34 @@ class Server:
         """Stop accepting and drain (what SIGTERM does)."""
         self._shutdown.set()
 
+    def _prepare_reload(self) -> tuple[Config, TLSConfig, ssl.SSLContext]:
+        new = load_config(self._config.path)
+        if new.plugins.enable != self._config.plugins.enable:
+            raise ConfigError(new.path, "plugins.enable", "changing plugins needs a restart")
+        if new.tls is None:
+            raise ConfigError(new.path, "tls", "a [tls] table is required to serve")
+        context = make_server_context(new.tls)
+        configure_plugins(self.pm, new)
+        return new, new.tls, context
+
     async def reload(self) -> bool:
         """Re-read config, certificate and plugin configuration (what SIGHUP does).
 
         Returns False (and keeps everything as it was) when the new configuration is invalid.
-        The plugin set cannot change on reload: a different ``[plugins] enable`` needs a restart.
+        The plugin set cannot change on reload: a different ``[plugins] enable`` needs a restart,
+        and so do new listeners and a new queue directory or retry schedule.
         """
         try:
-            new = await trio.to_thread.run_sync(load_config, self._config.path)
-            if new.plugins.enable != self._config.plugins.enable:
-                raise ConfigError(new.path, "plugins.enable", "changing plugins needs a restart")
-            if new.tls is None:
-                raise ConfigError(new.path, "tls", "a [tls] table is required to serve")
-            context = make_server_context(new.tls)
-            configure_plugins(self.pm, new)
+            # Reading files and plugin set-up may block: keep them off the event loop.
+            new, tls, context = await trio.to_thread.run_sync(self._prepare_reload)
         except ConfigError as exc:
             log.error(logfmt("reload_failed", error=exc))
             return False
         old, self._config = self._config, new
-        self.tls.config, self.tls.context = new.tls, context
+        self.tls.config, self.tls.context = tls, context
         self.hooks.plugins = new.plugins
+        self.limiter.max_total = new.limits.max_connections
+        self.limiter.max_per_ip = new.limits.max_connections_per_ip
         self.context = replace(self.context, config=new)
         unconfigure_plugins(self.pm, old)
         log.info(logfmt("reloaded", config=new.path))
