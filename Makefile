@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install run lint typecheck test test-unit test-integration test-external bench clean
+.PHONY: install run lint typecheck test test-unit test-integration test-external bench tls-scan clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: lint typecheck test-unit test-integration test-external
 bench: $(STAMP)
 	@$(BIN)/python -c 'import aiosmtpd' 2>/dev/null || $(BIN)/python -m pip install -q aiosmtpd >&2
 	@$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# Needs Debian's testssl.sh (apt-get install testssl.sh); about 90 s.
+tls-scan: $(STAMP)
+	$(BIN)/python bench/tls_scan.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -9,7 +9,8 @@ from ..errors import ConfigError
 
 __all__ = ["CIPHERS_TLS12", "TLSContextHolder", "make_server_context"]
 
-#: TLS 1.2 suites: forward secret (ECDHE/DHE) and AEAD only; TLS 1.3 suites are all AEAD.
+#: TLS 1.2 suites: forward secret (ECDHE) and AEAD only; TLS 1.3 suites are all AEAD.
+#: No DHE: without loaded DH parameters it never negotiates, and ECDHE covers every client.
 CIPHERS_TLS12 = ":".join(
     [
         "ECDHE-ECDSA-AES128-GCM-SHA256",
@@ -18,14 +19,12 @@ CIPHERS_TLS12 = ":".join(
         "ECDHE-RSA-AES256-GCM-SHA384",
         "ECDHE-ECDSA-CHACHA20-POLY1305",
         "ECDHE-RSA-CHACHA20-POLY1305",
-        "DHE-RSA-AES128-GCM-SHA256",
-        "DHE-RSA-AES256-GCM-SHA384",
     ]
 )
 
 
 def make_server_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Build the server context: TLS 1.2+, AEAD ciphers, no renegotiation, no compression."""
+    """Build the server context: TLS 1.2+, ECDHE + AEAD, no renegotiation, tickets, compression."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(CIPHERS_TLS12)
@@ -34,6 +33,9 @@ def make_server_context(tls: TLSConfig) -> ssl.SSLContext:
         | ssl.OP_NO_RENEGOTIATION
         | ssl.OP_CIPHER_SERVER_PREFERENCE
         | ssl.OP_SINGLE_ECDH_USE
+        # TLS 1.2 tickets are sealed with one key for the life of the process: whoever
+        # obtains it can read past sessions. Submission clients gain little from resuming.
+        | ssl.OP_NO_TICKET
     )
     try:
         ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
