@@ -45,7 +45,7 @@ bench: $(STAMP)
 
 # Needs Debian's testssl.sh (apt-get install testssl.sh); about 90 s.
 tls-scan: $(STAMP)
-	$(BIN)/python bench/tls_scan.py
+	@$(BIN)/python bench/tls_scan.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
