@@ -45,6 +45,7 @@ def make_config(tmp_path: Path, ca: TestCA, users_file: Path) -> Callable[..., P
     def make(
         *, enable: tuple[str, ...] = ("passwdfile", "maildir"), limits: dict[str, object] | None
         = None, plugins: dict[str, dict[str, object]] | None = None,
+        queue: dict[str, object] | None = None,
     ) -> Path:
         tables: dict[str, dict[str, object]] = {}
         if "passwdfile" in enable:
@@ -52,7 +53,8 @@ def make_config(tmp_path: Path, ca: TestCA, users_file: Path) -> Callable[..., P
         if "maildir" in enable:
             tables["maildir"] = {"path": "mail"}
         tables.update(plugins or {})
-        return write_config(tmp_path, ca=ca, enable=enable, plugins=tables, limits=limits)
+        return write_config(tmp_path, ca=ca, enable=enable, plugins=tables, limits=limits,
+                            queue=queue)
 
     return make
 

@@ -81,10 +81,15 @@ def write_config(
     enable: Iterable[str] = (),
     plugins: Mapping[str, Mapping[str, object]] | None = None,
     limits: Mapping[str, object] | None = None,
+    queue: Mapping[str, object] | None = None,
     hostname: str = "mx.test.example",
     host: str = "127.0.0.1",
 ) -> Path:
-    """Write ``directory/submitd.toml`` with a STARTTLS and an implicit-TLS listener on port 0."""
+    """Write ``directory/submitd.toml`` with a STARTTLS and an implicit-TLS listener on port 0.
+
+    ``limits``, ``queue`` and ``plugins`` add keys to those tables (values as TOML would read
+    them: strings for durations, lists for ``retry``).
+    """
     lines = [
         f"hostname = {_toml_value(hostname)}",
         "[[listen]]",
@@ -98,9 +103,10 @@ def write_config(
         f"key = {_toml_value(ca.key_path)}",
         'handshake_timeout = "10s"',
         "[queue]",
-        'dir = "spool"',
-        "[limits]",
     ]
+    queue_table: dict[str, object] = {"dir": "spool", **(queue or {})}
+    lines += [f"{k} = {_toml_value(v)}" for k, v in queue_table.items()]
+    lines += ["[limits]"]
     # Tests should not wait long for sessions they left open.
     merged: dict[str, object] = {"shutdown_grace": "2s", **(limits or {})}
     lines += [f"{k} = {_toml_value(v)}" for k, v in merged.items()]

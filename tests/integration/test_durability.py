@@ -25,16 +25,19 @@ def submit(port: int, ca: TestCA, subject: str) -> str:
 def test_accepted_message_survives_kill_9_and_is_delivered_after_restart(
     make_config: Callable[..., Path], ca: TestCA, maildir: Path, tmp_path: Path,
 ) -> None:
-    # First life: no delivery plugin, so the message can only wait in the spool.
-    first = ServerProcess(make_config(enable=("passwdfile",)))
+    # First life: no delivery plugin, so the message is deferred and waits in the spool with
+    # its retry state (a short retry interval keeps the second life quick).
+    retry = {"retry": ["1s"]}
+    first = ServerProcess(make_config(enable=("passwdfile",), queue=retry))
     try:
         submit(first.ports["implicit"], ca, "survivor")
+        first.wait_for_log("event=deferred")
     finally:
         status = first.stop(signal.SIGKILL)
     assert status == -signal.SIGKILL
     assert not maildir.exists() or not list((maildir / "new").iterdir())
     # Second life: same spool, maildir delivery enabled.
-    second = ServerProcess(make_config())
+    second = ServerProcess(make_config(queue=retry))
     try:
         (stored,) = wait_for_mail_sync(maildir)
         assert b"Subject: survivor\r\n" in stored and b"keep me\r\n" in stored
