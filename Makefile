@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install run lint typecheck test test-unit test-integration test-external bench tls-scan clean
+.PHONY: install run lint typecheck test test-unit test-integration test-external bench tls-scan fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ test: lint typecheck test-unit test-integration test-external
 bench: $(STAMP)
 	@$(BIN)/python -c 'import aiosmtpd' 2>/dev/null || $(BIN)/python -m pip install -q aiosmtpd >&2
 	@$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# The protocol core's property tests with 20,000 examples each (a few minutes).
+fuzz: $(STAMP)
+	SUBMITD_HYPOTHESIS_PROFILE=fuzz $(PYTEST) -q tests/unit/test_protocol_fuzz.py
 
 # Needs Debian's testssl.sh (apt-get install testssl.sh); about 90 s.
 tls-scan: $(STAMP)
