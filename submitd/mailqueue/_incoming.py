@@ -36,6 +36,12 @@ log = logging.getLogger("submitd.queue")
 WRITE_BUFFER_SIZE = 256 * 1024
 
 
+def _write_and_read_prefix(fd: int, data: bytearray, limit: int) -> bytes:
+    if data:
+        _durable.write_all(fd, data)
+    return _durable.read_prefix(fd, limit)
+
+
 class _Phase(enum.Enum):
     """Where an incoming message stands; only RECEIVING and FINISHED can still commit."""
 
@@ -94,12 +100,14 @@ class IncomingMessage:
         on the temp file for ``submitd_data_filter``.
         """
         self._expect(_Phase.RECEIVING)
-        await self._flush()
         limit = min(self._size, max_header_size)
+        data, self._buffer = self._buffer, bytearray()
         try:
-            head = await trio.to_thread.run_sync(_durable.read_prefix, self._open_fd(), limit)
+            # One trip to a worker thread: write what is left, read the header section back.
+            head = await trio.to_thread.run_sync(_write_and_read_prefix, self._open_fd(), data,
+                                                 limit)
         except OSError as exc:
-            await self._fail("read", exc)
+            await self._fail("write", exc)
         fields, body_offset, _ = bounded_header_section(head, complete=limit >= self._size)
         self._phase = _Phase.FINISHED
         return MessageHandle(
@@ -156,7 +164,8 @@ class IncomingMessage:
             raise SpoolError(f"cannot queue {self.queue_id}: {exc}") from exc
         self._phase = _Phase.COMMITTED
         self._busy.discard(self.queue_id)
-        log.info(
+        # The session logs the acceptance (with user and sender); this is the spool's detail.
+        log.debug(
             logfmt(
                 "queued",
                 queue_id=self.queue_id,
