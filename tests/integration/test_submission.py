@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import logging
 import ssl
 import warnings
 from collections.abc import Callable
@@ -252,3 +253,20 @@ async def test_tls12_with_aead_cipher_works(server: RunningServer, client_tls: s
         assert isinstance(stream, trio.SSLStream)
         assert stream.version() == "TLSv1.2"
         assert "GCM" in stream.cipher()[0] or "CHACHA20" in stream.cipher()[0]
+
+
+async def test_passwords_never_reach_the_log(
+    server: RunningServer, client_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    wrong = "hunter2-wrong-password"
+    with caplog.at_level(logging.DEBUG):
+        async with await open_session(server, "implicit", client_tls, auth=False) as client:
+            token = base64.b64encode(f"\0{USER}\0{wrong}".encode()).decode()
+            assert (await client.command(f"AUTH PLAIN {token}")).code == 535
+            assert (await client.command("AUTH LOGIN")).code == 334
+            assert (await client.command(base64.b64encode(USER.encode()))).code == 334
+            assert (await client.command(base64.b64encode(PASSWORD.encode()))).code == 235
+            await send_message(client)
+    assert "auth_failed" in caplog.text and "auth_ok" in caplog.text
+    for secret in (wrong, PASSWORD, token, base64.b64encode(PASSWORD.encode()).decode()):
+        assert secret not in caplog.text
