@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .durable import write_all
+
 __all__ = [
     "CERT_FILENAME",
     "KEY_FILENAME",
@@ -116,9 +118,7 @@ def _write_file(path: Path, data: bytes, mode: int, *, overwrite: bool) -> None:
     fd = os.open(path, flags, mode)
     try:
         os.fchmod(fd, mode)  # O_CREAT's mode is filtered by the umask; an old file keeps its own
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
+        write_all(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)

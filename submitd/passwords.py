@@ -28,6 +28,7 @@ from pathlib import Path
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from .durable import fsync_dir, write_all
 from .errors import SubmitdError
 from .secret import Secret
 
@@ -407,9 +408,7 @@ def _write_atomically(path: Path, data: bytes) -> tuple[int, ...]:
             if old is not None:
                 with contextlib.suppress(PermissionError):
                     os.fchown(fd, old.st_uid, old.st_gid)
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
+            write_all(fd, data)
             os.fsync(fd)
             st = os.fstat(fd)
         finally:
@@ -419,9 +418,5 @@ def _write_atomically(path: Path, data: bytes) -> tuple[int, ...]:
         with contextlib.suppress(OSError):
             os.unlink(tmp_name)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)  # make the rename itself durable
     return file_signature(st)

@@ -36,6 +36,7 @@ from submitd import (
     StashKey,
     hookimpl,
 )
+from submitd.durable import fsync_dir, write_all
 
 __all__ = ["MAILDIR_PATH", "submitd_configure", "submitd_deliver"]
 
@@ -46,7 +47,6 @@ _KNOWN_KEYS = frozenset({"path"})
 _SUBDIRS = ("tmp", "new", "cur")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
-_O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
 
 @hookimpl
@@ -86,20 +86,6 @@ def _unique_name(queue_id: str) -> str:
     return f"{seconds}.M{micro}P{os.getpid()}Q{queue_id}R{tag}.{_host_part()}"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
 def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> Path:
     """Write one message into ``maildir`` (blocking); on failure nothing is left in new/."""
     name = _unique_name(envelope.queue_id or "none")
@@ -109,15 +95,15 @@ def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> 
     renamed = False
     try:
         try:
-            _write_all(fd, f"Return-Path: <{envelope.sender}>\r\n".encode())
+            write_all(fd, f"Return-Path: <{envelope.sender}>\r\n".encode())
             for chunk in message.iter_chunks():
-                _write_all(fd, chunk)
+                write_all(fd, chunk)
             os.fsync(fd)
         finally:
             os.close(fd)
         os.rename(tmp, final)
         renamed = True
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             (final if renamed else tmp).unlink()

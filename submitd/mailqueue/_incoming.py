@@ -19,11 +19,11 @@ from typing import NoReturn
 
 import trio
 
+from .. import durable as _durable
 from .._logfmt import logfmt
 from ..errors import SpoolError
 from ..message import HeaderEdits, MessageHandle
 from ..views import Envelope
-from . import _durable
 from ._edits import bounded_header_section, edited_header_section
 from ._layout import Layout
 from ._records import QueueRecord, RecipientRecord, encode_record

@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import _durable
+from .. import durable as _durable
 
 __all__ = ["Layout"]
 

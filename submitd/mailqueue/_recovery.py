@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable, Container
 from pathlib import Path
 
+from .. import durable as _durable
 from .._logfmt import logfmt
-from . import _durable
 from ._ids import is_queue_id
 from ._layout import Layout
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import trio
 
+from .. import durable as _durable
 from ..errors import SpoolError
 from ..message import MessageHandle
-from . import _durable
 from ._edits import bounded_header_section
 from ._ids import is_queue_id, new_queue_id
 from ._incoming import WRITE_BUFFER_SIZE, IncomingMessage

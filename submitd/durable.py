@@ -1,4 +1,6 @@
-"""Blocking file operations for the spool; every caller runs them in a worker thread.
+"""Blocking, durable file operations: the spool, the users file, plugins (public API).
+
+Call them from a worker thread (``trio.to_thread.run_sync``), never on the event loop.
 
 The rules (SECURITY.md §6): a file counts as stored only after ``fsync`` on its descriptor
 and ``fsync`` on the directory that received its name. A failed ``fsync`` is never retried
