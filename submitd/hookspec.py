@@ -67,9 +67,9 @@ def submitd_connect(session: SessionInfo) -> Reply | None:
     """A client connected (after the PROXY header and, on implicit TLS, the handshake).
 
     Stop rule: first answer. Return a 4xx or 5xx :class:`Reply` to refuse the connection (it
-    is sent instead of the greeting, then the connection closes; 554 is sent as ``554 5.7.1``
-    on the wire, never 521 — RFC 6409 §7). None: continue. Failure: the connection is
-    refused with ``421 4.3.0``.
+    is sent instead of the greeting, then the connection closes; a 521 is sent as
+    ``554 5.7.1``, since RFC 6409 §7 forbids 521 on a submission port). None: continue.
+    Failure: the connection is refused with ``421 4.3.0``.
     """
 
 
