@@ -75,6 +75,14 @@ def _peer(stream: trio.abc.Stream) -> tuple[str, int]:
     return str(addr[0]), int(addr[1])
 
 
+def _local_port(stream: trio.abc.Stream) -> int:
+    sock = getattr(stream, "socket", None)
+    try:
+        return int(sock.getsockname()[1]) if sock is not None else 0
+    except OSError:
+        return 0
+
+
 class ConnectionHandler:
     """Serve one listener's connections; one instance per ``[[listen]]`` table."""
 
@@ -156,7 +164,7 @@ class ConnectionHandler:
         )
         session = Session(ctx, conn, info)
         log.info(logfmt("connect", session=sid, peer=host, port=port,
-                        listener=self.listener.address))
+                        local_port=_local_port(stream), mode=self.listener.mode.value))
         driver = _Driver(stream, conn, session, self._tls, ctx)
         try:
             with scope:
