@@ -283,3 +283,60 @@ async def test_implicit_tls_port_over_the_cap_says_421_inside_tls(
         assert (reply.code, reply.status) == (421, "4.7.0")
         await second.aclose()
         await first.aclose()
+
+
+class Extensions:
+    @hookimpl
+    def submitd_ehlo_keywords(self, session):
+        return ["X-DEMO", "DSN", "BAD KEYWORD\r\n250 INJECTED", 42]
+
+    @hookimpl
+    def submitd_rcpt_check(self, session, envelope, recipient):
+        return "OK" if recipient.startswith("weird@") else None
+
+
+async def test_plugin_keywords_are_advertised_and_bad_answers_never_reach_the_wire(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext,
+) -> None:
+    async with running_server(make_config(), extra_plugins=[("ext", Extensions())]) as srv:
+        async with await open_session(srv, "implicit", client_tls) as client:
+            ehlo = await client.command("EHLO again.example")
+            assert "X-DEMO" in ehlo.lines and "DSN" in ehlo.lines
+            assert not any("INJECTED" in line for line in ehlo.lines)
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+            reply = await client.command("RCPT TO:<weird@example.net>")
+            assert (reply.code, reply.status) == (451, "4.3.0"), "a non-Reply answer fails closed"
+            assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
+
+
+async def test_disk_failure_during_commit_is_451_and_nothing_is_queued(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext, maildir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import submitd.durable
+
+    real_fsync_dir = submitd.durable.fsync_dir
+
+    def failing_fsync_dir(path: Path) -> None:
+        if path.name == "msg":
+            raise OSError(5, "Input/output error")
+        real_fsync_dir(path)
+
+    async with running_server(make_config()) as srv:
+        async with await open_session(srv, "implicit", client_tls) as client:
+            monkeypatch.setattr(submitd.durable, "fsync_dir", failing_fsync_dir)
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+            assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
+            assert (await client.command("DATA")).code == 354
+            await client.send(b"Subject: lost disk\r\n\r\nx\r\n.\r\n")
+            reply = await client.reply()
+            assert (reply.code, reply.status) == (451, "4.3.0")
+            spool = srv.server.spool
+            assert await spool.queued_ids() == []
+            assert not list((spool.directory / "msg").iterdir())
+            assert not list((spool.directory / "tmp").iterdir())
+            # The disk recovers; the session goes on and the next message is stored.
+            monkeypatch.setattr(submitd.durable, "fsync_dir", real_fsync_dir)
+            await send_message(client)
+        (stored,) = await wait_for_mail(maildir)
+        assert b"lost disk" not in stored
