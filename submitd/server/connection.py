@@ -43,6 +43,7 @@ R_INTERNAL = Reply.make(421, "4.3.0", "Temporary local problem, closing connecti
 
 _RECEIVE_SIZE = 65536
 _REFUSAL_TIMEOUT = 5.0
+_LINGER = 1.0
 _MAX_TLS_REFUSALS = 32
 _SEND_TIMEOUT = 60.0
 _session_counter = itertools.count(1)
@@ -204,6 +205,7 @@ class _Driver:
         self.limits = ctx.config.limits
         self.handshake_timeout = ctx.config.tls.handshake_timeout if ctx.config.tls else 30.0
         self.sid = session.info.session_id
+        self.eof = False
 
     async def run(self, implicit: bool) -> None:
         if implicit and not await self._handshake():
@@ -230,6 +232,7 @@ class _Driver:
             elif isinstance(event, ConnectionClosed):
                 await self.flush()
                 log.info(logfmt("closing", session=self.sid, reason=event.reason))
+                await self._linger()
                 return
             else:
                 await self.session.handle(event)
@@ -248,6 +251,21 @@ class _Driver:
         ):
             await self.flush()
 
+    async def _linger(self) -> None:
+        """Read and discard until the client closes, for at most a second.
+
+        Closing a socket with unread input makes the kernel send RST, and an RST can destroy
+        the final reply (a 421) before the client has read it; draining first makes our
+        close an orderly one.
+        """
+        if self.eof:
+            return
+        with trio.move_on_after(_LINGER), contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
+        ):
+            while await self.stream.receive_some(_RECEIVE_SIZE):
+                pass
+
     async def _receive(self) -> bool:
         """Read once under the current deadline; on timeout queue 421 4.4.2 and return False."""
         timeout = self.limits.command_timeout
@@ -256,6 +274,7 @@ class _Driver:
             timeout = min(timeout, max(0.0, deadline - trio.current_time()))
         with trio.move_on_after(timeout):
             data = await self.stream.receive_some(_RECEIVE_SIZE)
+            self.eof = not data
             self.conn.receive_data(bytes(data))
             return True
         phase = "data" if deadline is not None else "command"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import ssl
 from collections.abc import Callable
@@ -340,3 +341,27 @@ async def test_disk_failure_during_commit_is_451_and_nothing_is_queued(
             await send_message(client)
         (stored,) = await wait_for_mail(maildir)
         assert b"lost disk" not in stored
+
+
+async def test_slow_trickle_in_data_is_cut_at_the_data_deadline(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext,
+) -> None:
+    config = make_config(limits={"data_timeout": "2s", "command_timeout": "1m"})
+    async with running_server(config) as srv:
+        async with await open_session(srv, "implicit", client_tls) as client:
+            assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
+            assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
+            assert (await client.command("DATA")).code == 354
+            start = trio.current_time()
+            # A byte every 0.2 s is far within the command timeout (1 min); the DATA phase as a
+            # whole is not. The client keeps trickling past the deadline and still reads the 421.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while trio.current_time() - start < 2.5:
+                    await client.send(b"x")
+                    await trio.sleep(0.2)
+            with trio.fail_after(5):
+                reply = await client.reply()
+            assert (reply.code, reply.status) == (421, "4.4.2")
+            assert 1.9 < trio.current_time() - start < 5
+            assert await client.at_eof()
+        assert await srv.server.spool.queued_ids() == []
