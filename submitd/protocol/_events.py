@@ -144,9 +144,12 @@ class ConnectionClosed:
     """The session is over (QUIT, EOF, too many errors, a cross-protocol attack).
 
     Flush ``data_to_send()`` (it may hold ``221`` or ``421``) and close the stream.
+    ``client_done`` is True when the client ended it (QUIT or EOF): it sends nothing more, so
+    there is no input to drain before closing.
     """
 
     reason: str
+    client_done: bool = False
 
 
 Event = (

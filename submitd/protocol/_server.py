@@ -82,6 +82,7 @@ class ServerConnection:
         self._sasl: SaslExchange | None = None
         self._pending: _Answerable | None = None
         self._close_reason = ""
+        self._client_done = False
         self._greeting = Greeting.NONE
         self._authenticated = False
         self._transaction = Transaction.NONE
@@ -191,14 +192,14 @@ class ServerConnection:
                     self._pending = event
                     self._goto(ServerState.AWAITING_ANSWER)
                 return event
-        return ConnectionClosed(reason=self._close_reason)
+        return ConnectionClosed(reason=self._close_reason, client_done=self._client_done)
 
     def _read_data(self) -> Event | NeedData | None:
         assert self._data is not None
         result = self._data.read(self._buf)
         if result is None:
             if self._eof:
-                self._shut("connection closed by client during DATA")
+                self._shut("connection closed by client during DATA", client_done=True)
                 return None
             return NEED_DATA
         if isinstance(result, DataComplete):
@@ -210,7 +211,7 @@ class ServerConnection:
         line = self._lines.next_line(self._buf, _sasl_limit if sasl else command_line_limit)
         if line is None:
             if self._eof:
-                self._shut("connection closed by client")
+                self._shut("connection closed by client", client_done=True)
                 return None
             return NEED_DATA
         return self._on_sasl_line(line) if sasl else self._on_command_line(line)
@@ -261,7 +262,7 @@ class ServerConnection:
             return DataStart()
         self._send(self._simple_reply(command))
         if verb is Verb.QUIT:
-            self._shut("quit")
+            self._shut("quit", client_done=True)
         return None
 
     def _simple_reply(self, command: Command) -> Reply:
@@ -443,9 +444,10 @@ class ServerConnection:
             if self._errors >= self._limits.max_errors:
                 self._shut("too many errors", R.TOO_MANY_ERRORS)
 
-    def _shut(self, reason: str, reply: Reply | None = None) -> None:
+    def _shut(self, reason: str, reply: Reply | None = None, *, client_done: bool = False) -> None:
         if self._state is ServerState.CLOSED:
             return
+        self._client_done = client_done
         if reply is not None:
             self._out += reply.to_bytes()
         self._state = ServerState.CLOSED

@@ -44,6 +44,7 @@ R_INTERNAL = Reply.make(421, "4.3.0", "Temporary local problem, closing connecti
 _RECEIVE_SIZE = 65536
 _REFUSAL_TIMEOUT = 5.0
 _LINGER = 1.0
+_CLOSE_TIMEOUT = 1.0
 _MAX_TLS_REFUSALS = 32
 _SEND_TIMEOUT = 60.0
 _session_counter = itertools.count(1)
@@ -183,7 +184,7 @@ class ConnectionHandler:
         finally:
             with trio.CancelScope(shield=True):
                 await session.aclose()
-                await trio.aclose_forcefully(driver.stream)
+                await _close(driver.stream)
             log.info(logfmt("close", session=sid))
 
 
@@ -232,7 +233,8 @@ class _Driver:
             elif isinstance(event, ConnectionClosed):
                 await self.flush()
                 log.info(logfmt("closing", session=self.sid, reason=event.reason))
-                await self._linger()
+                if not event.client_done:
+                    await self._linger()
                 return
             else:
                 await self.session.handle(event)
@@ -301,6 +303,20 @@ class _Driver:
         self.session.tls_started(version, cipher_name)
         log.info(logfmt("tls", session=self.sid, version=version, cipher=cipher_name))
         return True
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close politely (TLS close_notify) within a second, else forcefully.
+
+    Without close_notify, TLS clients see a truncated stream ("unexpected eof" in OpenSSL 3).
+    """
+    with trio.move_on_after(_CLOSE_TIMEOUT):
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, OSError, ssl.SSLError
+        ):
+            await stream.aclose()
+        return
+    await trio.aclose_forcefully(stream)
 
 
 def _tls_reason(exc: BaseException) -> str:

@@ -270,3 +270,12 @@ async def test_passwords_never_reach_the_log(
     assert "auth_failed" in caplog.text and "auth_ok" in caplog.text
     for secret in (wrong, PASSWORD, token, base64.b64encode(PASSWORD.encode()).decode()):
         assert secret not in caplog.text
+
+
+async def test_quit_ends_tls_with_close_notify(server: RunningServer, client_tls: ssl.SSLContext
+                                              ) -> None:
+    async with await open_session(server, "implicit", client_tls, auth=False) as client:
+        assert (await client.command("QUIT")).code == 221
+        # trio's SSLStream raises BrokenResourceError on a TCP close without close_notify.
+        with trio.fail_after(5):
+            assert await client.stream.receive_some(100) == b""

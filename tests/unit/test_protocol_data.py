@@ -257,7 +257,9 @@ def test_eof_during_data_closes_without_completing_the_message() -> None:
     out, events = pump(conn)
     assert out == b""
     assert completions(events) == []
-    assert events[-1] == ConnectionClosed(reason="connection closed by client during DATA")
+    assert events[-1] == ConnectionClosed(
+        reason="connection closed by client during DATA", client_done=True
+    )
 
 
 def test_refused_message_ends_the_transaction() -> None:

@@ -140,7 +140,7 @@ def test_eof_closes_after_buffered_commands_are_answered() -> None:
     conn.receive_data(b"")
     out, events = pump(conn)
     assert out == b"250 2.0.0 OK\r\n"
-    assert events == [ConnectionClosed(reason="connection closed by client")]
+    assert events == [ConnectionClosed(reason="connection closed by client", client_done=True)]
     assert conn.next_event() == events[0]  # closed stays closed
 
 
@@ -148,9 +148,9 @@ def test_quit_says_bye_and_ignores_what_follows() -> None:
     conn = make()
     out, events = pump(conn, b"QUIT\r\nNOOP\r\n")
     assert out == b"221 2.0.0 Bye\r\n"
-    assert events == [ConnectionClosed(reason="quit")]
+    assert events == [ConnectionClosed(reason="quit", client_done=True)]
     conn.receive_data(b"NOOP\r\n")
-    assert conn.next_event() == ConnectionClosed(reason="quit")
+    assert conn.next_event() == ConnectionClosed(reason="quit", client_done=True)
     assert conn.data_to_send() == b""
 
 
