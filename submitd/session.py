@@ -96,7 +96,7 @@ def _auth_result(value: object) -> AuthResult:
     if not isinstance(value, AuthResult):
         raise TypeError(f"expected an AuthResult, got {type(value).__name__}")
     if value.reply is not None:
-        _refusal(value.reply)
+        return replace(value, reply=_refusal(value.reply))
     return value
 
 
