@@ -5,12 +5,10 @@ maildir."""
 from __future__ import annotations
 
 import shutil
-import signal
 import smtplib
 import ssl
 import subprocess
 import uuid
-from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 
@@ -22,15 +20,6 @@ from tests.support import PASSWORD, RECIPIENT, SENDER, USER, ServerProcess, wait
 pytestmark = pytest.mark.external
 
 MODES = ["starttls", "implicit"]
-
-
-@pytest.fixture
-def served(make_config: Callable[..., Path]) -> Iterator[ServerProcess]:
-    server = ServerProcess(make_config())
-    yield server
-    status = server.stop(signal.SIGTERM)
-    assert status == 0, "".join(server.log)
-    assert not any("Traceback" in line for line in server.log), "".join(server.log)
 
 
 def need(program: str) -> str:

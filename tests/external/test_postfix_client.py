@@ -10,9 +10,7 @@ style). The message is submitted with Postfix's own ``sendmail`` and read back f
 from __future__ import annotations
 
 import re
-import signal
 import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -24,15 +22,6 @@ from tests.support import PASSWORD, RECIPIENT, SENDER, USER, ServerProcess, wait
 pytestmark = pytest.mark.external
 
 MODES = ["starttls", "implicit"]
-
-
-@pytest.fixture
-def served(make_config: Callable[..., Path]) -> Iterator[ServerProcess]:
-    server = ServerProcess(make_config())
-    yield server
-    status = server.stop(signal.SIGTERM)
-    assert status == 0, "".join(server.log)
-    assert not any("Traceback" in line for line in server.log), "".join(server.log)
 
 
 def message(subject: str) -> bytes:
