@@ -3,6 +3,7 @@
 The names exported here are the public plugin API; built-in plugins use nothing else.
 """
 
+from ._logfmt import logfmt
 from .config import Config
 from .errors import ConfigError, PluginError, Reject, SubmitdError
 from .hookspec import hookimpl
@@ -42,6 +43,7 @@ __all__ = [
     "StashKey",
     "SubmitdError",
     "hookimpl",
+    "logfmt",
 ]
 
 __version__ = "0.1.0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import re
 
-__all__ = ["logfmt"]
+__all__ = ["logfmt"]  # re-exported as submitd.logfmt for plugins
 
 _MAX_VALUE = 256
 _PLAIN = re.compile(r"\A[A-Za-z0-9@._+\-/:,<>\[\]]+\Z")

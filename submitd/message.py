@@ -16,12 +16,30 @@ from typing import BinaryIO
 
 from .stash import Stash
 
-__all__ = ["HeaderEdits", "MessageHandle", "parse_header_section"]
+__all__ = ["HeaderEdits", "MessageHandle", "check_field", "parse_header_section"]
 
 # RFC 5322 §3.6.8: field names are printable US-ASCII except ':'.
 _FIELD_NAME = re.compile(rb"\A[\x21-\x39\x3b-\x7e]+\Z")
 _FIELD_NAME_STR = re.compile(r"\A[\x21-\x39\x3b-\x7e]+\Z")
 _BAD_VALUE = re.compile(r"[\x00\r\n]")
+# RFC 5322 §2.1.1: at most 998 characters per line, excluding CRLF.
+_MAX_LINE = 998
+
+
+def check_field(name: str, value: str | None = None) -> None:
+    """Raise ValueError unless ``name: value`` is one safe header line (no CR, LF or NUL).
+
+    Both the plugin-facing :meth:`MessageHandle.add_header` and the spool's commit use it,
+    so a plugin cannot inject a line break whichever way it edits (SECURITY.md §1).
+    """
+    if not _FIELD_NAME_STR.match(name):
+        raise ValueError(f"invalid header field name {name!r}")
+    if value is None:
+        return
+    if _BAD_VALUE.search(value):
+        raise ValueError(f"invalid value for header {name!r}")
+    if len(name) + 2 + len(value.encode("utf-8", "surrogateescape")) > _MAX_LINE:
+        raise ValueError(f"header field {name!r} is too long")
 
 
 def parse_header_section(data: bytes) -> tuple[list[tuple[str, str]], int]:
@@ -66,10 +84,6 @@ class HeaderEdits:
     def __bool__(self) -> bool:
         return bool(self.prepend or self.remove)
 
-    def render(self) -> bytes:
-        """The prepended fields as wire bytes (CRLF-terminated)."""
-        return b"".join(f"{n}: {v}\r\n".encode() for n, v in self.prepend)
-
 
 class MessageHandle:
     """A stored message as plugins see it.
@@ -112,17 +126,13 @@ class MessageHandle:
     def add_header(self, name: str, value: str) -> None:
         """Prepend the field ``name: value``; raise ValueError on CR, LF or NUL (no injection)."""
         self._check_editable()
-        if not _FIELD_NAME_STR.match(name):
-            raise ValueError(f"invalid header field name {name!r}")
-        if _BAD_VALUE.search(value) or len(value) > 900:
-            raise ValueError(f"invalid value for header {name!r}")
+        check_field(name, value)
         self.edits.prepend.insert(0, (name, value))
 
     def remove_header(self, name: str) -> None:
         """Drop every received field ``name`` (case-insensitive) when the message is stored."""
         self._check_editable()
-        if not _FIELD_NAME_STR.match(name):
-            raise ValueError(f"invalid header field name {name!r}")
+        check_field(name)
         self.edits.remove.add(name.lower())
 
     def freeze(self) -> None:

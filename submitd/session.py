@@ -8,7 +8,6 @@ spool file while DATA is in progress, and says 250 only after the spool committe
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -28,11 +27,15 @@ from .protocol import (
     DataStart,
     Event,
     Hello,
+    LocalProtocolError,
     MailFrom,
     MailParams,
     RcptTo,
     Reply,
     ServerConnection,
+    check_refusal,
+    is_ehlo_keyword,
+    require_status,
 )
 from .views import AuthResult, Credentials, Envelope, SessionInfo
 
@@ -43,8 +46,6 @@ if TYPE_CHECKING:
 __all__ = ["ServerContext", "Session"]
 
 log = logging.getLogger("submitd.session")
-
-_KEYWORD = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*\Z")
 
 R_PLUGIN_FAILED = Reply.make(451, "4.3.0", "Temporary local problem, try again later")
 R_NOT_QUEUED = Reply.make(451, "4.3.0", "Temporary failure, message not queued")
@@ -71,25 +72,38 @@ class ServerContext:
     throttle: AuthThrottle
 
 
-def _refusal(value: object) -> Reply:
+# Plugin answers are checked with the core's own rules, so that an answer the core would
+# refuse becomes a PluginError (451 4.3.0) here instead of a broken connection there.
+
+
+def _reply(value: object) -> Reply:
     if not isinstance(value, Reply):
         raise TypeError(f"expected a Reply, got {type(value).__name__}")
-    if value.code < 400:
-        raise ValueError(f"a refusal must be 4xx or 5xx, got {value.code}")
-    return _no_521(value)
+    if value.code == 521:  # RFC 6409 §7: never sent on a submission port
+        return Reply.make(554, "5.7.1", *value.lines)
+    return value
+
+
+def _refusal(value: object) -> Reply:
+    reply = _reply(value)
+    try:
+        check_refusal(reply)
+    except LocalProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    return reply
 
 
 def _any_reply(value: object) -> Reply:
-    if not isinstance(value, Reply):
-        raise TypeError(f"expected a Reply, got {type(value).__name__}")
-    if 300 <= value.code < 400:
+    reply = _reply(value)
+    if reply.code >= 400:
+        return _refusal(reply)
+    if reply.code >= 300:
         raise ValueError("3xx replies are reserved for the protocol core")
-    return _no_521(value)
-
-
-def _no_521(reply: Reply) -> Reply:
-    # RFC 6409 §7: 521 is never sent on a submission port.
-    return Reply.make(554, "5.7.1", *reply.lines) if reply.code == 521 else reply
+    try:
+        require_status(reply)
+    except LocalProtocolError as exc:
+        raise ValueError(str(exc)) from None
+    return reply
 
 
 def _auth_result(value: object) -> AuthResult:
@@ -180,12 +194,13 @@ class Session:
                 keywords.extend(self._valid_keywords(plugin, answer))
         self.conn.accept(keywords=keywords)
 
-    def _valid_keywords(self, plugin: str, answer: object) -> Iterable[str]:
+    def _valid_keywords(self, plugin: str, answer: object) -> list[str]:
         if isinstance(answer, str) or not isinstance(answer, Iterable):
             log.error(logfmt("plugin_bad_answer", plugin=plugin, hook="submitd_ehlo_keywords"))
             return []
-        good = [k for k in answer if isinstance(k, str) and _KEYWORD.match(k)]
-        if len(good) != len(list(answer)):
+        given = list(answer)  # once: the answer may be a generator
+        good = [k for k in given if is_ehlo_keyword(k)]
+        if len(good) != len(given):
             log.error(logfmt("plugin_bad_keyword", plugin=plugin, hook="submitd_ehlo_keywords"))
         return good
 

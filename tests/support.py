@@ -17,15 +17,19 @@ RECIPIENT = "someone@example.net"
 HASHER = PasswordHasher(time_cost=1, memory_cost=8192, parallelism=1)
 
 
+def delivered(maildir: Path, count: int) -> list[bytes] | None:
+    """The messages in ``maildir/new``, oldest first, once there are ``count``; else None."""
+    new = maildir / "new"
+    files = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime) if new.exists() else []
+    return [p.read_bytes() for p in files] if len(files) >= count else None
+
+
 async def wait_for_mail(maildir: Path, count: int = 1, timeout: float = 10.0) -> list[bytes]:
     """Wait until ``count`` messages sit in ``maildir/new`` and return their bytes, oldest first."""
-    new = maildir / "new"
     with trio.fail_after(timeout):
-        while True:
-            files = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime) if new.exists() else []
-            if len(files) >= count:
-                return [p.read_bytes() for p in files]
+        while (messages := delivered(maildir, count)) is None:
             await trio.sleep(0.02)
+        return messages
 
 
 class ServerProcess:
@@ -95,11 +99,9 @@ def wait_for_mail_sync(maildir: Path, count: int = 1, timeout: float = 15.0) -> 
     """Blocking variant of :func:`wait_for_mail` for tests that drive real programs."""
     import time
 
-    new = maildir / "new"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        files = sorted(new.iterdir(), key=lambda p: p.stat().st_mtime) if new.exists() else []
-        if len(files) >= count:
-            return [p.read_bytes() for p in files]
+        if (messages := delivered(maildir, count)) is not None:
+            return messages
         time.sleep(0.05)
     raise TimeoutError(f"{count} message(s) did not arrive in {maildir}")

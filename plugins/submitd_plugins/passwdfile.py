@@ -38,6 +38,7 @@ from submitd import (
     SessionInfo,
     StashKey,
     hookimpl,
+    logfmt,
 )
 from submitd.passwords import UsersFile, UsersFileError, file_signature
 
@@ -89,8 +90,8 @@ class PasswdFileState:
                 signature = file_signature(os.stat(self.path))
             except OSError as exc:
                 if self._broken != _UNREADABLE:
-                    log.error("users file %s unreadable (%s); keeping the loaded one",
-                              self.path, exc.strerror)
+                    log.error(logfmt("users_file_unreadable", path=self.path,
+                                     error=exc.strerror, action="keeping the loaded one"))
                     self._broken = _UNREADABLE
                 return self.users
             if signature == self.users.signature:
@@ -101,11 +102,12 @@ class PasswdFileState:
             try:
                 self.users = UsersFile.load(self.path)
             except UsersFileError as exc:
-                log.error("users file invalid, keeping the loaded one: %s", exc)
+                log.error(logfmt("users_file_invalid", error=exc,
+                                 action="keeping the loaded one"))
                 self._broken = signature
             else:
                 self._broken = None
-                log.info("users file %s reloaded: %d users", self.path, len(self.users))
+                log.info(logfmt("users_file_reloaded", path=self.path, users=len(self.users)))
             return self.users
 
     def rehash(self, users: UsersFile, login: str, password: Secret) -> None:
@@ -116,12 +118,12 @@ class PasswdFileState:
         try:
             updated = users.rehash(login, password, entry.hash)
         except (OSError, UsersFileError) as exc:
-            log.warning("cannot store the upgraded hash of %r in %s: %s", login, self.path, exc)
+            log.warning(logfmt("rehash_not_stored", user=login, path=self.path, error=exc))
             self.rehash_failed = users.signature
             return
         with self.lock:
             self.users = updated
-        log.info("upgraded the password hash of %r", login)
+        log.info(logfmt("rehashed", user=login))
 
 
 #: Where :func:`submitd_configure` keeps this plugin's state.

@@ -6,17 +6,9 @@ Pure functions on bytes: the spool reads the (bounded) header section, calls
 
 from __future__ import annotations
 
-import re
-
-from ..message import HeaderEdits, parse_header_section
+from ..message import HeaderEdits, check_field, parse_header_section
 
 __all__ = ["bounded_header_section", "edited_header_section"]
-
-# RFC 5322 §3.6.8 field names; values may not carry CR, LF or NUL (no header injection).
-_FIELD_NAME = re.compile(r"\A[\x21-\x39\x3b-\x7e]+\Z")
-_BAD_VALUE = re.compile(r"[\x00\r\n]")
-# RFC 5322 §2.1.1: at most 998 characters per line, excluding CRLF.
-_MAX_LINE = 998
 
 
 def bounded_header_section(
@@ -45,10 +37,7 @@ def _check_prepend(edits: HeaderEdits) -> bytes:
     # MessageHandle.add_header validates, but ``edits.prepend`` is a plain list a plugin
     # could append to: check again right before the bytes hit the disk (SECURITY.md §1).
     for name, value in edits.prepend:
-        if not _FIELD_NAME.match(name) or _BAD_VALUE.search(value):
-            raise ValueError(f"invalid prepended header field {name!r}")
-        if len(name) + 2 + len(value.encode("utf-8", "surrogateescape")) > _MAX_LINE:
-            raise ValueError(f"prepended header field {name!r} is too long")
+        check_field(name, value)
     return b"".join(
         f"{name}: {value}\r\n".encode("utf-8", "surrogateescape") for name, value in edits.prepend
     )

@@ -6,6 +6,7 @@ every reply the core sends on its own, by name.
 """
 
 from . import _catalogue as catalogue
+from ._answers import check_refusal, is_ehlo_keyword, require_status
 from ._commands import Verb, render_command, render_mail_from, render_rcpt_to
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -70,13 +71,16 @@ __all__ = [
     "StartTLS",
     "Verb",
     "catalogue",
+    "check_refusal",
     "decode_xtext",
     "encode_xtext",
     "format_path",
+    "is_ehlo_keyword",
     "parse_mailbox",
     "parse_reply",
     "relay_trick",
     "render_command",
     "render_mail_from",
     "render_rcpt_to",
+    "require_status",
 ]

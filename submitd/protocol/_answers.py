@@ -14,10 +14,15 @@ from . import _catalogue as R
 from ._errors import LocalProtocolError
 from ._replies import Reply
 
-__all__ = ["check_positive", "check_refusal", "ehlo_reply", "require_status"]
+__all__ = ["check_positive", "check_refusal", "ehlo_reply", "is_ehlo_keyword", "require_status"]
 
 # RFC 5321 §4.1.1.1: ehlo-line = ehlo-keyword *( SP ehlo-param ).
 _EHLO_LINE = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9-]*( [\x21-\x7e]+)*\Z")
+
+
+def is_ehlo_keyword(line: object) -> bool:
+    """True for one valid EHLO keyword line (keyword and parameters, no line break)."""
+    return isinstance(line, str) and _EHLO_LINE.match(line) is not None
 
 
 def require_status(reply: Reply) -> None:
@@ -57,7 +62,7 @@ def ehlo_reply(
     if isinstance(keywords, str):
         raise LocalProtocolError("keywords must be a sequence of strings, not one string")
     for keyword in keywords:
-        if not isinstance(keyword, str) or not _EHLO_LINE.match(keyword):
+        if not is_ehlo_keyword(keyword):
             raise LocalProtocolError("invalid EHLO keyword line")
     lines = [
         "PIPELINING",  # RFC 2920

@@ -20,7 +20,7 @@ import trio
 
 from .._hookcall import HookCaller, PluginDelivery
 from .._logfmt import logfmt
-from ..config import Config, ListenerConfig, TLSConfig, load_config
+from ..config import Config, ListenerConfig, load_config
 from ..errors import ConfigError
 from ..mailqueue.runner import QueueRunner
 from ..mailqueue.spool import Spool
@@ -147,7 +147,7 @@ class Server:
         """Stop accepting and drain (what SIGTERM does)."""
         self._shutdown.set()
 
-    def _prepare_reload(self) -> tuple[Config, TLSConfig, ssl.SSLContext]:
+    def _prepare_reload(self) -> tuple[Config, ssl.SSLContext]:
         new = load_config(self._config.path)
         if new.plugins.enable != self._config.plugins.enable:
             raise ConfigError(new.path, "plugins.enable", "changing plugins needs a restart")
@@ -155,7 +155,7 @@ class Server:
             raise ConfigError(new.path, "tls", "a [tls] table is required to serve")
         context = make_server_context(new.tls)
         configure_plugins(self.pm, new)
-        return new, new.tls, context
+        return new, context
 
     async def reload(self) -> bool:
         """Re-read config, certificate and plugin configuration (what SIGHUP does).
@@ -166,12 +166,12 @@ class Server:
         """
         try:
             # Reading files and plugin set-up may block: keep them off the event loop.
-            new, tls, context = await trio.to_thread.run_sync(self._prepare_reload)
+            new, context = await trio.to_thread.run_sync(self._prepare_reload)
         except ConfigError as exc:
             log.error(logfmt("reload_failed", error=exc))
             return False
         old, self._config = self._config, new
-        self.tls.config, self.tls.context = tls, context
+        self.tls.context = context
         self.hooks.plugins = new.plugins
         self.limiter.max_total = new.limits.max_connections
         self.limiter.max_per_ip = new.limits.max_connections_per_ip

@@ -51,6 +51,5 @@ class TLSContextHolder:
     """The current server context; the server swaps it on reload without touching open sessions."""
 
     def __init__(self, tls: TLSConfig) -> None:
-        self.config = tls
         self.context = make_server_context(tls)
 

@@ -289,10 +289,13 @@ async def test_implicit_tls_port_over_the_cap_says_421_inside_tls(
 class Extensions:
     @hookimpl
     def submitd_ehlo_keywords(self, session):
-        return ["X-DEMO", "DSN", "BAD KEYWORD\r\n250 INJECTED", 42]
+        # A generator: it can be read only once.
+        return (k for k in ["X-DEMO", "DSN", "BAD KEYWORD\r\n250 INJECTED", 42])
 
     @hookimpl
     def submitd_rcpt_check(self, session, envelope, recipient):
+        if recipient.startswith("nostatus@"):
+            return Reply(code=550, lines=("no enhanced status code",))
         return "OK" if recipient.startswith("weird@") else None
 
 
@@ -307,6 +310,8 @@ async def test_plugin_keywords_are_advertised_and_bad_answers_never_reach_the_wi
             assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
             reply = await client.command("RCPT TO:<weird@example.net>")
             assert (reply.code, reply.status) == (451, "4.3.0"), "a non-Reply answer fails closed"
+            reply = await client.command("RCPT TO:<nostatus@example.net>")
+            assert (reply.code, reply.status) == (451, "4.3.0"), "checked like the core would"
             assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
 
 
