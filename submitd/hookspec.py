@@ -103,8 +103,13 @@ def submitd_mail_from(session: SessionInfo, sender: str, params: MailParams) -> 
 
 
 @hookspec
-def submitd_rcpt_check(session: SessionInfo, envelope: Envelope, recipient: str) -> Reply | None:
+def submitd_rcpt_check(
+    session: SessionInfo, envelope: Envelope, recipient: Recipient
+) -> Reply | None:
     """RCPT TO; ``envelope`` holds the sender and the recipients accepted so far.
+
+    ``recipient`` is a :class:`Recipient`: ``recipient.address`` and its ESMTP parameters
+    (``recipient.param("NOTIFY")``); the same value is stored and handed to the queue hooks.
 
     Stop rule: first answer. A 2xx :class:`Reply` accepts with that text and ends the walk; a
     4xx/5xx reply refuses. None from every plugin accepts: an authenticated submitter may

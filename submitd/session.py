@@ -37,7 +37,7 @@ from .protocol import (
     is_ehlo_keyword,
     require_status,
 )
-from .views import AuthResult, Credentials, Envelope, SessionInfo
+from .views import AuthResult, Credentials, Envelope, Recipient, SessionInfo
 
 if TYPE_CHECKING:
     from .mailqueue.spool import IncomingMessage, Spool
@@ -123,7 +123,7 @@ class Session:
         self.info = info
         self._sender: str | None = None
         self._params = MailParams()
-        self._recipients: list[str] = []
+        self._recipients: list[Recipient] = []
         self._incoming: IncomingMessage | None = None
         self._write_failed = False
         #: trio.current_time() by which the DATA phase must end (None outside DATA).
@@ -280,10 +280,11 @@ class Session:
         self.conn.accept()
 
     async def _rcpt(self, event: RcptTo) -> None:
+        recipient = Recipient(address=event.recipient, params=event.params)
         try:
             answer = await self.ctx.hooks.first(
                 "submitd_rcpt_check", _any_reply, session=self.info, envelope=self._envelope(),
-                recipient=event.recipient,
+                recipient=recipient,
             )
         except PluginError:
             self.conn.reject(R_PLUGIN_FAILED)
@@ -293,7 +294,7 @@ class Session:
                             plugin=answer[0], reply=answer[1].code))
             self.conn.reject(answer[1])
             return
-        self._recipients.append(event.recipient)
+        self._recipients.append(recipient)
         self.conn.accept(answer[1] if answer is not None else None)
 
     async def _data_start(self) -> None:

@@ -23,6 +23,7 @@ __all__ = [
     "Envelope",
     "OutcomeKind",
     "Recipient",
+    "RecipientParams",
     "SessionInfo",
 ]
 
@@ -91,19 +92,42 @@ class Envelope:
     """
 
     sender: str
-    recipients: tuple[str, ...]
+    recipients: tuple[Recipient, ...]
     params: MailParams
     username: str | None
     queue_id: str | None = None
     received_at: float = 0.0
 
 
+#: ESMTP parameters of one recipient: ``(NAME, value)`` pairs, names upper-case, value None
+#: for a parameter without ``=``.
+RecipientParams = tuple[tuple[str, str | None], ...]
+
+
 @dataclass(frozen=True, kw_only=True)
 class Recipient:
-    """One recipient in the queue: its address and how many delivery attempts it has had."""
+    """One recipient: its address and the ESMTP parameters given with ``RCPT TO``.
+
+    The same value travels from ``submitd_rcpt_check`` through the spool to
+    ``submitd_deliver`` and the ``submitd_delivery_result`` observers, so parameters such as
+    DSN's ``NOTIFY`` and ``ORCPT`` (RFC 3461) reach every plugin unchanged. ``attempts``
+    counts the delivery attempts made so far (0 during the session).
+    """
 
     address: str
+    params: RecipientParams = ()
     attempts: int = 0
+
+    def param(self, name: str) -> str | None:
+        """The value of the parameter ``name`` (case-insensitive), or None if absent."""
+        key = name.upper()
+        for pname, value in self.params:
+            if pname == key:
+                return value
+        return None
+
+    def __str__(self) -> str:
+        return self.address
 
 
 class OutcomeKind(enum.Enum):

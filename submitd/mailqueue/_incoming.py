@@ -145,7 +145,8 @@ class IncomingMessage:
             username=envelope.username,
             session=MappingProxyType({str(k): str(v) for k, v in session_info.items()}),
             recipients=tuple(
-                RecipientRecord(address=a, next_attempt=created) for a in envelope.recipients
+                RecipientRecord(address=r.address, params=r.params, next_attempt=created)
+                for r in envelope.recipients
             ),
             next_attempt=created,
         )

@@ -30,7 +30,7 @@ from typing import Any
 from ..message import MessageHandle
 from ..protocol._events import BodyType, MailParams
 from ..protocol._replies import Reply
-from ..views import Envelope, Recipient
+from ..views import Envelope, Recipient, RecipientParams
 
 __all__ = [
     "FORMAT_VERSION",
@@ -59,6 +59,7 @@ class RecipientRecord:
     """The delivery state of one recipient, as stored in the sidecar."""
 
     address: str
+    params: RecipientParams = ()
     state: RecipientState = RecipientState.PENDING
     attempts: int = 0
     last_reply: Reply | None = None
@@ -66,7 +67,7 @@ class RecipientRecord:
 
     def view(self) -> Recipient:
         """Return the read-only :class:`Recipient` handed to queue hooks."""
-        return Recipient(address=self.address, attempts=self.attempts)
+        return Recipient(address=self.address, params=self.params, attempts=self.attempts)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -88,7 +89,7 @@ class QueueRecord:
         """The committed envelope as queue hooks see it (``received_at`` is ``created``)."""
         return Envelope(
             sender=self.sender,
-            recipients=tuple(r.address for r in self.recipients),
+            recipients=tuple(r.view() for r in self.recipients),
             params=self.params,
             username=self.username,
             queue_id=self.queue_id,
@@ -150,6 +151,7 @@ def encode_record(record: QueueRecord) -> bytes:
         "recipients": [
             {
                 "address": r.address,
+                "params": [[name, value] for name, value in r.params],
                 "state": r.state.value,
                 "attempts": r.attempts,
                 "last_reply": _reply_to_json(r.last_reply),
@@ -190,6 +192,22 @@ def _reply_from_json(obj: Any) -> Reply | None:
     return Reply.make(code, status, _get(obj, "text", str)[:400])
 
 
+def _params_from_json(obj: Any) -> RecipientParams:
+    if not isinstance(obj, list):
+        raise ValueError("recipient params is not a list")
+    out: list[tuple[str, str | None]] = []
+    for pair in obj:
+        if (
+            not isinstance(pair, list)
+            or len(pair) != 2
+            or not isinstance(pair[0], str)
+            or not (pair[1] is None or isinstance(pair[1], str))
+        ):
+            raise ValueError("recipient params must be [name, value] pairs")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
 def _recipient_from_json(obj: Any) -> RecipientRecord:
     if not isinstance(obj, dict):
         raise ValueError("recipient is not an object")
@@ -198,6 +216,7 @@ def _recipient_from_json(obj: Any) -> RecipientRecord:
         raise ValueError("negative attempts")
     return RecipientRecord(
         address=_get(obj, "address", str),
+        params=_params_from_json(obj.get("params", [])),
         state=RecipientState(_get(obj, "state", str)),
         attempts=attempts,
         last_reply=_reply_from_json(obj.get("last_reply")),

@@ -108,9 +108,13 @@ class MailFrom(NeedsAnswer):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RcptTo(NeedsAnswer):
-    """RCPT TO with a syntactically valid forward path (never a relay trick)."""
+    """RCPT TO with a syntactically valid forward path (never a relay trick).
+
+    ``params`` holds the ESMTP parameters the core accepted, as ``(NAME, value)`` pairs.
+    """
 
     recipient: str
+    params: tuple[tuple[str, str | None], ...] = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

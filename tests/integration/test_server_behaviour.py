@@ -72,9 +72,9 @@ async def test_slow_tls_handshake_is_cut_off(make_config: Callable[..., Path], t
 class Exploding:
     @hookimpl
     async def submitd_rcpt_check(self, session, envelope, recipient):
-        if recipient.startswith("boom@"):
+        if recipient.address.startswith("boom@"):
             raise RuntimeError("plugin bug")
-        if recipient.startswith("nope@"):
+        if recipient.address.startswith("nope@"):
             return Reply.make(550, "5.1.1", "No such user here")
         return None
 
@@ -294,9 +294,9 @@ class Extensions:
 
     @hookimpl
     def submitd_rcpt_check(self, session, envelope, recipient):
-        if recipient.startswith("nostatus@"):
+        if recipient.address.startswith("nostatus@"):
             return Reply(code=550, lines=("no enhanced status code",))
-        return "OK" if recipient.startswith("weird@") else None
+        return "OK" if recipient.address.startswith("weird@") else None
 
 
 async def test_plugin_keywords_are_advertised_and_bad_answers_never_reach_the_wire(

@@ -196,8 +196,9 @@ async def test_hook_wrappers_are_refused_at_start() -> None:
 
 
 def _envelope() -> Envelope:
-    return Envelope(sender="a@b.example", recipients=("x@one.example", "y@two.example"),
-                    params=MailParams(), username="a", queue_id="Q1")
+    recipients = (Recipient(address="x@one.example"), Recipient(address="y@two.example"))
+    return Envelope(sender="a@b.example", recipients=recipients, params=MailParams(),
+                    username="a", queue_id="Q1")
 
 
 def _message(tmp_path: Path) -> MessageHandle:

@@ -49,7 +49,7 @@ def stored_message(tmp_path: Path, data: bytes = STORED) -> MessageHandle:
 def envelope(sender: str = "alice@example.org") -> Envelope:
     return Envelope(
         sender=sender,
-        recipients=tuple(r.address for r in RECIPIENTS),
+        recipients=RECIPIENTS,
         params=MailParams(),
         username="alice",
         queue_id="01HZX5K3M2ABCDEF",

@@ -18,6 +18,7 @@ from submitd import (
     Envelope,
     MailParams,
     MessageHandle,
+    Recipient,
     Secret,
     SessionInfo,
 )
@@ -85,7 +86,8 @@ def message(tmp_path: Path, *headers: tuple[str, str]) -> MessageHandle:
 
 
 ENVELOPE = Envelope(
-    sender="alice@example.com", recipients=("bob@example.net",), params=MailParams(),
+    sender="alice@example.com", recipients=(Recipient(address="bob@example.net"),),
+    params=MailParams(),
     username="alice",
 )
 

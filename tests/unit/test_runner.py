@@ -102,7 +102,7 @@ async def commit(spool: Spool, *recipients: str) -> str:
     handle = await incoming.finish(max_header_size=65536)
     envelope = Envelope(
         sender="a@example.org",
-        recipients=recipients or ("b@example.net",),
+        recipients=tuple(Recipient(address=a) for a in recipients or ("b@example.net",)),
         params=MailParams(),
         username="a",
     )
@@ -159,6 +159,7 @@ async def test_temporary_failure_is_retried_on_the_schedule(
         assert sidecar["next_attempt"] == T0 + 60
         assert sidecar["recipients"][0] | {"last_reply": None} == {
             "address": "b@example.net",
+            "params": [],
             "state": "pending",
             "attempts": 1,
             "last_reply": None,

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from submitd import Envelope, MailParams, MessageHandle
+from submitd import Envelope, MailParams, MessageHandle, Recipient
 from submitd.errors import SpoolError
 from submitd.mailqueue import (
     QUEUE_ID_LENGTH,
@@ -43,7 +43,7 @@ SESSION = {"session_id": "S1", "peer": "192.0.2.7:40000", "tls": "TLSv1.3"}
 def envelope(*recipients: str, received_at: float = 1_700_000_000.0) -> Envelope:
     return Envelope(
         sender="alice@example.org",
-        recipients=recipients or ("bob@example.net",),
+        recipients=tuple(Recipient(address=a) for a in recipients or ("bob@example.net",)),
         params=MailParams(size=1234, body=BodyType.EIGHT_BIT_MIME, auth="<>"),
         username="alice",
         received_at=received_at,
@@ -133,6 +133,7 @@ async def test_sidecar_is_versioned_json_naming_the_message(spool: Spool) -> Non
     assert sidecar["recipients"] == [
         {
             "address": "bob@example.net",
+            "params": [],
             "state": "pending",
             "attempts": 0,
             "last_reply": None,
@@ -323,7 +324,7 @@ CRASH_SCRIPT = """
 import os, signal, sys
 from pathlib import Path
 import trio
-from submitd import Envelope, MailParams
+from submitd import Envelope, MailParams, Recipient
 from submitd.mailqueue import Spool
 
 async def main() -> None:
@@ -335,7 +336,7 @@ async def main() -> None:
     handle.add_header("Received", "by crash.example.org")
     if sys.argv[2] == "before-commit":
         os.kill(os.getpid(), signal.SIGKILL)
-    env = Envelope(sender="a@example.org", recipients=("b@example.net",),
+    env = Envelope(sender="a@example.org", recipients=(Recipient(address="b@example.net"),),
                    params=MailParams(), username="a")
     queue_id = await incoming.commit(env, handle, session_info={"session_id": "S9"})
     print(queue_id, flush=True)  # what the client would see as "250 queued as ..."
@@ -363,7 +364,7 @@ async def test_message_acknowledged_before_kill_9_is_recovered(tmp_path: Path) -
     assert await spool.recover() == [queue_id]
     queued = await spool.load(queue_id)
     assert queued.message.path.read_bytes() == b"Received: by crash.example.org\r\n" + MESSAGE
-    assert queued.envelope.recipients == ("b@example.net",)
+    assert [r.address for r in queued.envelope.recipients] == ["b@example.net"]
 
 
 async def test_kill_9_before_commit_leaves_only_a_fragment_that_recovery_removes(
