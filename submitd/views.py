@@ -140,22 +140,31 @@ class OutcomeKind(enum.Enum):
 
 @dataclass(frozen=True, kw_only=True)
 class DeliveryOutcome:
-    """The result of delivering to one recipient, with the reply that decided it."""
+    """The result of delivering to one recipient, with the reply that decided it.
+
+    ``remote`` names the host that gave the reply (``"smtp.example.net"``), when there was
+    one; it becomes the ``Remote-MTA`` of a delivery status notification (RFC 3464 §2.3.5).
+    """
 
     kind: OutcomeKind
     reply: Reply
+    remote: str | None = None
 
     @classmethod
-    def delivered(cls, reply: Reply | None = None) -> DeliveryOutcome:
+    def delivered(cls, reply: Reply | None = None, *, remote: str | None = None) -> DeliveryOutcome:
         """The recipient's mail is handed on (``250 2.0.0`` unless ``reply`` is given)."""
-        return cls(kind=OutcomeKind.DELIVERED, reply=reply or Reply.make(250, "2.0.0", "Delivered"))
+        return cls(
+            kind=OutcomeKind.DELIVERED,
+            reply=reply or Reply.make(250, "2.0.0", "Delivered"),
+            remote=remote,
+        )
 
     @classmethod
-    def temporary(cls, reply: Reply) -> DeliveryOutcome:
+    def temporary(cls, reply: Reply, *, remote: str | None = None) -> DeliveryOutcome:
         """Try again later; ``reply`` should be a 4xx."""
-        return cls(kind=OutcomeKind.TEMPORARY, reply=reply)
+        return cls(kind=OutcomeKind.TEMPORARY, reply=reply, remote=remote)
 
     @classmethod
-    def permanent(cls, reply: Reply) -> DeliveryOutcome:
+    def permanent(cls, reply: Reply, *, remote: str | None = None) -> DeliveryOutcome:
         """Give up on this recipient; ``reply`` should be a 5xx."""
-        return cls(kind=OutcomeKind.PERMANENT, reply=reply)
+        return cls(kind=OutcomeKind.PERMANENT, reply=reply, remote=remote)
