@@ -14,7 +14,7 @@ from submitd.errors import ConfigError
 from submitd.plugin_manager import available_plugins
 
 ROOT = Path(__file__).resolve().parents[2]
-PUBLIC_MODULES = {"submitd", "submitd.durable", "submitd.passwords"}
+PUBLIC_MODULES = {"submitd", "submitd.client", "submitd.durable", "submitd.passwords"}
 
 
 def test_every_builtin_plugin_is_an_entry_point() -> None:
