@@ -8,9 +8,12 @@ Three measurements, each against a peer run in the same invocation (see bench/RE
 2. ``large_message``: one 20 MiB message to each; the server's peak RSS growth.
 3. ``protocol_core``: the sans-I/O core parsing a 10 MiB DATA phase, against a bare
    split-and-unstuff of the same bytes.
+4. ``backlog``: the throughput load against ``submitd serve`` with 50,000 deferred messages
+   in its spool, against a second ``submitd serve`` with an empty spool; rounds alternate.
 
-Usage: ``python bench/run.py [--quick] [--only NAME ...]``. Everything runs on 127.0.0.1
-with ports the OS picks, in a temporary directory; child servers are stopped on any exit.
+Usage: ``python bench/run.py [--quick] [--only NAME ...] [--backlog N]`` (``--workload`` is
+the same as ``--only``). Everything runs on 127.0.0.1 with ports the OS picks, in a temporary
+directory; child servers are stopped on any exit.
 """
 
 from __future__ import annotations
@@ -23,17 +26,27 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from backlog import count_queued, fill_spool, spool_bytes
 from core import run_core
 from load import LoadResult, large_message_probe, make_message, run_load, summarize
-from servers import ServerHandle, Workspace, start_peer, start_submitd
+from servers import (
+    ServerHandle,
+    Workspace,
+    count_delivered,
+    start_peer,
+    start_submitd,
+    status_kib,
+)
 
 MIB = 1024 * 1024
 MAX_SIZE = 32 * MIB
-SECTIONS = ("throughput", "large_message", "protocol_core")
+SECTIONS = ("throughput", "large_message", "protocol_core", "backlog")
+BACKLOG_MESSAGE_SIZE = 4 * 1024  # the deferred messages' size (only their sidecars are read)
+BACKLOG_START_TIMEOUT = 900.0  # seconds for submitd to recover a full spool and listen
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,14 +62,15 @@ class Plan:
     core_repeats: int
     small_size: int
     small_count: int
+    backlog: int  # deferred messages in the full spool
 
 
 FULL = Plan(rounds=5, connections=8, messages=200, message_size=10 * 1024,
             large_size=20 * MIB, core_size=10 * MIB, core_repeats=7,
-            small_size=10 * 1024, small_count=300)
+            small_size=10 * 1024, small_count=300, backlog=50_000)
 QUICK = Plan(rounds=1, connections=4, messages=60, message_size=10 * 1024,
              large_size=20 * MIB, core_size=4 * MIB, core_repeats=3,
-             small_size=10 * 1024, small_count=100)
+             small_size=10 * 1024, small_count=100, backlog=5_000)
 
 
 def progress(message: str) -> None:
@@ -147,13 +161,89 @@ def bench_core(plan: Plan) -> dict[str, Any]:
     return result
 
 
+def bench_backlog(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
+    """The throughput load against a submitd with a full spool and one with an empty spool.
+
+    Both are ``submitd serve`` with the same config; the full one starts on a spool holding
+    ``plan.backlog`` deferred messages (:func:`backlog.fill_spool`), none due during the run.
+    Rounds alternate between the two, as in ``throughput``.
+    """
+    context = ws.ca.client_context()
+    full_dir = work / "backlog-full"
+    body = make_message(BACKLOG_MESSAGE_SIZE, 0)
+    progress(f"backlog: writing {plan.backlog} deferred messages into {full_dir / 'spool'}")
+    fill = fill_spool(full_dir / "spool", count=plan.backlog, body=body)
+    fill["spool_mib"] = round(spool_bytes(full_dir / "spool") / MIB, 1)
+    progress(f"backlog: spool filled in {fill['fill_s']} s; starting both servers")
+    results: dict[str, list[LoadResult]] = {"backlog": [], "empty": []}
+    with start_submitd(ws, full_dir, max_size=MAX_SIZE,
+                       start_timeout=BACKLOG_START_TIMEOUT) as full, \
+            start_submitd(ws, work / "backlog-empty", max_size=MAX_SIZE) as empty:
+        servers: dict[str, ServerHandle] = {"backlog": full, "empty": empty}
+        rss_start = {key: status_kib(srv.pid, "VmRSS") for key, srv in servers.items()}
+        progress(f"backlog: submitd ready in {full.start_s:.1f} s with the full spool, "
+                 f"{empty.start_s:.1f} s with the empty one")
+        for server in servers.values():
+            run_load(server, context, connections=1, messages=1, size=plan.message_size)
+        for n in range(plan.rounds):
+            order = ("backlog", "empty") if n % 2 == 0 else ("empty", "backlog")
+            for key in order:
+                result = run_load(servers[key], context, connections=plan.connections,
+                                  messages=plan.messages, size=plan.message_size)
+                results[key].append(result)
+                progress(f"backlog round {n + 1}/{plan.rounds} {key} spool: "
+                         f"{result.msgs_per_s:.1f} msg/s")
+        rss_end = {key: status_kib(srv.pid, "VmRSS") for key, srv in servers.items()}
+        sent = 1 + plan.rounds * plan.messages
+        # Only what the load sent may reach the Maildir: the deferred messages must wait.
+        early = count_delivered(full.maildir) - sent
+        queued_after = count_queued(full_dir / "spool")
+    summary = {key: summarize(results[key]) for key in results}
+    for key, srv in servers.items():
+        summary[key]["start_s"] = round(srv.start_s, 2)
+        summary[key]["rss_kib_after_start"] = rss_start[key]
+        summary[key]["rss_kib_after_rounds"] = rss_end[key]
+    return {
+        "load": {
+            "connections": plan.connections,
+            "messages": plan.messages,
+            "message_bytes": len(make_message(plan.message_size, 0)),
+            "rounds": plan.rounds,
+            "session": "STARTTLS (verified) + AUTH PLAIN (argon2id, default parameters)",
+        },
+        "spool": {
+            "deferred_messages": plan.backlog,
+            "deferred_message_bytes": len(body),
+            **fill,
+            "still_queued_after_rounds": queued_after,
+            "deferred_delivered_during_rounds": early,
+        },
+        "backlog": summary["backlog"],
+        "empty": summary["empty"],
+        "ratio_backlog_over_empty": ratio(summary["backlog"]["msgs_per_s"],
+                                          summary["empty"]["msgs_per_s"]),
+        "ratio_rounds": [ratio(a.msgs_per_s, b.msgs_per_s)
+                         for a, b in zip(results["backlog"], results["empty"], strict=True)],
+        "ratio_cpu_per_msg_backlog_over_empty": ratio(
+            summary["backlog"]["server_cpu_ms_per_msg"], summary["empty"]["server_cpu_ms_per_msg"]
+        ),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="submitd benchmark (JSON on stdout)")
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    parser.add_argument("--only", choices=SECTIONS, action="append",
+    parser.add_argument("--only", "--workload", choices=SECTIONS, action="append",
                         help="run only this measurement (repeatable)")
+    parser.add_argument("--backlog", type=int, metavar="N",
+                        help="deferred messages for the backlog workload "
+                             f"(default {FULL.backlog:,}; {QUICK.backlog:,} with --quick)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    if args.backlog is not None:
+        if args.backlog < 1:
+            parser.error("--backlog must be at least 1")
+        plan = replace(plan, backlog=args.backlog)
     wanted = args.only or list(SECTIONS)
     import submitd
 
@@ -177,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             report["throughput"] = bench_throughput(ws, work, plan)
         if "large_message" in wanted:
             report["large_message"] = bench_large(ws, work, plan)
+        if "backlog" in wanted:
+            report["backlog"] = bench_backlog(ws, work, plan)
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     json.dump(report, sys.stdout, indent=2)
     print()

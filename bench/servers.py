@@ -67,6 +67,7 @@ class ServerHandle:
     port: int  # the STARTTLS (submission) port
     maildir: Path
     log: Path
+    start_s: float = 0.0  # from the process start until it was ready to accept
 
     @property
     def pid(self) -> int:
@@ -99,9 +100,15 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def start_submitd(ws: Workspace, directory: Path, *, max_size: int) -> Iterator[ServerHandle]:
-    """Run ``submitd serve`` on a fresh config, spool and Maildir in ``directory``."""
-    directory.mkdir(parents=True)
+def start_submitd(
+    ws: Workspace, directory: Path, *, max_size: int, start_timeout: float = START_TIMEOUT,
+) -> Iterator[ServerHandle]:
+    """Run ``submitd serve`` with its config, spool and Maildir in ``directory``.
+
+    The spool is ``directory/spool``; a caller may have filled it already (the backlog
+    workload does), and then waits for the server's recovery with ``start_timeout``.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
     config = write_config(
         directory, ca=ws.ca, enable=("passwdfile", "maildir"),
         plugins={"passwdfile": {"path": str(ws.users)}, "maildir": {"path": "mail"}},
@@ -110,21 +117,22 @@ def start_submitd(ws: Workspace, directory: Path, *, max_size: int) -> Iterator[
     )
     log = directory / "server.log"
     exe = Path(sys.executable).with_name("submitd")
+    started = time.perf_counter()
     with log.open("wb") as sink:
         proc = subprocess.Popen(
             [str(exe), "serve", "-c", str(config)], stdin=subprocess.DEVNULL,
             stdout=sink, stderr=sink, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        port = _wait_submitd_ready(proc, log)
+        port = _wait_submitd_ready(proc, log, start_timeout)
         yield ServerHandle(name="submitd", proc=proc, port=port, maildir=directory / "mail",
-                           log=log)
+                           log=log, start_s=time.perf_counter() - started)
     finally:
         _stop(proc)
 
 
-def _wait_submitd_ready(proc: subprocess.Popen[bytes], log: Path) -> int:
-    deadline = time.monotonic() + START_TIMEOUT
+def _wait_submitd_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
         if "event=ready" in text:
