@@ -1,4 +1,4 @@
-"""Scan a real ``submitd serve`` with testssl on both listener kinds (SECURITY.md §2).
+"""Scan a real ``submitd serve`` with testssl on both listener kinds (policy: RFC 9325, RFC 8996).
 
 Usage: ``.venv/bin/python bench/tls_scan.py [--raw DIR] [--no-cipher-list]``
 
