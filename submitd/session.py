@@ -2,7 +2,8 @@
 
 The session never touches the stream: the connection driver feeds it events from the protocol
 core and it answers through ``ServerConnection.accept`` / ``reject``. It owns the transaction's
-spool file while DATA is in progress, and says 250 only after the spool committed.
+spool file while DATA is in progress, and says 250 only after the spool committed; that 250 is
+then :attr:`Session.unacknowledged` until the driver has sent it.
 """
 
 from __future__ import annotations
@@ -128,6 +129,10 @@ class Session:
         self._write_failed = False
         #: trio.current_time() by which the DATA phase must end (None outside DATA).
         self.data_deadline: float | None = None
+        #: The queue ID of a committed message whose ``250`` is queued on the connection but
+        #: not yet sent. The driver must send that reply before anything else may happen on
+        #: the connection, shutdown included, then call :meth:`acknowledged`.
+        self.unacknowledged: str | None = None
 
     @property
     def sid(self) -> str:
@@ -176,6 +181,10 @@ class Session:
             await self._data_complete(event)
         else:  # pragma: no cover - the driver handles StartTLS and ConnectionClosed
             raise TypeError(f"unexpected event {event!r}")
+
+    def acknowledged(self) -> None:
+        """The driver sent (or gave up sending) the ``250`` of :attr:`unacknowledged`."""
+        self.unacknowledged = None
 
     async def aclose(self) -> None:
         """Drop an unfinished transaction's spool files (nothing was acknowledged)."""
@@ -334,17 +343,26 @@ class Session:
             self._reset_transaction()
             return
         try:
-            reply = await self._store(incoming)
+            stored = await self._store(incoming)
         finally:
             self._incoming = None
             self._reset_transaction()
-        if reply.code >= 400:
-            self.conn.reject(reply)
-        else:
-            self.conn.accept(reply)
+        if isinstance(stored, Reply):
+            self.conn.reject(stored)
+            return
+        # Committed: the message is ours (RFC 5321 §6.1) and the client must be told so.
+        # No checkpoint lies between the commit and here, so a shutdown cannot get in between;
+        # the driver sends this reply shielded before it lets a shutdown 421 out.
+        self.conn.accept(Reply.make(250, "2.0.0", f"Ok: queued as {stored}"))
+        self.unacknowledged = stored
+        self.ctx.runner.notify(stored)
 
-    async def _store(self, incoming: IncomingMessage) -> Reply:
-        """Filter and commit; on any failure the spool files are removed and 4xx/5xx returned."""
+    async def _store(self, incoming: IncomingMessage) -> Reply | str:
+        """Filter and commit: the queue ID, or the 4xx/5xx refusal (the spool files removed).
+
+        Cancelled (a shutdown) before the commit starts, nothing is queued; once it has
+        started, the commit finishes whatever happens meanwhile.
+        """
         envelope = self._envelope()
         committed = False
         try:
@@ -379,8 +397,7 @@ class Session:
         log.info(logfmt("accepted", session=self.sid, queue_id=queue_id, user=self.info.username,
                         sender=f"<{envelope.sender}>", nrcpt=len(envelope.recipients),
                         size=message.size))
-        self.ctx.runner.notify(queue_id)
-        return Reply.make(250, "2.0.0", f"Ok: queued as {queue_id}")
+        return queue_id
 
     def _session_record(self) -> dict[str, str]:
         info = self.info

@@ -3,7 +3,10 @@
 It holds no policy. Per connection: take a slot, (implicit TLS) handshake, greet, then loop —
 flush replies, read under the command or DATA deadline, feed the core, hand events to the
 session. It catches every exception at its top: in trio one escaping handler would stop
-``serve_listeners`` and with it the whole service (SECURITY.md §5).
+``serve_listeners`` and with it the whole service.
+
+A committed message's ``250`` is sent at once and shielded from cancellation, so a shutdown
+can never turn "queued" into a ``421`` the client would answer by sending the message again.
 """
 
 from __future__ import annotations
@@ -47,6 +50,10 @@ _LINGER = 1.0
 _CLOSE_TIMEOUT = 1.0
 _MAX_TLS_REFUSALS = 32
 _SEND_TIMEOUT = 60.0
+_CLOSING_REPLY_TIMEOUT = 5.0
+# A 250 for a committed message is a few dozen bytes: its send blocks only when the client
+# stopped reading long ago, so a short deadline is enough and keeps a shutdown short.
+_ACK_TIMEOUT = 15.0
 _session_counter = itertools.count(1)
 _session_prefix = os.urandom(3).hex()
 
@@ -238,8 +245,11 @@ class _Driver:
                 return
             else:
                 await self.session.handle(event)
+                if self.session.unacknowledged is not None and not await self._acknowledge():
+                    return
 
     async def flush(self) -> None:
+        """Send every queued reply within ``_SEND_TIMEOUT`` (``TooSlowError`` otherwise)."""
         data = self.conn.data_to_send()
         if data:
             with trio.fail_after(_SEND_TIMEOUT):
@@ -247,11 +257,40 @@ class _Driver:
 
     async def flush_quietly(self) -> None:
         """Best effort: send what is queued (a 421) within a short deadline, ignore failures."""
-        with trio.move_on_after(5), trio.CancelScope(shield=True), contextlib.suppress(
-            trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError, OSError,
-            ssl.SSLError,
+        # The deadline sits inside the shield: outside it, the shield would block it too.
+        with (
+            trio.CancelScope(shield=True),
+            trio.move_on_after(_CLOSING_REPLY_TIMEOUT),
+            contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
+                                trio.TooSlowError, OSError, ssl.SSLError),
         ):
             await self.flush()
+
+    async def _acknowledge(self) -> bool:
+        """Send the ``250`` of a committed message now, shielded; False if it could not go.
+
+        Once committed the message will be delivered, so the client must hear 250: told 421
+        it would send the message again (RFC 5321 §6.1, RFC 1047). A shutdown must not cancel
+        this send either: the replies are already taken from the connection, and a cancelled
+        send loses them (and breaks a TLS stream). The shield gets its own deadline, so a
+        client that stopped reading holds up neither the shutdown nor its slot for long; the
+        shutdown's 421, if any, follows at the next checkpoint.
+        """
+        queue_id = self.session.unacknowledged
+        self.session.acknowledged()
+        data = self.conn.data_to_send()  # earlier pipelined replies, then the 250
+        error = "timeout"
+        with trio.CancelScope(shield=True), trio.move_on_after(_ACK_TIMEOUT):
+            try:
+                await self.stream.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                error = type(exc).__name__
+            else:
+                return True
+        # Queued, but the client may never know: it may send the message again (a duplicate
+        # is the lesser harm; the log says which message it was).
+        log.warning(logfmt("reply_unsent", session=self.sid, queue_id=queue_id, reason=error))
+        return False
 
     async def _linger(self) -> None:
         """Read and discard until the client closes, for at most a second.
