@@ -2,8 +2,9 @@
 
 DIR receives ``submitd.toml`` (listeners on 127.0.0.1:2587 STARTTLS and 127.0.0.1:2465
 implicit TLS), a self-signed certificate for ``localhost`` and ``127.0.0.1`` in ``tls/``, a
-users file with one login ``demo`` and a random password, and maildir delivery into ``mail/``.
-Nothing existing is overwritten. Blocking (key generation, argon2, fsync).
+users file with one login ``demo`` and a random password, and maildir delivery into ``mail/``
+(with a commented-out smarthost route to show how to relay instead). Nothing existing is
+overwritten. Blocking (key generation, argon2, fsync).
 """
 
 from __future__ import annotations
@@ -57,6 +58,25 @@ path = "users"
 
 [plugins.maildir]           # every accepted message lands in this Maildir
 path = "mail"
+
+# To forward mail through your provider's relay instead (README "Relay through your
+# provider", docs/smarthost.md): put "smarthost" in `enable` above (in place of "maildir", or
+# after it to relay only the senders a route names), put the relay's password alone in
+# smarthost.secret (mode 0600), and uncomment the default route, the sender route, or both.
+# [plugins.smarthost]       # the default route: every sender no route below matches
+# host = "smtp.provider.example"
+# port = 587
+# tls = "starttls"          # verified against the system's trust store
+# username = "relay-user"
+# password_file = "smarthost.secret"
+#
+# [[plugins.smarthost.route]]   # only these senders; others go to the default route or maildir
+# senders = ["{DEMO_SENDER}"]
+# host = "smtp.provider.example"
+# port = 587
+# tls = "starttls"
+# username = "relay-user"
+# password_file = "smarthost.secret"
 """
 
 USERS_HEADER = """\
