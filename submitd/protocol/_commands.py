@@ -36,6 +36,7 @@ __all__ = [
     "COMMAND_LINE_MAX",
     "MAIL_LINE_MAX",
     "Command",
+    "RcptParams",
     "Verb",
     "command_line_limit",
     "is_cross_protocol",
@@ -297,7 +298,7 @@ def render_mail_from(sender: str, params: MailParams) -> bytes:
     """``MAIL FROM:<sender>`` with SIZE, BODY and SMTPUTF8 as given.
 
     ``params.auth`` is deliberately not sent on: it came from a client and is not trusted
-    (RFC 4954 §5, SECURITY.md §4).
+    (RFC 4954 §5).
     """
     words = [f"FROM:{format_path(sender)}"]
     if params.size is not None:
@@ -309,8 +310,29 @@ def render_mail_from(sender: str, params: MailParams) -> bytes:
     return render_command(Verb.MAIL, " ".join(words))
 
 
-def render_rcpt_to(recipient: str) -> bytes:
-    """``RCPT TO:<recipient>``; an invalid address raises ``AddressError``."""
+#: ESMTP parameters of one RCPT TO, as ``(NAME, value)`` pairs (``None`` for a bare keyword).
+RcptParams = tuple[tuple[str, str | None], ...]
+
+
+def _render_params(params: RcptParams) -> list[str]:
+    words = [name if value is None else f"{name}={value}" for name, value in params]
+    try:
+        parsed = parse_esmtp_params(words)
+    except GrammarError as exc:
+        raise ValueError(f"bad ESMTP parameter: {exc}") from None
+    # A keyword holding "=" would parse back as a different pair: refuse the ambiguity.
+    if [(k, v) for k, v in parsed] != [(n.upper(), v) for n, v in params]:
+        raise ValueError("bad ESMTP parameter")
+    return words
+
+
+def render_rcpt_to(recipient: str, params: RcptParams = ()) -> bytes:
+    """``RCPT TO:<recipient> [params]``; an invalid address raises ``AddressError``.
+
+    ``params`` (DSN's ``NOTIFY`` and ``ORCPT``, RFC 3461 §4) must follow the esmtp-param
+    grammar of RFC 5321 §4.1.2, or ``ValueError`` is raised.
+    """
     if not recipient:
         raise AddressError(AddressProblem.SYNTAX, "null recipient")
-    return render_command(Verb.RCPT, f"TO:{format_path(recipient)}")
+    words = [f"TO:{format_path(recipient)}", *_render_params(params)]
+    return render_command(Verb.RCPT, " ".join(words))

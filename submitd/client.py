@@ -1,0 +1,626 @@
+"""An SMTP client on trio, for relaying queued mail to a smarthost (RFC 5321, RFC 6409).
+
+The conversation itself lives in the sans-I/O :class:`~submitd.protocol.ClientConnection`;
+this module only moves bytes: it connects, reads under the RFC 5321 §4.5.3.2 deadlines, wraps
+the stream in TLS (implicit, RFC 8314, or STARTTLS, RFC 3207) and streams the stored message
+from disk in worker threads. Every failure of the transport (``OSError``, trio's stream
+errors, timeouts, a server breaking the protocol) becomes :class:`SMTPClientError` at one
+boundary, :meth:`SMTPClient._boundary`.
+
+Credentials are sent only inside TLS, never on ``tls = none``. The password appears in no
+exception, repr or log line; replies that echo it back have it blanked.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import math
+import ssl
+import types
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import trio
+
+from ._logfmt import logfmt
+from .message import MessageHandle
+from .protocol import (
+    NEED_DATA,
+    AddressError,
+    BodyType,
+    ClientConnection,
+    MailParams,
+    Mechanism,
+    RcptParams,
+    RemoteProtocolError,
+    Reply,
+    format_path,
+    parse_extensions,
+    render_rcpt_to,
+)
+from .protocol._grammar import GrammarError, has_control, parse_hello_domain
+from .secret import Secret
+from .views import Recipient
+
+__all__ = [
+    "ClientSettings",
+    "ClientTLSMode",
+    "ClientTimeouts",
+    "SMTPClient",
+    "SMTPClientError",
+    "TransactionResult",
+]
+
+_log = logging.getLogger("submitd.client")
+
+#: The body is read from disk and written in pieces of this size.
+CHUNK_SIZE = 64 * 1024
+#: QUIT and the TLS close_notify get at most this long when closing.
+_CLOSE_DEADLINE = 5.0
+#: A server that answers every SASL response with another 334 is cut off after this many.
+_MAX_SASL_STEPS = 4
+
+
+class ClientTLSMode(enum.Enum):
+    """How the connection is protected: STARTTLS (port 587), implicit TLS (465) or not at all."""
+
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+    NONE = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientTimeouts:
+    """Deadlines in seconds; the defaults are RFC 5321 §4.5.3.2's."""
+
+    connect: float = 30.0
+    greeting: float = 300.0  # also EHLO/HELO, STARTTLS and the TLS handshake, AUTH, RSET, QUIT
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0  # each write of the body
+    data_end: float = 600.0  # waiting for the reply after CRLF.CRLF
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "greeting", "mail", "rcpt", "data_init", "data_block", "data_end"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"timeout {name} must be a positive number of seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings:
+    """Where and how to connect. AUTH is used when both ``username`` and ``password`` are set.
+
+    ``ssl_context`` is required for STARTTLS and implicit TLS and should verify certificates
+    (``ssl.create_default_context()``); ``server_hostname`` is the name checked in the
+    certificate (default ``host``). Credentials with ``tls = NONE`` are refused.
+    """
+
+    host: str
+    port: int
+    tls: ClientTLSMode
+    ssl_context: ssl.SSLContext | None
+    server_hostname: str | None = None
+    helo_name: str
+    username: str | None = None
+    password: Secret | None = None
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+
+    def __post_init__(self) -> None:
+        if not self.host or has_control(self.host) or " " in self.host:
+            raise ValueError("host must be a host name or address")
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be between 1 and 65535")
+        if self.tls is not ClientTLSMode.NONE and self.ssl_context is None:
+            raise ValueError(f"tls {self.tls.value} needs an ssl_context")
+        if self.tls is ClientTLSMode.NONE and (self.username or self.password):
+            raise ValueError("credentials are never sent without TLS")
+        if self.username is not None and (not self.username or has_control(self.username)):
+            raise ValueError("username must be non-empty without control characters")
+        if self.password is not None and "\0" in self.password.reveal():
+            raise ValueError("password contains NUL")
+        try:
+            parse_hello_domain(self.helo_name)
+        except GrammarError:
+            raise ValueError("helo_name must be a domain or address literal") from None
+
+
+class SMTPClientError(Exception):
+    """The attempt failed before or outside a transaction.
+
+    That is: connect, TLS, greeting, EHLO, AUTH, a dropped connection, a timeout, or a
+    protocol violation by the server. ``stage`` says where (``"connect"``, ``"tls"``,
+    ``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"auth"``, ``"mail"``, ``"rcpt"``,
+    ``"data"``, ``"reset"`` or ``"protocol"``); ``reply`` is the server's reply or one made up
+    for the failure (``421 4.4.1`` connection refused or timed out, ``454 4.7.5`` certificate
+    did not verify, ``454 4.7.0`` STARTTLS not offered, ``451 4.4.2`` connection lost or timed
+    out, ``451 4.5.0`` malformed reply). ``str(exc)`` is one line; it never holds a password.
+    """
+
+    def __init__(self, stage: str, reply: Reply) -> None:
+        self.stage = stage
+        self.reply = reply
+        super().__init__(f"{stage}: {reply}")
+
+    def __repr__(self) -> str:
+        return f"SMTPClientError({self.stage!r}, {str(self.reply)!r})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransactionResult:
+    """The final reply for every recipient address of one :meth:`SMTPClient.send`.
+
+    That is the RCPT refusal, else the DATA reply; a MAIL refusal is every recipient's
+    reply; capability failures (SIZE, 8BITMIME, SMTPUTF8) are synthesised 5xx replies.
+    """
+
+    replies: Mapping[str, Reply]
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Content:
+    eight_bit: bool  # some byte >= 0x80 anywhere
+    utf8_headers: bool  # ... in the header section: the message needs SMTPUTF8 (RFC 6532)
+
+
+def _scan(message: MessageHandle) -> _Content:
+    """Read the stored message once (blocking: run in a worker thread)."""
+    eight_bit = utf8_headers = False
+    pos, header_end = 0, message.body_offset
+    with message.open() as f:
+        while chunk := f.read(CHUNK_SIZE):
+            if not chunk.isascii():
+                eight_bit = True
+                utf8_headers = utf8_headers or (
+                    pos < header_end and not chunk[: header_end - pos].isascii()
+                )
+            pos += len(chunk)
+            if eight_bit and (utf8_headers or pos >= header_end):
+                break
+    return _Content(eight_bit=eight_bit, utf8_headers=utf8_headers)
+
+
+def _size_limit(extensions: Mapping[str, str]) -> int | None:
+    """The server's SIZE (RFC 1870 §4); absent, 0 or unreadable means no announced limit."""
+    value = extensions.get("SIZE", "").split(" ")[0]
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
+def _dsn_params(recipient: Recipient) -> RcptParams:
+    """NOTIFY and ORCPT (RFC 3461 §4), passed on when the server offers DSN and they are valid."""
+    params = tuple((n, v) for n, v in recipient.params if n in ("NOTIFY", "ORCPT"))
+    try:
+        render_rcpt_to(recipient.address, params)
+    except ValueError:
+        return ()
+    return params
+
+
+def _detail(text: object) -> str:
+    """Our own words plus an error description, made safe for a reply line and a log line."""
+    clean = "".join(c if c.isprintable() else "?" for c in str(text))
+    return clean[:200]
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The innermost cause: trio wraps socket and TLS errors in BrokenResourceError."""
+    seen = 0
+    while exc.__cause__ is not None and seen < 10:
+        exc, seen = exc.__cause__, seen + 1
+    return exc
+
+
+class SMTPClient:
+    """One connection to an SMTP server; :meth:`connect` opens it, :meth:`aclose` ends it.
+
+    ``extensions`` maps the EHLO keywords (upper-case) to their parameters; ``remote`` is the
+    host name, for ``DeliveryOutcome.remote`` and logs. One transaction at a time.
+    """
+
+    def __init__(self, settings: ClientSettings, stream: trio.abc.Stream) -> None:
+        self._settings = settings
+        self._timeouts = settings.timeouts
+        self._stream = stream
+        self._conn = ClientConnection(tls_active=False)
+        self._usable = True
+        self._closed = False
+        self.extensions: Mapping[str, str] = types.MappingProxyType({})
+        self.remote = settings.host
+
+    def __repr__(self) -> str:
+        s = self._settings
+        return f"<SMTPClient {s.host}:{s.port} tls={s.tls.value} usable={self.usable}>"
+
+    @property
+    def usable(self) -> bool:
+        """False after an error, a 421, or :meth:`aclose`."""
+        return self._usable and not self._closed
+
+    # -- the transport boundary ---------------------------------------------------------------
+
+    @contextmanager
+    def _boundary(self, stage: str, action: str) -> Iterator[None]:
+        """Map every transport and protocol failure to :class:`SMTPClientError`."""
+        try:
+            yield
+        except SMTPClientError:
+            self._usable = False
+            raise
+        except trio.TooSlowError:
+            self._usable = False
+            raise SMTPClientError(stage, Reply.make(451, "4.4.2", f"timed out {action}")) from None
+        except RemoteProtocolError as exc:
+            self._usable = False
+            raise SMTPClientError(
+                "protocol" if exc.reply.status == "4.5.0" else stage, exc.reply
+            ) from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            self._usable = False
+            cause = _cause(exc)
+            if isinstance(cause, ssl.SSLCertVerificationError):
+                reason = _detail(cause.verify_message or cause.reason or cause)
+                reply = Reply.make(454, "4.7.5", f"certificate did not verify: {reason}")
+                raise SMTPClientError("tls", reply) from None
+            if isinstance(cause, ssl.SSLError):
+                reason = _detail(cause.reason or cause)
+                reply = Reply.make(454, "4.7.0", f"TLS failed: {reason}")
+                raise SMTPClientError("tls", reply) from None
+            reason = _detail(getattr(cause, "strerror", None) or cause or type(cause).__name__)
+            reply = Reply.make(451, "4.4.2", f"connection lost {action}: {reason}")
+            raise SMTPClientError(stage, reply) from None
+
+    def _scrub(self, reply: Reply) -> Reply:
+        """Blank the password (and its base64 forms) should a server echo it back."""
+        password = self._settings.password
+        if not password or not password.reveal():
+            return reply
+        secret = password.reveal()
+        lines = reply.lines
+        for needle in (secret, *self._encoded_secrets(secret)):
+            lines = tuple(line.replace(needle, "***") for line in lines)
+        return reply if lines == reply.lines else Reply(code=reply.code, status=reply.status,
+                                                        lines=lines)
+
+    def _encoded_secrets(self, secret: str) -> tuple[str, ...]:
+        import base64
+
+        user = (self._settings.username or "").encode()
+        raw = secret.encode("utf-8", "surrogateescape")
+        return (
+            base64.b64encode(raw).decode(),
+            base64.b64encode(b"\0" + user + b"\0" + raw).decode(),
+        )
+
+    async def _write(self, data: bytes, stage: str, seconds: float, what: str) -> None:
+        _log.debug(logfmt("smtp_client_send", remote=self.remote, command=what))
+        with self._boundary(stage, f"sending {what}"), trio.fail_after(seconds):
+            await self._stream.send_all(data)
+
+    async def _read(self, stage: str, seconds: float) -> Reply:
+        """The next reply; a ``421`` (the server is closing) raises."""
+        waiting_for = self._conn.expected[0].value if self._conn.expected else "reply"
+        with self._boundary(stage, f"waiting for the reply to {waiting_for}"):
+            with trio.fail_after(seconds):
+                while (event := self._conn.next_event()) is NEED_DATA:
+                    self._conn.receive_data(await self._stream.receive_some(CHUNK_SIZE))
+            reply = self._scrub(event.reply)
+            _log.debug(logfmt("smtp_client_reply", remote=self.remote, to=event.to.value,
+                              reply=str(reply)))
+            if reply.code == 421:
+                raise SMTPClientError(stage, reply)
+        return reply
+
+    async def _command(self, data: bytes, stage: str, seconds: float, what: str) -> Reply:
+        await self._write(data, stage, seconds, what)
+        return await self._read(stage, seconds)
+
+    # -- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    async def connect(cls, settings: ClientSettings) -> SMTPClient:
+        """Connect, read the greeting, EHLO (HELO on 5xx), STARTTLS + EHLO, then AUTH.
+
+        AUTH PLAIN is preferred, LOGIN used when PLAIN is not offered; AUTH happens only when
+        credentials are set, and only inside TLS. Raises :class:`SMTPClientError`.
+        """
+        where = f"{settings.host}:{settings.port}"
+        _log.debug(logfmt("smtp_client_connect", remote=where, tls=settings.tls.value))
+        try:
+            with trio.fail_after(settings.timeouts.connect):
+                stream = await trio.open_tcp_stream(settings.host, settings.port)
+        except trio.TooSlowError:
+            reply = Reply.make(421, "4.4.1", f"connection to {where} timed out")
+            raise SMTPClientError("connect", reply) from None
+        except OSError as exc:
+            reason = _detail(exc.strerror or exc)
+            reply = Reply.make(421, "4.4.1", f"cannot connect to {where}: {reason}")
+            raise SMTPClientError("connect", reply) from None
+        client = cls(settings, stream)
+        try:
+            await client._open()
+        except BaseException:
+            client._usable = False
+            await client._abort()
+            raise
+        return client
+
+    async def _open(self) -> None:
+        s, t = self._settings, self._timeouts
+        if s.tls is ClientTLSMode.IMPLICIT:
+            await self._start_tls()
+            self._conn = ClientConnection(tls_active=True)
+        greeting = await self._read("greeting", t.greeting)
+        if greeting.code != 220:
+            raise SMTPClientError("greeting", greeting)
+        await self._hello()
+        if s.tls is ClientTLSMode.STARTTLS:
+            if "STARTTLS" not in self.extensions:  # never a silent downgrade
+                reply = Reply.make(454, "4.7.0", f"STARTTLS not offered by {s.host}")
+                raise SMTPClientError("starttls", reply)
+            reply = await self._command(self._conn.send_starttls(), "starttls", t.greeting,
+                                        "STARTTLS")
+            if reply.code != 220:
+                raise SMTPClientError("starttls", reply)
+            if self._conn.trailing_data:
+                _log.warning(logfmt("smtp_client_starttls_injection", remote=self.remote,
+                                    discarded=self._conn.trailing_data))
+            await self._start_tls()
+            self._conn.tls_started()
+            await self._hello()
+        if s.username and s.password:
+            await self._auth(s.username, s.password)
+
+    async def _start_tls(self) -> None:
+        s = self._settings
+        assert s.ssl_context is not None  # ClientSettings guarantees it
+        stream = trio.SSLStream(self._stream, s.ssl_context,
+                                server_hostname=s.server_hostname or s.host)
+        self._stream = stream
+        with self._boundary("tls", "in the TLS handshake"), trio.fail_after(
+            self._timeouts.greeting
+        ):
+            await stream.do_handshake()
+        _log.debug(logfmt("smtp_client_tls", remote=self.remote, version=stream.version(),
+                          cipher=(stream.cipher() or ("",))[0]))
+
+    async def _hello(self) -> None:
+        t, name = self._timeouts, self._settings.helo_name
+        reply = await self._command(self._conn.send_ehlo(name), "ehlo", t.greeting, "EHLO")
+        if reply.code // 100 == 2:
+            self.extensions = types.MappingProxyType(dict(parse_extensions(reply)))
+            return
+        if reply.code // 100 != 5:
+            raise SMTPClientError("ehlo", reply)
+        reply = await self._command(self._conn.send_helo(name), "ehlo", t.greeting, "HELO")
+        if reply.code // 100 != 2:
+            raise SMTPClientError("ehlo", reply)
+        self.extensions = types.MappingProxyType({})
+
+    async def _auth(self, username: str, password: Secret) -> None:
+        offered = self.extensions.get("AUTH")
+        if offered is None:
+            raise SMTPClientError("auth", Reply.make(530, "5.7.0", "the server offers no AUTH"))
+        names = offered.upper().split()
+        if "PLAIN" in names:
+            mechanism = Mechanism.PLAIN
+        elif "LOGIN" in names:
+            mechanism = Mechanism.LOGIN
+        else:
+            reply = Reply.make(504, "5.5.4", f"no usable AUTH mechanism in: {_detail(offered)}")
+            raise SMTPClientError("auth", reply)
+        what = f"AUTH {mechanism.value}"
+        timeout = self._timeouts.greeting
+        reply = await self._command(self._conn.send_auth(mechanism, username, password), "auth",
+                                    timeout, what)
+        for _ in range(_MAX_SASL_STEPS):
+            if reply.code != 334:
+                break
+            reply = await self._command(self._conn.send_auth_response(), "auth", timeout,
+                                        "<SASL response>")
+        if reply.code // 100 != 2:
+            raise SMTPClientError("auth", reply)
+        _log.debug(logfmt("smtp_client_authenticated", remote=self.remote,
+                          mechanism=mechanism.value))
+
+    # -- transactions -------------------------------------------------------------------------
+
+    async def send(
+        self,
+        *,
+        sender: str,
+        recipients: Sequence[Recipient],
+        message: MessageHandle,
+        params: MailParams,
+    ) -> TransactionResult:
+        """Run one MAIL/RCPT/DATA transaction; see :class:`TransactionResult` for the replies.
+
+        ``params`` are the original MAIL parameters; SIZE, BODY and SMTPUTF8 are worked out
+        again from the stored message and what the server offers, and ``params.auth`` is never
+        passed on. Raises :class:`SMTPClientError` if the connection breaks.
+        """
+        if not self.usable:
+            reply = Reply.make(451, "4.4.2", "the connection is no longer usable")
+            raise SMTPClientError("mail", reply)
+        try:
+            return await self._transaction(sender, list(recipients), message)
+        except BaseException:
+            self._usable = False
+            await self._abort()
+            raise
+
+    async def _transaction(
+        self, sender: str, recipients: list[Recipient], message: MessageHandle
+    ) -> TransactionResult:
+        ext = self.extensions
+        with self._local_file():
+            content = await trio.to_thread.run_sync(_scan, message)
+
+        def everyone(code: int, status: str, text: str) -> TransactionResult:
+            reply = Reply.make(code, status, text)
+            return TransactionResult(replies={r.address: reply for r in recipients})
+
+        limit = _size_limit(ext)
+        if limit is not None and message.size > limit:  # RFC 1870 §6
+            return everyone(552, "5.3.4", f"message size {message.size} exceeds the server's "
+                            f"limit of {limit}")
+        if content.eight_bit and "8BITMIME" not in ext:  # RFC 6152 §3
+            return everyone(554, "5.6.3", "8-bit message, but the server does not offer 8BITMIME")
+        utf8_offered = "SMTPUTF8" in ext
+        if (not sender.isascii() or content.utf8_headers) and not utf8_offered:  # RFC 6531 §3.4
+            return everyone(553, "5.6.7", "message needs SMTPUTF8, the server does not offer it")
+        try:
+            format_path(sender)
+        except AddressError:
+            return everyone(553, "5.1.7", "invalid sender address")
+        replies: dict[str, Reply] = {}
+        to_send: list[Recipient] = []
+        for r in recipients:
+            if not r.address.isascii() and not utf8_offered:
+                replies[r.address] = Reply.make(553, "5.6.7", "address needs SMTPUTF8, the "
+                                                "server does not offer it")
+            elif not _valid_recipient(r.address):
+                replies[r.address] = Reply.make(553, "5.1.3", "invalid recipient address")
+            else:
+                to_send.append(r)
+        if not to_send:
+            return TransactionResult(replies=replies)
+        smtputf8 = utf8_offered and (
+            not sender.isascii() or content.utf8_headers
+            or any(not r.address.isascii() for r in to_send)
+        )
+        mail_params = MailParams(
+            size=message.size if "SIZE" in ext else None,
+            body=BodyType.EIGHT_BIT_MIME if content.eight_bit else BodyType.SEVEN_BIT,
+            smtputf8=smtputf8,
+        )
+        accepted = await self._envelope(sender, mail_params, to_send, replies)
+        if not accepted:
+            await self._reset_after_failure()
+            return TransactionResult(replies=replies)
+        t = self._timeouts
+        reply = await self._command(self._conn.send_data(), "data", t.data_init, "DATA")
+        if reply.code != 354:
+            replies.update((r.address, reply) for r in accepted)
+            await self._reset_after_failure()
+            return TransactionResult(replies=replies)
+        await self._body(message)
+        reply = await self._read("data", t.data_end)
+        replies.update((r.address, reply) for r in accepted)
+        _log.debug(logfmt("smtp_client_sent", remote=self.remote, size=message.size,
+                          accepted=len(accepted), reply=str(reply)))
+        return TransactionResult(replies=replies)
+
+    async def _envelope(
+        self, sender: str, params: MailParams, to_send: list[Recipient],
+        replies: dict[str, Reply],
+    ) -> list[Recipient]:
+        """MAIL and RCPT, pipelined when offered (RFC 2920); returns the accepted recipients."""
+        t, ext = self._timeouts, self.extensions
+        rparams = [_dsn_params(r) if "DSN" in ext else () for r in to_send]
+        addresses = [r.address for r in to_send]
+        rcpt_replies: list[Reply] = []
+        if "PIPELINING" in ext:
+            data = self._conn.send_envelope(sender, params, addresses, rparams)
+            await self._write(data, "mail", t.mail, f"MAIL + {len(addresses)} RCPT")
+            mail = await self._read("mail", t.mail)
+            rcpt_replies = [await self._read("rcpt", t.rcpt) for _ in addresses]
+        else:
+            mail = await self._command(self._conn.send_mail(sender, params), "mail", t.mail,
+                                       "MAIL")
+            if mail.code // 100 == 2:
+                for address, rp in zip(addresses, rparams, strict=True):
+                    rcpt_replies.append(await self._command(
+                        self._conn.send_rcpt(address, rp), "rcpt", t.rcpt, "RCPT"))
+        if mail.code // 100 != 2:
+            replies.update((address, mail) for address in addresses)
+            return []
+        replies.update(zip(addresses, rcpt_replies, strict=True))
+        return [r for r, reply in zip(to_send, rcpt_replies, strict=True) if reply.code // 100 == 2]
+
+    @contextmanager
+    def _local_file(self) -> Iterator[None]:
+        """Reading the stored message failed: not the server's fault, but the attempt's end."""
+        try:
+            yield
+        except OSError as exc:
+            reply = Reply.make(451, "4.3.0", f"cannot read the stored message: "
+                               f"{_detail(exc.strerror or exc)}")
+            raise SMTPClientError("data", reply) from None
+
+    async def _body(self, message: MessageHandle) -> None:
+        """Stream the stored message: read in a worker thread, one write per chunk."""
+        t = self._timeouts
+        with self._local_file():
+            f = await trio.to_thread.run_sync(message.open)
+        try:
+            while True:
+                with self._local_file():
+                    chunk = await trio.to_thread.run_sync(f.read, CHUNK_SIZE)
+                if not chunk:
+                    break
+                if data := self._conn.send_body(chunk):
+                    await self._write(data, "data", t.data_block, "message")
+            await self._write(self._conn.end_body(), "data", t.data_block, "end of message")
+        finally:
+            f.close()
+
+    async def _reset_after_failure(self) -> None:
+        """RSET after a failed transaction; a broken RSET only costs the connection."""
+        try:
+            await self.reset()
+        except SMTPClientError as exc:
+            _log.debug(logfmt("smtp_client_reset_failed", remote=self.remote, error=str(exc)))
+            await self._abort()
+
+    async def reset(self) -> None:
+        """RSET: abort the current transaction. Raises :class:`SMTPClientError`."""
+        if not self.usable:
+            reply = Reply.make(451, "4.4.2", "the connection is no longer usable")
+            raise SMTPClientError("reset", reply)
+        reply = await self._command(self._conn.send_rset(), "reset", self._timeouts.greeting,
+                                    "RSET")
+        if reply.code // 100 != 2:
+            self._usable = False
+            raise SMTPClientError("reset", reply)
+
+    # -- closing ------------------------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """QUIT (best effort, short deadline), then close the connection. Never raises."""
+        if self._closed:
+            return
+        try:
+            if self.usable:
+                with trio.move_on_after(min(_CLOSE_DEADLINE, self._timeouts.greeting)):
+                    await self._command(self._conn.send_quit(), "reset", _CLOSE_DEADLINE,
+                                        "QUIT")
+        except SMTPClientError:
+            pass
+        finally:
+            self._usable = False
+            await self._abort()
+
+    async def _abort(self) -> None:
+        """Close the stream (TLS close_notify if it goes quickly), forget the connection."""
+        if self._closed:
+            return
+        self._closed = True
+        with trio.move_on_after(_CLOSE_DEADLINE):
+            try:
+                await self._stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+            else:
+                return
+        await trio.aclose_forcefully(self._stream)
+
+
+def _valid_recipient(address: str) -> bool:
+    try:
+        format_path(address)
+    except AddressError:
+        return False
+    return address != ""
