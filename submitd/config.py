@@ -93,11 +93,18 @@ class Limits:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class QueueConfig:
-    """``[queue]``: where the spool lives and how delivery is retried."""
+    """``[queue]``: where the spool lives and how delivery is retried.
+
+    ``max_parallel`` bounds the delivery attempts in flight at once; ``delay_warning``, when
+    set, is how long a message may wait before its sender is told it is delayed (RFC 3464
+    ``Action: delayed``); None sends no delay warnings.
+    """
 
     dir: Path
     retry: tuple[float, ...] = (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
     max_age: float = 5 * 86400.0
+    max_parallel: int = 16
+    delay_warning: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -436,7 +443,8 @@ def _load_limits(top: _Table) -> Limits:
 
 
 def _load_queue(top: _Table) -> QueueConfig:
-    t = _Table(top.path, "queue", top.get("queue", {}), ("dir", "retry", "max_age"))
+    allowed = ("dir", "retry", "max_age", "max_parallel", "delay_warning")
+    t = _Table(top.path, "queue", top.get("queue", {}), allowed)
     retry = t.array("retry", list(_default(QueueConfig, "retry")))
     if not retry:
         raise t.error("retry", "needs at least one interval (the last one repeats)")
@@ -444,6 +452,8 @@ def _load_queue(top: _Table) -> QueueConfig:
         dir=t.path_value("dir", "spool"),
         retry=tuple(_duration(t, f"retry[{i}]", v) for i, v in enumerate(retry)),
         max_age=t.duration("max_age", _default(QueueConfig, "max_age")),
+        max_parallel=t.integer("max_parallel", _default(QueueConfig, "max_parallel")),
+        delay_warning=t.duration("delay_warning", 0.0) if "delay_warning" in t.data else None,
     )
 
 

@@ -26,7 +26,7 @@ from ..message import HeaderEdits, MessageHandle
 from ..views import Envelope
 from ._edits import bounded_header_section, edited_header_section
 from ._layout import Layout
-from ._records import QueueRecord, RecipientRecord, encode_record
+from ._records import Origin, QueueRecord, RecipientRecord, encode_record
 
 __all__ = ["WRITE_BUFFER_SIZE", "IncomingMessage"]
 
@@ -120,13 +120,19 @@ class IncomingMessage:
         )
 
     async def commit(
-        self, envelope: Envelope, message: MessageHandle, *, session_info: Mapping[str, str]
+        self,
+        envelope: Envelope,
+        message: MessageHandle,
+        *,
+        session_info: Mapping[str, str],
+        origin: Origin = Origin.SMTP,
     ) -> str:
         """Make the message durable and queued; return its queue ID.
 
         Applies ``message.edits`` (removed fields dropped, prepended fields first), fsyncs the
         message and the sidecar, renames both into the queue and fsyncs the directories.
-        ``session_info`` (session id, peer, TLS version...) is stored for logs. Raises
+        ``session_info`` (session id, peer, TLS version...) is stored for logs; ``origin``
+        says whether a client submitted the message or this server wrote it. Raises
         :class:`SpoolError`; then nothing is queued and the temp files are gone.
         """
         if self._phase is _Phase.RECEIVING:
@@ -149,6 +155,7 @@ class IncomingMessage:
                 for r in envelope.recipients
             ),
             next_attempt=created,
+            origin=origin,
         )
         edits = HeaderEdits(prepend=list(message.edits.prepend), remove=set(message.edits.remove))
         try:

@@ -1,21 +1,26 @@
 """What the spool stores about a message: the envelope sidecar ``env/ID.json``.
 
-The sidecar is versioned JSON (``"version": 1``) so later releases can add fields (DSN
-bookkeeping, for one) and still read old queues. Layout::
+The sidecar is versioned JSON so later releases can add fields and still read old queues.
+Version 2 (written now; version 1 is still read, the new fields taking their defaults)::
 
-    {"version": 1, "id": "...", "created": 1700000000.0, "size": 1234,
-     "sender": "a@example.org", "username": "alice",
+    {"version": 2, "id": "...", "created": 1700000000.0, "size": 1234,
+     "sender": "a@example.org", "username": "alice", "origin": "smtp",
+     "held": false, "delay_warned": false,
      "params": {"size": null, "body": "8BITMIME", "smtputf8": false, "auth": null},
      "session": {"session_id": "...", "peer": "...", "tls": "TLSv1.3"},
      "next_attempt": 1700000060.0,
-     "recipients": [{"address": "b@example.net", "state": "pending", "attempts": 1,
+     "recipients": [{"address": "b@example.net", "params": [["NOTIFY", "FAILURE"]],
+                     "state": "pending", "attempts": 1,
                      "last_reply": {"code": 451, "status": "4.3.0", "text": "...",
                                     "lines": ["..."]},
-                     "next_attempt": 1700000060.0}]}
+                     "next_attempt": 1700000060.0,
+                     "history": [{"at": 1700000000.5, "remote": "smtp.example.net",
+                                  "reply": {...}}]}]}
 
 ``last_reply.lines`` keeps a multi-line reply exact; ``text`` is the same joined for people
-reading the file. Unknown keys are ignored; anything else unexpected makes the record
-unreadable (the spool then moves it aside).
+reading the file. ``history`` keeps the last :data:`MAX_HISTORY` attempts per recipient.
+Decoding (:mod:`._decode`) checks every field; anything unexpected makes the record unreadable
+and the spool moves it aside.
 """
 
 from __future__ import annotations
@@ -24,26 +29,30 @@ import enum
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from types import MappingProxyType
 from typing import Any
 
 from ..message import MessageHandle
-from ..protocol._events import BodyType, MailParams
+from ..protocol._events import MailParams
 from ..protocol._replies import Reply
 from ..views import Envelope, Recipient, RecipientParams
 
 __all__ = [
     "FORMAT_VERSION",
+    "MAX_HISTORY",
+    "Attempt",
+    "Origin",
     "QueueRecord",
     "QueuedMessage",
     "RecipientRecord",
     "RecipientState",
-    "decode_record",
     "encode_record",
 ]
 
 #: The sidecar format this code writes; it reads this version and older ones.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+
+#: How many attempts each recipient's history keeps (the oldest are dropped).
+MAX_HISTORY = 20
 
 
 class RecipientState(enum.Enum):
@@ -51,7 +60,24 @@ class RecipientState(enum.Enum):
 
     PENDING = "pending"  # not delivered yet: attempted on the schedule
     DELIVERED = "delivered"
-    FAILED = "failed"  # permanent refusal or expiry: the sender is to be told (DSN)
+    FAILED = "failed"  # permanent refusal or expiry: the sender was told (DSN)
+
+
+class Origin(enum.StrEnum):
+    """Where a queued message came from (a string enum: ``Origin.BOUNCE == "bounce"``)."""
+
+    SMTP = "smtp"  # submitted by a client
+    BOUNCE = "bounce"  # a non-delivery report this server wrote (RFC 3464, Action: failed)
+    DELAY = "delay"  # a delay warning this server wrote (RFC 3464, Action: delayed)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attempt:
+    """One delivery attempt for one recipient: when, the reply, and who gave it."""
+
+    at: float
+    reply: Reply
+    remote: str | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,15 +90,25 @@ class RecipientRecord:
     attempts: int = 0
     last_reply: Reply | None = None
     next_attempt: float = 0.0
+    history: tuple[Attempt, ...] = ()
 
     def view(self) -> Recipient:
         """Return the read-only :class:`Recipient` handed to queue hooks."""
         return Recipient(address=self.address, params=self.params, attempts=self.attempts)
 
+    @property
+    def last_remote(self) -> str | None:
+        """The host that gave the last reply, when known."""
+        return self.history[-1].remote if self.history else None
+
 
 @dataclass(frozen=True, kw_only=True)
 class QueueRecord:
-    """Everything the spool knows about a committed message except its bytes."""
+    """Everything the spool knows about a committed message except its bytes.
+
+    ``held`` messages are never attempted until released; ``delay_warned`` says the sender
+    was already sent a delay warning; ``origin`` tells submitted mail from reports.
+    """
 
     queue_id: str
     created: float
@@ -83,6 +119,9 @@ class QueueRecord:
     session: Mapping[str, str]
     recipients: tuple[RecipientRecord, ...]
     next_attempt: float
+    held: bool = False
+    delay_warned: bool = False
+    origin: Origin = Origin.SMTP
 
     @property
     def envelope(self) -> Envelope:
@@ -104,10 +143,15 @@ class QueueRecord:
 
 @dataclass(frozen=True, kw_only=True)
 class QueuedMessage:
-    """A committed message loaded from the spool: its record and a read-only handle."""
+    """A committed message loaded from the spool: its record and a read-only handle.
+
+    ``header_section`` is the message's header section as stored (CRLF line ends, at most
+    ``[limits] max_header_size`` bytes, never a line cut by that bound), for reports.
+    """
 
     record: QueueRecord
     message: MessageHandle
+    header_section: bytes = b""
 
     @property
     def queue_id(self) -> str:
@@ -125,10 +169,10 @@ class QueuedMessage:
         return self.record.recipients
 
 
-def _reply_to_json(reply: Reply | None) -> dict[str, Any] | None:
-    if reply is None:
-        return None
-    return {"code": reply.code, "status": reply.status, "text": reply.text, "lines": reply.lines}
+def reply_to_json(reply: Reply) -> dict[str, Any]:
+    """A reply as stored in the sidecar (``lines`` exact, ``text`` for people)."""
+    return {"code": reply.code, "status": reply.status, "text": reply.text,
+            "lines": list(reply.lines)}
 
 
 def encode_record(record: QueueRecord) -> bytes:
@@ -140,6 +184,9 @@ def encode_record(record: QueueRecord) -> bytes:
         "size": record.size,
         "sender": record.sender,
         "username": record.username,
+        "origin": record.origin.value,
+        "held": record.held,
+        "delay_warned": record.delay_warned,
         "params": {
             "size": record.params.size,
             "body": record.params.body.value,
@@ -154,115 +201,14 @@ def encode_record(record: QueueRecord) -> bytes:
                 "params": [[name, value] for name, value in r.params],
                 "state": r.state.value,
                 "attempts": r.attempts,
-                "last_reply": _reply_to_json(r.last_reply),
+                "last_reply": None if r.last_reply is None else reply_to_json(r.last_reply),
                 "next_attempt": r.next_attempt,
+                "history": [
+                    {"at": a.at, "reply": reply_to_json(a.reply), "remote": a.remote}
+                    for a in r.history[-MAX_HISTORY:]
+                ],
             }
             for r in record.recipients
         ],
     }
     return json.dumps(obj, ensure_ascii=True, allow_nan=False).encode("ascii") + b"\n"
-
-
-def _get(obj: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
-    value = obj.get(key)
-    # bool is an int subclass: never accept true/false where a number is expected.
-    if not isinstance(value, kind) or (isinstance(value, bool) and bool not in _types(kind)):
-        raise ValueError(f"field {key!r} missing or of the wrong type")
-    return value
-
-
-def _types(kind: type | tuple[type, ...]) -> tuple[type, ...]:
-    return kind if isinstance(kind, tuple) else (kind,)
-
-
-def _number(obj: Mapping[str, Any], key: str) -> float:
-    return float(_get(obj, key, (int, float)))
-
-
-def _reply_from_json(obj: Any) -> Reply | None:
-    if obj is None:
-        return None
-    if not isinstance(obj, dict):
-        raise ValueError("last_reply is not an object")
-    code = _get(obj, "code", int)
-    status = _get(obj, "status", str)
-    lines = obj.get("lines")
-    if isinstance(lines, list) and lines and all(isinstance(x, str) for x in lines):
-        return Reply(code=code, status=status, lines=tuple(lines))
-    return Reply.make(code, status, _get(obj, "text", str)[:400])
-
-
-def _params_from_json(obj: Any) -> RecipientParams:
-    if not isinstance(obj, list):
-        raise ValueError("recipient params is not a list")
-    out: list[tuple[str, str | None]] = []
-    for pair in obj:
-        if (
-            not isinstance(pair, list)
-            or len(pair) != 2
-            or not isinstance(pair[0], str)
-            or not (pair[1] is None or isinstance(pair[1], str))
-        ):
-            raise ValueError("recipient params must be [name, value] pairs")
-        out.append((pair[0], pair[1]))
-    return tuple(out)
-
-
-def _recipient_from_json(obj: Any) -> RecipientRecord:
-    if not isinstance(obj, dict):
-        raise ValueError("recipient is not an object")
-    attempts = _get(obj, "attempts", int)
-    if attempts < 0:
-        raise ValueError("negative attempts")
-    return RecipientRecord(
-        address=_get(obj, "address", str),
-        params=_params_from_json(obj.get("params", [])),
-        state=RecipientState(_get(obj, "state", str)),
-        attempts=attempts,
-        last_reply=_reply_from_json(obj.get("last_reply")),
-        next_attempt=_number(obj, "next_attempt"),
-    )
-
-
-def decode_record(data: bytes, *, queue_id: str) -> QueueRecord:
-    """Parse a sidecar written for ``queue_id``; raise ValueError if it is not a valid one."""
-    obj = json.loads(data)
-    if not isinstance(obj, dict):
-        raise ValueError("sidecar is not a JSON object")
-    version = _get(obj, "version", int)
-    if not 1 <= version <= FORMAT_VERSION:
-        raise ValueError(f"unsupported sidecar version {version}")
-    if obj.get("id") != queue_id:
-        raise ValueError("sidecar names another queue ID")
-    params = _get(obj, "params", dict)
-    declared = params.get("size")
-    if declared is not None and (not isinstance(declared, int) or isinstance(declared, bool)):
-        raise ValueError("params.size is not an integer")
-    auth = params.get("auth")
-    if auth is not None and not isinstance(auth, str):
-        raise ValueError("params.auth is not a string")
-    username = obj.get("username")
-    if username is not None and not isinstance(username, str):
-        raise ValueError("username is not a string")
-    session = _get(obj, "session", dict)
-    if not all(isinstance(v, str) for v in session.values()):
-        raise ValueError("session values must be strings")
-    recipients = tuple(_recipient_from_json(r) for r in _get(obj, "recipients", list))
-    if not recipients:
-        raise ValueError("no recipients")
-    return QueueRecord(
-        queue_id=queue_id,
-        created=_number(obj, "created"),
-        size=_get(obj, "size", int),
-        sender=_get(obj, "sender", str),
-        params=MailParams(
-            size=declared,
-            body=BodyType(_get(params, "body", str)),
-            smtputf8=_get(params, "smtputf8", bool),
-            auth=auth,
-        ),
-        username=username,
-        session=MappingProxyType(dict(session)),
-        recipients=recipients,
-        next_attempt=_number(obj, "next_attempt"),
-    )

@@ -4,7 +4,7 @@ After a crash (``kill -9``, power loss) the spool may hold: files in ``tmp/`` fr
 that never got 250, a ``msg/ID`` whose sidecar was never renamed into ``env/`` (the commit
 point was not reached), and complete messages. Complete messages resume; fragments go.
 A sidecar that cannot be read is not deleted: it and its message move to ``corrupt/`` with
-an error in the log, so an operator can look at them (DESIGN.md §8, SECURITY.md §6).
+an error in the log, so an operator can look at them.
 """
 
 from __future__ import annotations
@@ -56,14 +56,16 @@ def recover_spool(
     layout: Layout,
     *,
     active: Container[str],
-    check: Callable[[str], str | None],
-) -> list[str]:
+    check: Callable[[str], float | None],
+) -> dict[str, float]:
     """Create the layout, remove fragments, quarantine unreadable sidecars.
 
     ``active`` holds the queue IDs this process is receiving or committing right now: their
     files are left alone, so recovery is safe to run while the server accepts mail.
-    ``check(queue_id)`` reads the sidecar and returns None when it is valid or the reason it
-    is not. Returns the committed queue IDs, sorted (oldest first).
+    ``check(queue_id)`` reads the sidecar once and returns when the message is due next
+    (None if the sidecar vanished meanwhile); it raises :class:`ValueError` with the reason
+    when the sidecar is unreadable. Returns the committed queue IDs, oldest first, with
+    their due times.
     """
     layout.create()
     removed = 0
@@ -78,20 +80,24 @@ def recover_spool(
     # message in the later listing (unless the runner removed both in between).
     sidecars = sorted(os.listdir(layout.env))
     messages = set(os.listdir(layout.msg))
-    committed: list[str] = []
+    committed: dict[str, float] = {}
     for name in sidecars:
         queue_id = name.removesuffix(".json")
         if not name.endswith(".json") or not is_queue_id(queue_id):
             os.rename(layout.env / name, _free_name(layout.corrupt, name))
             log.error(logfmt("quarantined", file=f"env/{name}", reason="not a sidecar name"))
             continue
-        reason = check(queue_id)
-        if reason is None and queue_id not in messages:
-            reason = "message file missing"
-        if reason is not None:
-            move_aside(layout, queue_id, reason)
+        try:
+            due = check(queue_id)
+        except ValueError as exc:
+            move_aside(layout, queue_id, str(exc))
             continue
-        committed.append(queue_id)
+        if due is None:
+            continue  # delivered and removed since the listing
+        if queue_id not in messages:
+            move_aside(layout, queue_id, "message file missing")
+            continue
+        committed[queue_id] = due
     known = set(committed)
     for name in sorted(messages - known):
         # A commit in progress is in ``active`` until its sidecar is in place: test ``active``

@@ -5,18 +5,21 @@ its header section (:meth:`IncomingMessage.finish`), runs the filters, then comm
 message file is fsynced (rewritten first when filters edited headers), the envelope sidecar
 is written and fsynced, the message is renamed to ``msg/ID`` and its directory fsynced, then
 the sidecar to ``env/ID.json`` and its directory fsynced. The sidecar's rename is the commit
-point; only after it may the server say 250 (RFC 5321 §4.2.5, SECURITY.md §6). Any failure
+point; only after it may the server say 250 (RFC 5321 §4.2.5). Any failure
 raises :class:`SpoolError` and leaves nothing to deliver.
 
-Every blocking call runs in ``trio.to_thread.run_sync``: the event loop never waits for disk.
+One server works on a spool at a time: :meth:`Spool.lock` takes ``<dir>/lock`` before
+recovery. Every blocking call runs in ``trio.to_thread.run_sync``: the event loop never waits
+for disk.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 
@@ -25,16 +28,14 @@ import trio
 from .. import durable as _durable
 from ..errors import SpoolError
 from ..message import MessageHandle
+from ..views import Envelope
+from ._decode import decode_record
 from ._edits import bounded_header_section
 from ._ids import is_queue_id, new_queue_id
 from ._incoming import WRITE_BUFFER_SIZE, IncomingMessage
 from ._layout import Layout
-from ._records import (
-    QueuedMessage,
-    QueueRecord,
-    decode_record,
-    encode_record,
-)
+from ._lock import SpoolLocked, acquire_lock, release_lock
+from ._records import Origin, QueuedMessage, QueueRecord, encode_record
 from ._recovery import move_aside, recover_spool
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "QueueEntryCorrupt",
     "QueueEntryMissing",
     "Spool",
+    "SpoolLocked",
 ]
 
 _DEFAULT_HEADER_LIMIT = 262_144
@@ -89,8 +91,44 @@ class Spool:
         self._busy = _Busy()
         self._layout_ready = False
         self._recover_lock = trio.Lock()
+        self._lock_fd: int | None = None
+
+    @property
+    def max_header_size(self) -> int:
+        """How many bytes of a message :meth:`load` reads for its header section."""
+        return self._max_header_size
 
     # --- start-up -------------------------------------------------------------------------
+
+    async def lock(self) -> None:
+        """Take the spool's lock (``<dir>/lock``, our pid inside); creates the directories.
+
+        Raises :class:`SpoolLocked` (naming the directory and the holder's pid) when another
+        process holds it, :class:`SpoolError` when it cannot be taken. Taking it twice in one
+        Spool is an error; release it with :meth:`unlock`.
+        """
+        if self._lock_fd is not None:
+            raise SpoolError(f"the spool {self.directory} is already locked by this server")
+        try:
+            self._lock_fd = await trio.to_thread.run_sync(self._lock_sync)
+        except OSError as exc:
+            raise SpoolError(f"cannot lock the spool {self.directory}: {exc}") from exc
+
+    def _lock_sync(self) -> int:
+        self.layout.create()
+        self._layout_ready = True
+        return acquire_lock(self.directory)
+
+    def unlock(self) -> None:
+        """Release the lock taken by :meth:`lock` (no-op when not held). Does not block."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            release_lock(fd)
+
+    @property
+    def locked(self) -> bool:
+        """True while this Spool holds the spool's lock."""
+        return self._lock_fd is not None
 
     async def recover(self) -> list[str]:
         """Create the directories, remove fragments, move unreadable sidecars to ``corrupt/``.
@@ -98,9 +136,16 @@ class Spool:
         Returns the committed queue IDs, oldest first. Safe to call while messages are being
         received: files of messages in progress in this process are left alone.
         """
+        return list(await self.recover_due())
+
+    async def recover_due(self) -> dict[str, float]:
+        """Recover as :meth:`recover` does; return each committed ID with its due time.
+
+        Each sidecar is read once. A held message is due at ``math.inf``.
+        """
         async with self._recover_lock:
             try:
-                ids = await trio.to_thread.run_sync(
+                due = await trio.to_thread.run_sync(
                     partial(
                         recover_spool, self.layout, active=self._busy, check=self._check_sync
                     )
@@ -108,14 +153,16 @@ class Spool:
             except OSError as exc:
                 raise SpoolError(f"spool recovery failed in {self.directory}: {exc}") from exc
         self._layout_ready = True
-        return ids
+        return due
 
-    def _check_sync(self, queue_id: str) -> str | None:
+    def _check_sync(self, queue_id: str) -> float | None:
         try:
-            self._read_record_sync(queue_id)
+            record = self._read_record_sync(queue_id)
+        except QueueEntryMissing:
+            return None
         except SpoolError as exc:
-            return str(exc)
-        return None
+            raise ValueError(str(exc)) from exc
+        return math.inf if record.held else record.next_attempt
 
     # --- receiving --------------------------------------------------------------------------
 
@@ -176,18 +223,31 @@ class Spool:
         """
         return await trio.to_thread.run_sync(self._load_sync, queue_id)
 
-    async def next_attempts(self, queue_ids: Iterable[str]) -> dict[str, float]:
-        """When each of ``queue_ids`` is due; an unreadable one is due at once (time 0)."""
-        return await trio.to_thread.run_sync(self._next_attempts_sync, list(queue_ids))
+    async def list_records(self) -> list[tuple[str, QueueRecord]]:
+        """Every committed message with its record, oldest first (one worker-thread trip).
 
-    def _next_attempts_sync(self, queue_ids: list[str]) -> dict[str, float]:
-        due: dict[str, float] = {}
-        for queue_id in queue_ids:
+        Each sidecar is read once. Messages removed while listing are left out, and so are
+        unreadable ones (the runner moves those to ``corrupt/`` when it reaches them).
+        """
+        return await trio.to_thread.run_sync(self._list_records_sync)
+
+    def _list_records_sync(self) -> list[tuple[str, QueueRecord]]:
+        try:
+            names = os.listdir(self.layout.env)
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise SpoolError(f"cannot list {self.layout.env}: {exc}") from exc
+        out: list[tuple[str, QueueRecord]] = []
+        for name in sorted(names):
+            queue_id = name.removesuffix(".json")
+            if not name.endswith(".json") or not is_queue_id(queue_id):
+                continue
             try:
-                due[queue_id] = self._read_record_sync(queue_id).next_attempt
-            except SpoolError:
-                due[queue_id] = 0.0
-        return due
+                out.append((queue_id, self._read_record_sync(queue_id)))
+            except (QueueEntryMissing, QueueEntryCorrupt):
+                continue
+        return out
 
     def _read_record_sync(self, queue_id: str) -> QueueRecord:
         if not is_queue_id(queue_id):
@@ -200,7 +260,7 @@ class Spool:
             raise SpoolError(f"cannot read the sidecar of {queue_id}: {exc}") from exc
         try:
             return decode_record(data, queue_id=queue_id)
-        except (ValueError, TypeError, RecursionError) as exc:
+        except (ValueError, TypeError, RecursionError, OverflowError) as exc:
             raise QueueEntryCorrupt(f"unreadable sidecar of {queue_id}: {exc}") from exc
 
     def _load_sync(self, queue_id: str) -> QueuedMessage:
@@ -214,7 +274,7 @@ class Spool:
             raise QueueEntryCorrupt(f"message file of {queue_id} is missing") from exc
         except OSError as exc:
             raise SpoolError(f"cannot read the message {queue_id}: {exc}") from exc
-        fields, body_offset, _ = bounded_header_section(head, complete=len(head) >= size)
+        fields, body_offset, parsed = bounded_header_section(head, complete=len(head) >= size)
         handle = MessageHandle(
             path=path,
             size=size,
@@ -223,7 +283,32 @@ class Spool:
             queue_id=queue_id,
             editable=False,
         )
-        return QueuedMessage(record=record, message=handle)
+        return QueuedMessage(record=record, message=handle, header_section=parsed[:body_offset])
+
+    # --- reports ----------------------------------------------------------------------------
+
+    async def enqueue(
+        self,
+        envelope: Envelope,
+        data: bytes,
+        session_info: Mapping[str, str],
+        *,
+        origin: Origin = Origin.BOUNCE,
+    ) -> str:
+        """Queue a message this server wrote (a bounce or delay warning); return its ID.
+
+        ``data`` is the whole message (CRLF line ends); it is committed exactly as a submitted
+        message is (durable before this returns). Raises :class:`SpoolError`.
+        """
+        incoming = await self.open_incoming()
+        try:
+            await incoming.write(data)
+            handle = await incoming.finish(max_header_size=self._max_header_size)
+            return await incoming.commit(
+                envelope, handle, session_info=session_info, origin=origin
+            )
+        finally:
+            await incoming.abort()  # a no-op after the commit
 
     # --- updating ---------------------------------------------------------------------------
 

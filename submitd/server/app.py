@@ -54,12 +54,14 @@ class Server:
         self.pm: pluggy.PluginManager = create_plugin_manager(config, extra=self._extra)
         configure_plugins(self.pm, config)
         self.tls = TLSContextHolder(config.tls)
-        self.spool = Spool(config.queue.dir)
+        # The queue reads header sections under the same bound as the session.
+        self.spool = Spool(config.queue.dir, max_header_size=config.limits.max_header_size)
         self.hooks = HookCaller(self.pm, config.plugins)
         self.throttle = AuthThrottle()
         self._config = config
         self.runner = QueueRunner(
-            self.spool, PluginDelivery(self.hooks, lambda: self._config), config.queue
+            self.spool, PluginDelivery(self.hooks, lambda: self._config), config.queue,
+            hostname=config.hostname,
         )
         self.limiter = ConnectionLimiter(
             max_total=config.limits.max_connections,

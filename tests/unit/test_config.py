@@ -65,6 +65,8 @@ def test_minimal_config_gets_every_default(tmp_path: Path) -> None:
     assert config.queue.dir == tmp_path / "spool"
     assert config.queue.retry == (60.0, 300.0, 900.0, 1800.0, 3600.0, 7200.0)
     assert config.queue.max_age == 5 * 86400
+    assert config.queue.max_parallel == 16
+    assert config.queue.delay_warning is None  # no delay warnings unless asked for
     assert config.plugins.enable == ()
     assert config.plugins.hook_timeout == 30.0
 
@@ -134,6 +136,8 @@ shutdown_grace = "0s"
 [queue]
 retry = ["30s", "250ms"]
 max_age = "2d"
+max_parallel = 3
+delay_warning = "4h"
 """)
     assert config.limits.max_recipients == 5
     assert config.limits.command_timeout == 120.0
@@ -141,6 +145,8 @@ max_age = "2d"
     assert config.limits.shutdown_grace == 0.0
     assert config.queue.retry == (30.0, 0.25)
     assert config.queue.max_age == 2 * 86400
+    assert config.queue.max_parallel == 3
+    assert config.queue.delay_warning == 4 * 3600.0
 
 
 def test_plugin_tables_stay_raw_and_hook_timeout_is_split_off(tmp_path: Path) -> None:
@@ -217,6 +223,10 @@ def test_plugin_tables_cannot_be_modified(tmp_path: Path) -> None:
         ("[queue]\nretry = ['1m', 'often']", "queue.retry[1]", "not a duration"),
         ("[queue]\ndir = ''", "queue.dir", "non-empty"),
         ("[queue]\nmax_age = '5 days'", "queue.max_age", "not a duration"),
+        ("[queue]\nmax_parallel = 0", "queue.max_parallel", "at least 1"),
+        ("[queue]\nmax_parallel = '8'", "queue.max_parallel", "must be an integer"),
+        ("[queue]\ndelay_warning = 'soon'", "queue.delay_warning", "not a duration"),
+        ("[queue]\ndelay_warning = '0s'", "queue.delay_warning", "longer than zero"),
         ("[metrics]\naddress = '127.0.0.1:9587'", "metrics", "not supported in this version"),
         ("[plugins]\nenable = 'passwdfile'", "plugins.enable", "must be an array"),
         ("[plugins]\nenable = ['a', 'a']", "plugins.enable[1]", "listed twice"),

@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -157,15 +158,20 @@ async def test_temporary_failure_is_retried_on_the_schedule(
         # Read synchronously: a worker thread here would let the autojump clock run ahead.
         sidecar = json.loads((spool.directory / "env" / f"{queue_id}.json").read_bytes())
         assert sidecar["next_attempt"] == T0 + 60
-        assert sidecar["recipients"][0] | {"last_reply": None} == {
+        assert sidecar["recipients"][0] | {"last_reply": None, "history": []} == {
             "address": "b@example.net",
             "params": [],
             "state": "pending",
             "attempts": 1,
             "last_reply": None,
             "next_attempt": T0 + 60,
+            "history": [],
         }
         assert sidecar["recipients"][0]["last_reply"]["status"] == "4.4.1"
+        assert sidecar["recipients"][0]["history"] == [
+            {"at": T0, "remote": None,
+             "reply": {"code": 451, "status": "4.4.1", "text": "Try later", "lines": ["Try later"]}}
+        ]
         await hooks.wait_results(4)
     # The last interval repeats: 60 s, then 300 s, then 300 s again.
     assert [t for _, _, t in hooks.attempts] == [0.0, 60.0, 360.0, 660.0]
@@ -290,7 +296,7 @@ async def test_at_most_max_parallel_deliveries_run_at_once(
     ids = [await commit(spool) for _ in range(5)]
     gate = trio.Event()
     hooks = FakeHooks(always(DeliveryOutcome.delivered()), gate=gate)
-    runner = QueueRunner(spool, hooks, queue_config(tmp_path), max_parallel=2, clock=clock)
+    runner = QueueRunner(spool, hooks, queue_config(tmp_path, max_parallel=2), clock=clock)
     async with running(runner):
         await hooks.wait_attempts(2)
         await trio.testing.wait_all_tasks_blocked()
@@ -352,3 +358,66 @@ async def test_restarted_runner_resumes_the_schedule_from_the_spool(
     assert second.attempts == [(queue_id, ("b@example.net",), 300.0)]
     assert second.results[0][1].attempts == 2
     assert await restarted_spool.queued_ids() == []
+
+
+async def test_sidecars_with_nan_or_infinity_are_moved_aside_and_the_rest_is_delivered(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    good = await commit(spool)
+    broken = [await commit(spool), await commit(spool)]
+    for queue_id, word in zip(broken, ("NaN", "Infinity"), strict=True):
+        path = spool.directory / "env" / f"{queue_id}.json"
+        sidecar = json.loads(path.read_bytes())
+        sidecar["next_attempt"] = "@@"
+        path.write_text(json.dumps(sidecar).replace('"@@"', word))
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()))
+    async with running(QueueRunner(Spool(spool.directory, clock=clock), hooks,
+                                   queue_config(tmp_path), clock=clock)):
+        await hooks.wait_results(1)
+    assert [q for q, _, _ in hooks.attempts] == [good]
+    corrupt = sorted(p.name for p in (spool.directory / "corrupt").iterdir())
+    assert corrupt == sorted([*broken, *(f"{q}.json" for q in broken)])
+    assert await spool.queued_ids() == []
+
+
+async def test_start_up_reads_each_sidecar_once(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await spool.recover()
+    ids = [await commit(spool) for _ in range(5)]
+    for queue_id in ids:  # all deferred for an hour: start-up is the only reader
+        record = await spool.load_record(queue_id)
+        await spool.save(replace(record, next_attempt=T0 + 3600))
+    reads: list[str] = []
+    restarted = Spool(spool.directory, clock=clock)
+    real = restarted._read_record_sync
+
+    def counting(queue_id: str) -> object:
+        reads.append(queue_id)
+        return real(queue_id)
+
+    monkeypatch.setattr(restarted, "_read_record_sync", counting)
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()))
+    async with running(QueueRunner(restarted, hooks, queue_config(tmp_path), clock=clock)):
+        await trio.sleep(3000)
+        assert sorted(reads) == sorted(ids)  # recovery read each once; nothing else did
+        await hooks.wait_results(5)
+    assert trio.current_time() == 3600.0
+
+
+async def test_held_message_is_never_attempted(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    held = await commit(spool)
+    await spool.save(replace(await spool.load_record(held), held=True))
+    other = await commit(spool)
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()))
+    runner = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
+    async with running(runner):
+        await hooks.wait_results(1)
+        runner.notify(held)  # even a flush does not deliver a held message
+        await trio.sleep(7 * 86400)
+    assert [q for q, _, _ in hooks.attempts] == [other]
+    assert await spool.queued_ids() == [held]

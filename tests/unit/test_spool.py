@@ -9,8 +9,10 @@ import os
 import re
 import signal
 import sys
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -18,8 +20,13 @@ import trio
 from submitd import Envelope, MailParams, MessageHandle, Recipient
 from submitd.errors import SpoolError
 from submitd.mailqueue import (
+    FORMAT_VERSION,
+    MAX_HISTORY,
     QUEUE_ID_LENGTH,
+    Attempt,
     IncomingMessage,
+    Origin,
+    QueueEntryCorrupt,
     QueueEntryMissing,
     RecipientState,
     Spool,
@@ -125,10 +132,11 @@ async def test_committed_message_reloads_byte_for_byte_after_restart(tmp_path: P
 async def test_sidecar_is_versioned_json_naming_the_message(spool: Spool) -> None:
     queue_id = await queue(spool)
     sidecar = json.loads((spool.directory / "env" / f"{queue_id}.json").read_bytes())
-    assert sidecar["version"] == 1
+    assert sidecar["version"] == FORMAT_VERSION == 2
     assert sidecar["id"] == queue_id
     assert sidecar["sender"] == "alice@example.org"
     assert sidecar["username"] == "alice"
+    assert (sidecar["origin"], sidecar["held"], sidecar["delay_warned"]) == ("smtp", False, False)
     assert sidecar["params"] == {"size": 1234, "body": "8BITMIME", "smtputf8": False, "auth": "<>"}
     assert sidecar["recipients"] == [
         {
@@ -138,6 +146,7 @@ async def test_sidecar_is_versioned_json_naming_the_message(spool: Spool) -> Non
             "attempts": 0,
             "last_reply": None,
             "next_attempt": 1_700_000_000.0,
+            "history": [],
         }
     ]
     assert (spool.directory / "msg" / queue_id).read_bytes() == MESSAGE
@@ -426,3 +435,113 @@ async def test_message_without_recipients_is_refused(spool: Spool) -> None:
     with pytest.raises(SpoolError):
         await incoming.commit(empty, handle, session_info={})
     assert files(spool.directory / "tmp") == []
+
+
+# --- sidecar versions and validation ---------------------------------------------------------
+
+V1_SIDECAR = {
+    "version": 1, "created": 1_700_000_000.0, "size": 79, "sender": "alice@example.org",
+    "username": "alice", "params": {"size": None, "body": "7BIT", "smtputf8": False, "auth": None},
+    "session": {"session_id": "S1"}, "next_attempt": 1_700_000_060.0,
+    "recipients": [{"address": "bob@example.net", "state": "pending", "attempts": 1,
+                    "last_reply": {"code": 451, "status": "4.4.1", "text": "later",
+                                   "lines": ["later"]},
+                    "next_attempt": 1_700_000_060.0}],
+}
+
+
+def plant(spool: Spool, sidecar: dict[str, object] | bytes) -> str:
+    """Put a committed message with the given sidecar into the spool, as an old release would."""
+    queue_id = new_queue_id()
+    (spool.directory / "msg" / queue_id).write_bytes(MESSAGE)
+    data = sidecar if isinstance(sidecar, bytes) else json.dumps({**sidecar, "id": queue_id})
+    (spool.directory / "env" / f"{queue_id}.json").write_bytes(
+        data if isinstance(data, bytes) else data.encode()
+    )
+    return queue_id
+
+
+async def test_version_1_sidecar_from_an_older_release_still_loads(spool: Spool) -> None:
+    queue_id = plant(spool, V1_SIDECAR)
+    assert await Spool(spool.directory).recover() == [queue_id]
+    record = await spool.load_record(queue_id)
+    assert (record.held, record.delay_warned, record.origin) == (False, False, Origin.SMTP)
+    (rcpt,) = record.recipients
+    assert (rcpt.attempts, rcpt.params, rcpt.history) == (1, (), ())
+    assert rcpt.last_reply == Reply.make(451, "4.4.1", "later")
+    await spool.save(record)  # rewritten as the current version
+    sidecar = json.loads((spool.directory / "env" / f"{queue_id}.json").read_bytes())
+    assert sidecar["version"] == FORMAT_VERSION
+
+
+async def test_history_keeps_the_last_attempts_with_the_remote_host(spool: Spool) -> None:
+    queue_id = await queue(spool)
+    record = await spool.load_record(queue_id)
+    attempts = tuple(
+        Attempt(at=record.created + i, reply=Reply.make(451, "4.4.1", f"try {i}"),
+                remote="smtp.example.net" if i % 2 == 0 else None)
+        for i in range(MAX_HISTORY + 5)
+    )
+    (rcpt,) = record.recipients
+    await spool.save(replace(record, held=True, delay_warned=True, origin=Origin.DELAY,
+                             recipients=(replace(rcpt, history=attempts),)))
+    reloaded = await Spool(spool.directory).load_record(queue_id)
+    assert (reloaded.held, reloaded.delay_warned, reloaded.origin) == (True, True, "delay")
+    assert reloaded.recipients[0].history == attempts[-MAX_HISTORY:]
+    assert reloaded.recipients[0].last_remote == "smtp.example.net"
+
+
+def _set(path: str, value: object) -> Callable[[dict[str, Any]], None]:
+    def change(obj: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        target: Any = obj
+        for key in parents:
+            target = target[int(key)] if isinstance(target, list) else target[key]
+        target[last] = value
+    return change
+
+
+# json.dumps writes these as the bare words NaN and Infinity, which json.loads would accept.
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    ("change", "why"),
+    [
+        (_set("next_attempt", NAN), "NaN"),
+        (_set("created", INF), "Infinity"),
+        (_set("next_attempt", 10**400), "out of range"),
+        (_set("created", -5.0), "finite non-negative"),
+        (_set("recipients.0.next_attempt", "soon"), "not a number"),
+        (_set("recipients.0.attempts", -1), "non-negative integer"),
+        (_set("recipients.0.attempts", True), "non-negative integer"),
+        (_set("recipients.0.state", "lost"), "lost"),
+        (_set("recipients.0.last_reply", {"code": 999, "status": "", "text": "x"}), "range"),
+        (_set("recipients.0.last_reply", {"code": 354, "status": "", "text": "go"}), "final"),
+        (_set("recipients.0.last_reply", {"code": 451, "status": "5.0.0", "text": "x"}), "fit"),
+        (_set("recipients.0.address", "a@b\r\nX: y"), "address"),
+        (_set("recipients.0.history", [{"at": "now", "reply": None}]), "not a number"),
+        (_set("held", "yes"), "held"),
+        (_set("origin", "spam"), "spam"),
+        (_set("size", 2.5), "size"),
+        (_set("params.body", "9BIT"), "9BIT"),
+        (_set("recipients", []), "no recipients"),
+    ],
+)
+async def test_sidecar_with_a_bad_field_is_moved_aside_not_crashing_start_up(
+    spool: Spool, change: Callable[[dict[str, Any]], None], why: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    good = await queue(spool)
+    sidecar = json.loads((spool.directory / "env" / f"{good}.json").read_bytes())
+    sidecar["recipients"][0]["history"] = [
+        {"at": 1.0, "reply": {"code": 451, "status": "4.4.1", "text": "x"}, "remote": None}
+    ]
+    change(sidecar)
+    bad = plant(spool, sidecar)
+    with pytest.raises(QueueEntryCorrupt, match=re.escape(why)):
+        await spool.load_record(bad)
+    with caplog.at_level(logging.ERROR, logger="submitd.queue"):
+        assert await Spool(spool.directory).recover() == [good]
+    assert sorted(files(spool.directory / "corrupt")) == [bad, f"{bad}.json"]
+    assert any(f"queue_id={bad}" in r.getMessage() for r in caplog.records)
