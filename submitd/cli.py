@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._cli_queue import add_queue_commands
 from .certs import CertificateInfo, inspect_certificate, write_selfsigned
 from .config import Config, default_config_path, format_duration, load_config
 from .errors import ConfigError, SubmitdError, UsageError
@@ -110,6 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = user.add_parser("list", help="list logins and their senders")
     _users_file_options(p)
     p.set_defaults(handler=cmd_user_list)
+
+    add_queue_commands(commands, _config_option)
 
     cert = commands.add_parser("cert", help="certificate helpers").add_subparsers(
         dest="cert_command", metavar="ACTION", required=True

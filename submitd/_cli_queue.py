@@ -1,0 +1,550 @@
+"""``submitd queue``: inspect and steer the mail queue, safe while the server runs.
+
+Reading (``list``, ``show``) goes straight to the spool: a sidecar is replaced atomically, so
+each one read is a consistent snapshot, and a message delivered meanwhile is just not shown.
+
+Changing (``flush``, ``hold``, ``release``, ``delete``) never races the queue runner. When no
+server holds the spool lock, the command takes the lock and changes the spool itself; when a
+server holds it, the command asks that server over its control socket and the server's
+runner does the work between delivery attempts.
+
+Exit codes: 0 done, 1 runtime failure (no such message, the server does not answer, disk
+errors), 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import os
+import re
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from .config import Config, default_config_path, load_config
+from .errors import SpoolError
+from .mailqueue import (
+    QueueEntryMissing,
+    QueueRecord,
+    RecipientRecord,
+    RecipientState,
+    Spool,
+    SpoolLocked,
+)
+from .mailqueue import is_queue_id as _is_queue_id
+from .protocol._replies import Reply
+
+__all__ = ["JSON_FORMAT_VERSION", "add_queue_commands"]
+
+#: ``queue list --json`` writes ``{"version": JSON_FORMAT_VERSION, ...}``; fields are only
+#: ever added within one version.
+JSON_FORMAT_VERSION = 1
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+
+_T = TypeVar("_T")
+_CONCURRENT_READS = 16
+# Control characters (C0, DEL, C1) never reach the terminal: a header or a remote server's
+# reply text could otherwise move the cursor or rewrite the operator's screen.
+_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+
+
+class QueueCommandError(Exception):
+    """A queue command failed at run time (exit code 1); the message says why."""
+
+
+# --- the parser -----------------------------------------------------------------------------
+
+
+def add_queue_commands(
+    commands: argparse._SubParsersAction[argparse.ArgumentParser],
+    config_option: Callable[[argparse.ArgumentParser], None],
+) -> None:
+    """Register ``submitd queue ACTION`` under ``commands``; ``config_option`` adds ``-c``."""
+    queue = commands.add_parser(
+        "queue", help="inspect and steer the mail queue (safe while the server runs)"
+    ).add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+
+    p = queue.add_parser("list", help="list queued messages and their recipients")
+    config_option(p)
+    p.add_argument("--json", action="store_true", help="print one JSON document instead")
+    p.set_defaults(handler=cmd_queue_list)
+
+    p = queue.add_parser("show", help="envelope, header section and delivery history")
+    config_option(p)
+    _id_argument(p)
+    p.set_defaults(handler=cmd_queue_show)
+
+    p = queue.add_parser("flush", help="attempt one message, or every message, now")
+    config_option(p)
+    p.add_argument("queue_id", metavar="ID", nargs="?", help="a queue ID (default: all)")
+    p.set_defaults(handler=cmd_queue_flush)
+
+    p = queue.add_parser("hold", help="keep a message from being attempted until released")
+    config_option(p)
+    _id_argument(p)
+    p.set_defaults(handler=cmd_queue_hold)
+
+    p = queue.add_parser("release", help="let a held message be attempted again")
+    config_option(p)
+    _id_argument(p)
+    p.set_defaults(handler=cmd_queue_release)
+
+    p = queue.add_parser("delete", help="remove a message from the queue")
+    config_option(p)
+    _id_argument(p)
+    p.add_argument(
+        "--bounce", action="store_true",
+        help="tell the sender: its pending recipients fail and a bounce is queued",
+    )
+    p.set_defaults(handler=cmd_queue_delete)
+
+
+def _id_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("queue_id", metavar="ID", help="a queue ID as `submitd queue list` shows it")
+
+
+def _load(args: argparse.Namespace) -> Config:
+    path: Path | None = args.config
+    return load_config(path if path is not None else default_config_path())
+
+
+def _spool(config: Config) -> Spool:
+    return Spool(config.queue.dir, max_header_size=config.limits.max_header_size)
+
+
+def _queue_id(raw: str) -> str:
+    """The queue ID the operator meant (IDs are upper case; typing them in lower is fine)."""
+    queue_id = raw.strip().upper()
+    if not _is_queue_id(queue_id):
+        raise QueueCommandError(f"no queued message {_printable(raw)}")
+    return queue_id
+
+
+def _run(main: Callable[[], Awaitable[_T]]) -> _T:
+    """Run ``main`` under trio; spool and control failures become :class:`QueueCommandError`."""
+    try:
+        return trio.run(main)
+    except SpoolError as exc:  # QueueEntryMissing says "no queued message ID" itself
+        raise QueueCommandError(str(exc)) from None
+
+
+def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        try:
+            return handler(args)
+        except QueueCommandError as exc:
+            print(f"submitd: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+
+    run.__name__ = handler.__name__
+    run.__doc__ = handler.__doc__
+    return run
+
+
+# --- reading the spool ----------------------------------------------------------------------
+
+
+async def _records(spool: Spool, queue_ids: Iterable[str]) -> list[QueueRecord]:
+    """Read the sidecars of ``queue_ids`` concurrently, in order; vanished ones are skipped."""
+    ids = list(queue_ids)
+    found: dict[str, QueueRecord] = {}
+    limiter = trio.CapacityLimiter(_CONCURRENT_READS)
+
+    async def read(queue_id: str) -> None:
+        async with limiter:
+            try:
+                found[queue_id] = await spool.load_record(queue_id)
+            except QueueEntryMissing:
+                pass  # delivered or deleted while we were listing
+            except SpoolError as exc:  # unreadable: the server moves it to corrupt/
+                print(f"submitd: skipping {queue_id}: {exc}", file=sys.stderr)
+
+    async with trio.open_nursery() as nursery:
+        for queue_id in ids:
+            nursery.start_soon(read, queue_id)
+    return [found[i] for i in ids if i in found]
+
+
+# --- queue list -----------------------------------------------------------------------------
+
+
+@_guarded
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    """``submitd queue list [--json]``: every queued message, oldest first."""
+    spool = _spool(_load(args))
+
+    async def main() -> list[QueueRecord]:
+        return await _records(spool, await spool.queued_ids())
+
+    records = _run(main)
+    now = time.time()
+    if args.json:
+        doc = {"version": JSON_FORMAT_VERSION, "messages": [_as_json(r, now) for r in records]}
+        print(json.dumps(doc, ensure_ascii=True, allow_nan=False, indent=2))
+        return EXIT_OK
+    for record in records:
+        print("\n".join(_summary(record, now)))
+        print()
+    print(_totals(records))
+    return EXIT_OK
+
+
+def _as_json(record: QueueRecord, now: float) -> dict[str, Any]:
+    return {
+        "id": record.queue_id,
+        "created": record.created,
+        "age": max(round(now - record.created), 0),
+        "size": record.size,
+        "sender": record.sender,
+        "username": record.username,
+        "origin": record.origin.value,
+        "held": record.held,
+        "next_attempt": record.next_attempt if record.pending else None,
+        "recipients": [
+            {
+                "address": r.address,
+                "state": r.state.value,
+                "attempts": r.attempts,
+                "next_attempt": r.next_attempt if r.state is RecipientState.PENDING else None,
+                "last_reply": _reply_json(r.last_reply),
+                "remote": r.last_remote,
+            }
+            for r in record.recipients
+        ],
+    }
+
+
+def _reply_json(reply: Reply | None) -> dict[str, Any] | None:
+    if reply is None:
+        return None
+    return {"code": reply.code, "status": reply.status, "text": reply.text}
+
+
+def _summary(record: QueueRecord, now: float) -> list[str]:
+    head = (
+        f"{record.queue_id}  age {_duration(now - record.created)}  {record.size} bytes"
+        f"  from {_printable(_sender(record.sender))}"
+    )
+    if record.held:
+        head += "  HELD"
+    if record.origin.value != "smtp":
+        head += f"  ({record.origin.value})"
+    lines = [head]
+    for rcpt in record.recipients:
+        lines.append(f"  {_printable(rcpt.address)}  {_state(record, rcpt, now)}")
+        if rcpt.last_reply is not None and rcpt.state is not RecipientState.DELIVERED:
+            remote = rcpt.last_remote
+            where = f" (from {_printable(remote)})" if remote else ""
+            lines.append(f"    last reply: {_printable(str(rcpt.last_reply))}{where}")
+    return lines
+
+
+def _state(record: QueueRecord, rcpt: RecipientRecord, now: float) -> str:
+    attempts = f"{rcpt.attempts} attempt{'' if rcpt.attempts == 1 else 's'}"
+    if rcpt.state is not RecipientState.PENDING:
+        return f"{rcpt.state.value} after {attempts}"
+    if record.held:
+        when = "held"
+    elif rcpt.next_attempt <= now:
+        when = "next attempt due now"
+    else:
+        when = f"next attempt in {_duration(rcpt.next_attempt - now)}"
+    return f"pending, {attempts}, {when}"
+
+
+def _totals(records: list[QueueRecord]) -> str:
+    if not records:
+        return "the queue is empty"
+    held = sum(1 for r in records if r.held)
+    pending = sum(len(r.pending) for r in records)
+    text = f"{len(records)} message{'' if len(records) == 1 else 's'}"
+    text += f", {pending} recipient{'' if pending == 1 else 's'} pending"
+    return text + (f", {held} held" if held else "")
+
+
+def _sender(sender: str) -> str:
+    return f"<{sender}>"
+
+
+def _duration(seconds: float) -> str:
+    """Round ``seconds`` for people: ``45s``, ``12m``, ``3h05m``, ``2d04h``."""
+    s = max(int(seconds) if math.isfinite(seconds) else 0, 0)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _printable(text: str) -> str:
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+def _timestamp(when: float) -> str:
+    if not math.isfinite(when):
+        return "-"
+    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+# --- queue show -----------------------------------------------------------------------------
+
+
+@_guarded
+def cmd_queue_show(args: argparse.Namespace) -> int:
+    """``submitd queue show ID``: the envelope, the header section and each recipient's history."""
+    config = _load(args)
+    spool = _spool(config)
+    queue_id = _queue_id(args.queue_id)
+    limit = config.limits.max_header_size
+
+    async def main() -> tuple[QueueRecord, bytes | None, bool]:
+        record = await spool.load_record(queue_id)
+        path = spool.layout.msg_path(queue_id)
+        head, complete = await trio.to_thread.run_sync(_read_header_section, path, limit)
+        return record, head, complete
+
+    record, head, complete = _run(main)
+    print("\n".join(_details(record, time.time())))
+    print()
+    print("Header section:")
+    if head is None:
+        print("  (the message file is gone: delivered or deleted meanwhile)")
+        return EXIT_OK
+    for line in head.decode("utf-8", "replace").splitlines():
+        print(f"  {_printable(line)}")
+    if not complete:
+        print(f"  [... no end of the header section within {limit} bytes]")
+    return EXIT_OK
+
+
+def _read_header_section(path: Path, limit: int) -> tuple[bytes | None, bool]:
+    """Read the header section at ``path`` (at most ``limit`` bytes); None if the file is gone.
+
+    The flag says whether the section ended within ``limit`` bytes.
+    """
+    try:
+        with path.open("rb") as f:
+            data = f.read(limit)
+            at_end = len(data) < limit or not f.read(1)
+    except FileNotFoundError:
+        return None, False
+    # RFC 5322 §2.1: the header section ends at the first empty line.
+    end = data.find(b"\r\n\r\n")
+    if end >= 0:
+        return data[: end + 2], True
+    if data.startswith(b"\r\n"):
+        return b"", True
+    return data, at_end
+
+
+def _details(record: QueueRecord, now: float) -> list[str]:
+    params = [f"BODY={record.params.body.value}"]
+    if record.params.smtputf8:
+        params.append("SMTPUTF8")
+    if record.params.size is not None:
+        params.append(f"SIZE={record.params.size}")
+    session = " ".join(f"{k}={v}" for k, v in record.session.items())
+    if not record.pending:
+        next_attempt = "none (nothing pending)"
+    elif record.held:
+        next_attempt = "held"
+    else:
+        next_attempt = _timestamp(record.next_attempt)
+    fields = [
+        ("Queue ID", record.queue_id),
+        ("Created", f"{_timestamp(record.created)} ({_duration(now - record.created)} ago)"),
+        ("Size", f"{record.size} bytes"),
+        ("Sender", _sender(record.sender)),
+        ("Login", record.username or "-"),
+        ("Origin", record.origin.value),
+        ("Parameters", " ".join(params)),
+        ("Session", session or "-"),
+        ("Held", "yes" if record.held else "no"),
+        ("Next attempt", next_attempt),
+    ]
+    lines = [f"{name + ':':<14}{_printable(value)}" for name, value in fields]
+    lines += ["", "Recipients:"]
+    for rcpt in record.recipients:
+        lines.append(f"  {_printable(rcpt.address)}  {_state(record, rcpt, now)}")
+        if rcpt.params:
+            shown = " ".join(n if v is None else f"{n}={v}" for n, v in rcpt.params)
+            lines.append(f"    parameters: {_printable(shown)}")
+        history = rcpt.history
+        for attempt in history:
+            where = f"  (from {attempt.remote})" if attempt.remote else ""
+            lines.append(f"    {_timestamp(attempt.at)}  {_printable(str(attempt.reply) + where)}")
+        if not history and rcpt.last_reply is not None:
+            lines.append(f"    last reply: {_printable(str(rcpt.last_reply))}")
+    return lines
+
+
+# --- changing the queue ---------------------------------------------------------------------
+#
+# One rule: the CLI and the queue runner never both act on one message. A free spool lock
+# means no server runs: the command takes the lock and changes the spool itself. A held lock
+# means a server runs: the command asks it over the control socket, and its runner acts.
+
+
+@_guarded
+def cmd_queue_flush(args: argparse.Namespace) -> int:
+    """``submitd queue flush [ID]``: attempt one message, or every message, now."""
+    config = _load(args)
+    queue_id = None if args.queue_id is None else _queue_id(args.queue_id)
+
+    async def offline(spool: Spool) -> str:
+        ids = [queue_id] if queue_id is not None else await spool.queued_ids()
+        due, held = await _make_due(spool, ids, single=queue_id is not None)
+        text = f"{due} message{'' if due == 1 else 's'} due now"
+        if held:
+            text += f" ({', '.join(held)} held: release {'it' if len(held) == 1 else 'them'}"
+            text += " first)"
+        return text + "; no server is running: they are attempted when it starts"
+
+    remote = f"the server is attempting {queue_id or 'every queued message'} now"
+    print(_steer(config, "flush", queue_id, offline, remote))
+    return EXIT_OK
+
+
+async def _make_due(spool: Spool, ids: list[str], *, single: bool) -> tuple[int, list[str]]:
+    now = time.time()
+    due, held = 0, []
+    records = [await spool.load_record(ids[0])] if single else await _records(spool, ids)
+    for record in records:
+        if record.held:
+            held.append(record.queue_id)
+            continue
+        recipients = tuple(
+            replace(r, next_attempt=now) if r.state is RecipientState.PENDING else r
+            for r in record.recipients
+        )
+        try:
+            await spool.save(replace(record, recipients=recipients, next_attempt=now))
+        except QueueEntryMissing:
+            if single:
+                raise
+            continue
+        due += 1
+    return due, held
+
+
+@_guarded
+def cmd_queue_hold(args: argparse.Namespace) -> int:
+    """``submitd queue hold ID``: never attempt the message until it is released."""
+    return _set_held(args, held=True)
+
+
+@_guarded
+def cmd_queue_release(args: argparse.Namespace) -> int:
+    """``submitd queue release ID``: attempt a held message again on its schedule."""
+    return _set_held(args, held=False)
+
+
+def _set_held(args: argparse.Namespace, *, held: bool) -> int:
+    config = _load(args)
+    queue_id = _queue_id(args.queue_id)
+    verb = "held" if held else "released"
+
+    async def offline(spool: Spool) -> str:
+        record = await spool.load_record(queue_id)
+        if record.held == held:
+            return f"{queue_id} is already {'held' if held else 'not held'}"
+        await spool.save(replace(record, held=held))
+        return f"{verb} {queue_id}"
+
+    print(_steer(config, "hold" if held else "release", queue_id, offline, f"{verb} {queue_id}"))
+    return EXIT_OK
+
+
+@_guarded
+def cmd_queue_delete(args: argparse.Namespace) -> int:
+    """``submitd queue delete ID [--bounce]``: remove a message, silently or with a bounce."""
+    config = _load(args)
+    queue_id = _queue_id(args.queue_id)
+    bounce: bool = args.bounce
+
+    async def offline(spool: Spool) -> str:
+        record = await spool.load_record(queue_id)
+        if bounce:
+            return await _delete_with_bounce(spool, record, config)
+        await spool.remove(queue_id)
+        return f"deleted {queue_id} (the sender was not told)"
+
+    told = "; a bounce to the sender is queued" if bounce else " (the sender was not told)"
+    print(_steer(config, "delete", queue_id, offline, f"deleted {queue_id}{told}", bounce=bounce))
+    return EXIT_OK
+
+
+def _steer(
+    config: Config,
+    op: str,
+    queue_id: str | None,
+    offline: Callable[[Spool], Awaitable[str]],
+    remote: str,
+    *,
+    bounce: bool = False,
+) -> str:
+    """Do ``op`` through the running server, or with ``offline`` when none runs.
+
+    Returns what to tell the operator. Only the spool's owner changes the spool directly:
+    files another user (root, say) wrote there would be unreadable to the server.
+    """
+    from .server.control import ControlError, ControlRequest, send_request, socket_path
+
+    directory = config.queue.dir
+    request = ControlRequest(op=op, queue_id=queue_id, bounce=bounce)
+    owner = _owner(directory)
+    if owner is None:  # never started: nothing is queued
+        if queue_id is not None:
+            raise QueueCommandError(f"no queued message {queue_id}")
+        return "the queue is empty"
+
+    async def main() -> str:
+        spool = _spool(config)
+        if owner != os.geteuid():
+            try:
+                await send_request(socket_path(directory), request)
+            except ControlError as exc:
+                raise QueueCommandError(
+                    f"{exc}; with no server running, run this as the owner of {directory}"
+                    f" (uid {owner})"
+                ) from None
+            return remote
+        try:
+            await spool.lock()
+        except SpoolLocked:
+            try:
+                await send_request(socket_path(directory), request)
+            except ControlError as exc:
+                raise QueueCommandError(str(exc)) from None
+            return remote
+        try:
+            return await offline(spool)
+        finally:
+            spool.unlock()
+
+    return _run(main)
+
+
+def _owner(directory: Path) -> int | None:
+    try:
+        return directory.stat().st_uid
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise QueueCommandError(f"{directory}: {exc.strerror or exc}") from None
+
+
+async def _delete_with_bounce(spool: Spool, record: QueueRecord, config: Config) -> str:
+    raise QueueCommandError("delete --bounce needs a running server (not yet offline)")
