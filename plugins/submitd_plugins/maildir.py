@@ -1,20 +1,32 @@
-"""Local delivery into one Maildir: every queued message lands in ``[plugins.maildir] path``.
+r"""Local delivery into one Maildir: every queued message lands in ``[plugins.maildir] path``.
 
 The embedded default of ``submitd quickstart``. Configuration::
 
     [plugins.maildir]
     path = "mail"        # required; relative to the config file; tmp/ new/ cur/ are created
 
-Each message becomes one file (whatever its recipients) named
-``SECONDS.M<micro>P<pid>Q<queue id>R<random>.<host>``: written to ``tmp/`` in a worker
+Each message becomes one file (whatever its recipients): written to ``tmp/`` in a worker
 thread, starting with ``Return-Path: <sender>`` and followed by the stored message (CRLF line
 endings, as stored), fsynced, renamed into ``new/`` and ``new/`` fsynced. A failure leaves no
-file in ``new/`` and answers ``451 4.3.0`` for every recipient, so the queue retries.
+file in ``new/``, is logged with the operating system's error, and answers ``451 4.3.0`` for
+every recipient, so the queue retries.
+
+File names are ``SECONDS.Q<queue id>.<host>``: ``SECONDS`` is when the message was received
+(stored with it), the queue ID makes the name unique, and ``<host>`` is this machine's name
+with ``/`` and ``:`` written ``\057`` and ``\072``, as the Maildir convention asks. The name
+is the same for every attempt at one message, which makes delivery idempotent: when the runner
+repeats an attempt whose outcome it could not record (a crash after the rename), the message is
+found in ``new/``, or in ``cur/`` under that name plus the ``:2,FLAGS`` a mail reader adds, and
+reported delivered without a second copy. A partial file of a crashed attempt at the same
+message is removed from ``tmp/`` before the next one; at start (and reload) every file left in
+``tmp/`` for more than 36 hours is removed, the Maildir convention for abandoned deliveries.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import math
 import os
 import re
 import secrets
@@ -35,23 +47,31 @@ from submitd import (
     Reply,
     StashKey,
     hookimpl,
+    logfmt,
 )
 from submitd.durable import fsync_dir, write_all
 
-__all__ = ["MAILDIR_PATH", "submitd_configure", "submitd_deliver"]
+__all__ = ["MAILDIR_PATH", "STALE_TMP_AGE", "submitd_configure", "submitd_deliver"]
 
 #: Where ``submitd_configure`` stores the resolved Maildir path on ``config.stash``.
 MAILDIR_PATH = StashKey[Path]()
+
+#: Files older than this (seconds) in ``tmp/`` are abandoned deliveries (the Maildir rule).
+STALE_TMP_AGE = 36 * 3600.0
+
+log = logging.getLogger("submitd.plugins.maildir")
 
 _KNOWN_KEYS = frozenset({"path"})
 _SUBDIRS = ("tmp", "new", "cur")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
+# Queue IDs are short and alphanumeric; anything else never becomes part of a file name.
+_SAFE_QUEUE_ID = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
 
 
 @hookimpl
 def submitd_configure(config: Config) -> None:
-    """Validate ``[plugins.maildir]`` and create the Maildir's ``tmp/ new/ cur/``."""
+    """Validate ``[plugins.maildir]``, create ``tmp/ new/ cur/`` and clear stale ``tmp/`` files."""
     table = config.plugin_table("maildir")
     for key in table:
         if key not in _KNOWN_KEYS:
@@ -69,7 +89,32 @@ def submitd_configure(config: Config) -> None:
         raise ConfigError(
             config.path, "plugins.maildir.path", f"cannot create the Maildir {path}: {exc}"
         ) from exc
+    _remove_stale_tmp(path / "tmp", time.time() - STALE_TMP_AGE)
     config.stash[MAILDIR_PATH] = path
+
+
+def _remove_stale_tmp(tmp: Path, cutoff: float) -> None:
+    """Remove files in ``tmp`` neither read nor written since ``cutoff`` (crashed deliveries)."""
+    try:
+        entries = list(os.scandir(tmp))
+    except OSError as exc:
+        log.warning(logfmt("maildir_tmp_unreadable", path=tmp, error=exc.strerror or exc))
+        return
+    for entry in entries:
+        try:
+            if not entry.is_file(follow_symlinks=False):
+                continue
+            st = entry.stat(follow_symlinks=False)
+            if max(st.st_mtime, st.st_atime) >= cutoff:
+                continue
+            os.unlink(entry.path)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            log.warning(logfmt("maildir_tmp_cleanup_failed", file=entry.name,
+                               error=exc.strerror or exc))
+            continue
+        log.info(logfmt("maildir_tmp_removed", file=entry.name, reason="stale"))
 
 
 def _host_part() -> str:
@@ -78,17 +123,67 @@ def _host_part() -> str:
     return socket.gethostname().replace("/", r"\057").replace(":", r"\072") or "localhost"
 
 
-def _unique_name(queue_id: str) -> str:
+def _file_name(envelope: Envelope) -> tuple[str, str | None]:
+    """The Maildir name for ``envelope``, and the queue ID when the name is stable."""
+    queue_id = envelope.queue_id
+    if queue_id is not None and _SAFE_QUEUE_ID.match(queue_id):
+        received = envelope.received_at
+        seconds = int(received) if math.isfinite(received) and received > 0 else 0
+        return f"{seconds}.Q{queue_id}.{_host_part()}", queue_id
+    # No usable queue ID (never from the queue runner): a unique one-off name.
     now = time.time()
     seconds = int(now)
     micro = int((now - seconds) * 1_000_000)
-    tag = secrets.token_hex(3)
-    return f"{seconds}.M{micro}P{os.getpid()}Q{queue_id}R{tag}.{_host_part()}"
+    return f"{seconds}.M{micro}P{os.getpid()}R{secrets.token_hex(3)}.{_host_part()}", None
 
 
-def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> Path:
-    """Write one message into ``maildir`` (blocking); on failure nothing is left in new/."""
-    name = _unique_name(envelope.queue_id or "none")
+def _carries_queue_id(name: str, queue_id: str) -> bool:
+    """Whether ``name`` is one of ours for ``queue_id``.
+
+    Its unique part is ``Q<id>``, or ``M<micro>P<pid>Q<id>R<hex>`` as in earlier releases.
+    """
+    parts = name.split(".", 2)
+    if len(parts) != 3:
+        return False
+    unique = parts[1]
+    old_style = rf"M\d+P\d+Q{re.escape(queue_id)}R[0-9a-f]+"
+    return unique == f"Q{queue_id}" or re.fullmatch(old_style, unique) is not None
+
+
+def _already_delivered(maildir: Path, name: str) -> bool:
+    """Whether ``name`` is in ``new/``, or in ``cur/`` with the info a mail reader adds."""
+    if os.path.exists(maildir / "new" / name):
+        return True
+    # A reader moves a seen message to cur/ as NAME:2,FLAGS (some add ",S=size" first).
+    with os.scandir(maildir / "cur") as entries:
+        return any(
+            e.name == name or (e.name.startswith(name) and e.name[len(name)] in ":,")
+            for e in entries
+        )
+
+
+def _remove_leftovers(maildir: Path, queue_id: str) -> None:
+    """Remove the partial files of crashed earlier attempts at ``queue_id`` from ``tmp/``."""
+    tmp = maildir / "tmp"
+    with os.scandir(tmp) as entries:
+        leftovers = [e.name for e in entries if _carries_queue_id(e.name, queue_id)]
+    for name in leftovers:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp / name)
+        log.info(logfmt("maildir_tmp_removed", file=name, queue_id=queue_id,
+                        reason="earlier_attempt"))
+
+
+def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> bool:
+    """Write one message into ``maildir`` (blocking); on failure nothing is left in new/.
+
+    Returns False when an earlier attempt had already delivered it (nothing written).
+    """
+    name, queue_id = _file_name(envelope)
+    if queue_id is not None:
+        if _already_delivered(maildir, name):
+            return False
+        _remove_leftovers(maildir, queue_id)
     tmp = maildir / "tmp" / name
     final = maildir / "new" / name
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
@@ -108,7 +203,7 @@ def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> 
         with contextlib.suppress(OSError):
             (final if renamed else tmp).unlink()
         raise
-    return final
+    return True
 
 
 @hookimpl
@@ -124,13 +219,18 @@ async def submitd_deliver(
         failure = DeliveryOutcome.temporary(Reply.make(451, "4.3.0", "Maildir not configured"))
         return {r.address: failure for r in recipients}
     if _CONTROL.search(envelope.sender):
-        # The core refuses such senders (SECURITY.md §1); never write one into a header.
+        # The core refuses such senders (RFC 5321 §4.1.2 has no controls in addresses);
+        # never write one into a header.
         failure = DeliveryOutcome.permanent(Reply.make(554, "5.6.0", "Invalid sender address"))
         return {r.address: failure for r in recipients}
     try:
-        await trio.to_thread.run_sync(_deliver_file, maildir, envelope, message)
-    except OSError:
+        written = await trio.to_thread.run_sync(_deliver_file, maildir, envelope, message)
+    except OSError as exc:
+        log.error(logfmt("maildir_write_failed", queue_id=envelope.queue_id,
+                         error=exc.strerror or exc))
         failure = DeliveryOutcome.temporary(Reply.make(451, "4.3.0", "Maildir write failed"))
         return {r.address: failure for r in recipients}
+    if not written:
+        log.info(logfmt("maildir_already_delivered", queue_id=envelope.queue_id))
     done = DeliveryOutcome.delivered(Reply.make(250, "2.0.0", "Delivered to Maildir"))
     return {r.address: done for r in recipients}

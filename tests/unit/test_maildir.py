@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
+import socket
+import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +29,8 @@ from submitd_plugins import maildir
 
 STORED = b"Received: by mail.example.org\r\nSubject: hi\r\n\r\nhello\r\n.not stuffed\r\n"
 RECIPIENTS = (Recipient(address="b@example.net"), Recipient(address="c@example.net", attempts=2))
+QUEUE_ID = "01HZX5K3M2ABCDEF"
+RECEIVED = 1_700_000_000.75
 
 
 def make_config(tmp_path: Path, table: dict[str, Any] | None) -> Config:
@@ -46,14 +52,26 @@ def stored_message(tmp_path: Path, data: bytes = STORED) -> MessageHandle:
     return MessageHandle(path=path, size=len(data), headers=[], body_offset=0, queue_id="Q1")
 
 
-def envelope(sender: str = "alice@example.org") -> Envelope:
+def envelope(sender: str = "alice@example.org", queue_id: str = QUEUE_ID) -> Envelope:
     return Envelope(
         sender=sender,
         recipients=RECIPIENTS,
         params=MailParams(),
         username="alice",
-        queue_id="01HZX5K3M2ABCDEF",
+        queue_id=queue_id,
+        received_at=RECEIVED,
     )
+
+
+def files(maildir: Path, sub: str) -> list[str]:
+    return sorted(p.name for p in (maildir / sub).iterdir())
+
+
+@pytest.fixture
+def host(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A host name with the two characters Maildir names must escape."""
+    monkeypatch.setattr(socket, "gethostname", lambda: "mx/1:2.example.org")
+    return r"mx\0571\0722.example.org"
 
 
 @pytest.fixture
@@ -92,7 +110,7 @@ def test_bad_configuration_names_file_and_key(
 
 
 async def test_delivery_writes_one_file_with_return_path_into_new(
-    config: Config, tmp_path: Path
+    config: Config, tmp_path: Path, host: str
 ) -> None:
     outcomes = await maildir.submitd_deliver(
         config, envelope(), stored_message(tmp_path), RECIPIENTS
@@ -102,31 +120,114 @@ async def test_delivery_writes_one_file_with_return_path_into_new(
     assert all(o.kind is OutcomeKind.DELIVERED for o in outcomes.values())
     (delivered,) = (tmp_path / "mail" / "new").iterdir()
     assert delivered.read_bytes() == b"Return-Path: <alice@example.org>\r\n" + STORED
-    assert "Q01HZX5K3M2ABCDEF" in delivered.name
-    assert f"P{os.getpid()}" in delivered.name
-    assert ":" not in delivered.name and "/" not in delivered.name
-    assert list((tmp_path / "mail" / "tmp").iterdir()) == []
+    # SECONDS (when received).Q<queue id>.<host, "/" and ":" escaped in octal>
+    assert delivered.name == f"1700000000.Q{QUEUE_ID}.{host}"
+    assert files(tmp_path / "mail", "tmp") == []
 
 
-async def test_each_delivery_gets_its_own_file(config: Config, tmp_path: Path) -> None:
-    for _ in range(3):  # an at-least-once retry must not overwrite the earlier copy
-        await maildir.submitd_deliver(config, envelope(""), stored_message(tmp_path), RECIPIENTS)
-    files = list((tmp_path / "mail" / "new").iterdir())
-    assert len(files) == 3
-    assert all(f.read_bytes().startswith(b"Return-Path: <>\r\n") for f in files)
+async def test_each_message_gets_its_own_file(config: Config, tmp_path: Path) -> None:
+    for queue_id in ("01HZX5K3M2AAAAAA", "01HZX5K3M2BBBBBB", "01HZX5K3M2CCCCCC"):
+        await maildir.submitd_deliver(
+            config, envelope("", queue_id), stored_message(tmp_path), RECIPIENTS
+        )
+    delivered = list((tmp_path / "mail" / "new").iterdir())
+    assert len(delivered) == 3
+    assert all(f.read_bytes().startswith(b"Return-Path: <>\r\n") for f in delivered)
 
 
-async def test_write_failure_is_temporary_and_leaves_no_file(
-    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_attempt_repeated_after_a_crash_does_not_deliver_a_second_copy(
+    config: Config, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    def broken_fsync(fd: int) -> None:
-        raise OSError(errno.EIO, "I/O error")
+    mail = tmp_path / "mail"
+    # The first attempt delivers; the server dies before the runner records the outcome.
+    await maildir.submitd_deliver(config, envelope(), stored_message(tmp_path), RECIPIENTS)
+    (first,) = files(mail, "new")
+    # After the restart the runner repeats the attempt (one more attempt counted).
+    retried = tuple(replace(r, attempts=r.attempts + 1) for r in RECIPIENTS)
+    with caplog.at_level(logging.INFO, logger="submitd.plugins.maildir"):
+        outcomes = await maildir.submitd_deliver(
+            config, envelope(), stored_message(tmp_path), retried
+        )
+    assert outcomes is not None
+    assert set(outcomes) == {r.address for r in RECIPIENTS}
+    assert all(o.kind is OutcomeKind.DELIVERED for o in outcomes.values())
+    assert files(mail, "new") == [first], "still exactly one copy"
+    assert files(mail, "tmp") == []
+    assert f"event=maildir_already_delivered queue_id={QUEUE_ID}" in caplog.text
 
-    monkeypatch.setattr(os, "fsync", broken_fsync)
+
+async def test_message_a_reader_already_moved_to_cur_is_not_delivered_again(
+    config: Config, tmp_path: Path
+) -> None:
+    mail = tmp_path / "mail"
+    await maildir.submitd_deliver(config, envelope(), stored_message(tmp_path), RECIPIENTS)
+    (first,) = files(mail, "new")
+    os.rename(mail / "new" / first, mail / "cur" / f"{first}:2,S")  # what a mail reader does
     outcomes = await maildir.submitd_deliver(
         config, envelope(), stored_message(tmp_path), RECIPIENTS
     )
+    assert outcomes is not None
+    assert all(o.kind is OutcomeKind.DELIVERED for o in outcomes.values())
+    assert files(mail, "new") == []
+    assert files(mail, "cur") == [f"{first}:2,S"]
+
+
+async def test_partial_files_of_a_crashed_attempt_at_the_same_message_are_removed(
+    config: Config, tmp_path: Path, host: str
+) -> None:
+    tmp = tmp_path / "mail" / "tmp"
+    # Killed mid-write: this release's name, and an earlier release's name for the same ID.
+    (tmp / f"1700000000.Q{QUEUE_ID}.{host}").write_bytes(b"Return-Path: <alice@exa")
+    (tmp / f"1700000000.M12P345Q{QUEUE_ID}R0a1b2c.{host}").write_bytes(b"Return-")
+    other = f"1700000001.Q01HZX5K3M2ZZZZZZ.{host}"  # another message, perhaps in progress
+    (tmp / other).write_bytes(b"Return-Path: <bob@example.org>\r\n")
+    outcomes = await maildir.submitd_deliver(
+        config, envelope(), stored_message(tmp_path), RECIPIENTS
+    )
+    assert outcomes is not None
+    assert all(o.kind is OutcomeKind.DELIVERED for o in outcomes.values())
+    (delivered,) = (tmp_path / "mail" / "new").iterdir()
+    assert delivered.read_bytes() == b"Return-Path: <alice@example.org>\r\n" + STORED
+    assert files(tmp_path / "mail", "tmp") == [other]
+
+
+def test_configure_removes_tmp_files_older_than_36_hours(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = make_config(tmp_path, {"path": "../mail"})
+    maildir.submitd_configure(config)  # creates the Maildir
+    tmp = tmp_path / "mail" / "tmp"
+    now = time.time()
+    for name, age_hours in (("abandoned", 37), ("slow", 35), ("fresh", 0)):
+        path = tmp / name
+        path.write_bytes(b"partial")
+        seconds = now - age_hours * 3600
+        os.utime(path, (seconds, seconds))
+    (tmp / "a-directory").mkdir()  # not ours to remove
+    with caplog.at_level(logging.INFO, logger="submitd.plugins.maildir"):
+        maildir.submitd_configure(make_config(tmp_path, {"path": "../mail"}))
+    assert files(tmp_path / "mail", "tmp") == ["a-directory", "fresh", "slow"]
+    assert "event=maildir_tmp_removed file=abandoned reason=stale" in caplog.text
+
+
+async def test_write_failure_is_temporary_logged_with_the_os_error_and_leaves_no_file(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def broken_fsync(fd: int) -> None:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with caplog.at_level(logging.ERROR, logger="submitd.plugins.maildir"):
+        outcomes = await maildir.submitd_deliver(
+            config, envelope(), stored_message(tmp_path), RECIPIENTS
+        )
     monkeypatch.undo()
+    (record,) = [r for r in caplog.records if r.name == "submitd.plugins.maildir"]
+    assert record.levelno == logging.ERROR
+    assert record.getMessage() == (
+        f'event=maildir_write_failed queue_id={QUEUE_ID} error="Input/output error"'
+    )
     assert outcomes is not None
     expected = DeliveryOutcome.temporary(Reply.make(451, "4.3.0", "Maildir write failed"))
     assert dict(outcomes) == {r.address: expected for r in RECIPIENTS}
