@@ -5,9 +5,9 @@ API (``Spool.open_incoming`` / ``write`` / ``finish`` / ``commit``, then ``Spool
 the record with the attempt recorded), so the files are exactly what a running server
 writes: the message in ``msg/``, its sidecar in ``env/``. Each message looks like mail that
 a smarthost kept refusing with a 4xx: received in the last three hours, one to six attempts
-made, the last reply ``451 4.4.1``, and the next attempt 2-3 hours ahead, far beyond the
-benchmark's few minutes, so the queue runner holds every one of them for the whole run and
-delivers none.
+made (each in the recipient's history), the last reply ``451 4.4.1``, and the next attempt
+2-3 hours ahead, far beyond the benchmark's few minutes, so the queue runner holds every one
+of them for the whole run and delivers none.
 
 To make 50,000 of them in a minute rather than an hour, ``os.fsync`` is a no-op while the
 spool is filled, and one ``os.sync()`` flushes everything at the end: the bytes and file names
@@ -29,14 +29,13 @@ import trio
 from servers import RECIPIENT, SENDER, USER
 
 from submitd import Envelope, MailParams, Recipient, Reply
-from submitd.mailqueue import Spool
+from submitd.mailqueue import Attempt, Spool
 
 FILL_WORKERS = 16  # messages being written at once (each step is a worker-thread trip)
 DEFER_MIN_S = 2 * 3600.0  # the next attempt is at least this far ahead
 RECEIVED_WITHIN_S = 3 * 3600.0  # messages were received up to this long ago
-LAST_REPLY = Reply.make(
-    451, "4.4.1", "Connection timed out (smarthost smtp.provider.example:587)"
-)
+RELAY = "smtp.provider.example"
+LAST_REPLY = Reply.make(451, "4.4.1", f"Connection timed out ({RELAY}:587)")
 
 
 @contextlib.contextmanager
@@ -81,8 +80,15 @@ async def _fill(directory: Path, count: int, body: bytes, now: float, seed: int)
         record = await spool.load_record(queue_id)
         due = now + DEFER_MIN_S + rng.uniform(0, 3600.0)
         attempts = rng.randint(1, 6)
+        # The attempts were made between the message's arrival and now (what `queue show`
+        # lists as the recipient's history).
+        history = tuple(
+            Attempt(at=t, reply=LAST_REPLY, remote=RELAY)
+            for t in sorted(rng.uniform(created, now) for _ in range(attempts))
+        )
         recipients = tuple(
-            replace(r, attempts=attempts, last_reply=LAST_REPLY, next_attempt=due)
+            replace(r, attempts=attempts, last_reply=LAST_REPLY, next_attempt=due,
+                    history=history)
             for r in record.recipients
         )
         await spool.save(replace(record, recipients=recipients, next_attempt=due))
