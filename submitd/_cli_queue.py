@@ -405,6 +405,8 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
 
     async def offline(spool: Spool) -> str:
         ids = [queue_id] if queue_id is not None else await spool.queued_ids()
+        if not ids:
+            return "the queue is empty"
         due, held = await _make_due(spool, ids, single=queue_id is not None)
         text = f"{due} message{'' if due == 1 else 's'} due now"
         if held:
