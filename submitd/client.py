@@ -31,6 +31,7 @@ from .protocol import (
     AddressError,
     BodyType,
     ClientConnection,
+    ClientState,
     MailParams,
     Mechanism,
     RcptParams,
@@ -237,7 +238,7 @@ class SMTPClient:
     @property
     def usable(self) -> bool:
         """False after an error, a 421, or :meth:`aclose`."""
-        return self._usable and not self._closed
+        return self._usable and not self._closed and self._conn.state is ClientState.READY
 
     # -- the transport boundary ---------------------------------------------------------------
 
@@ -295,7 +296,8 @@ class SMTPClient:
         )
 
     async def _write(self, data: bytes, stage: str, seconds: float, what: str) -> None:
-        _log.debug(logfmt("smtp_client_send", remote=self.remote, command=what))
+        if what != "message":  # one line per body chunk would drown the log
+            _log.debug(logfmt("smtp_client_send", remote=self.remote, command=what))
         with self._boundary(stage, f"sending {what}"), trio.fail_after(seconds):
             await self._stream.send_all(data)
 
@@ -597,8 +599,8 @@ class SMTPClient:
                 with trio.move_on_after(min(_CLOSE_DEADLINE, self._timeouts.greeting)):
                     await self._command(self._conn.send_quit(), "reset", _CLOSE_DEADLINE,
                                         "QUIT")
-        except SMTPClientError:
-            pass
+        except Exception as exc:  # closing is best effort; Cancelled still propagates
+            _log.debug(logfmt("smtp_client_quit_failed", remote=self.remote, error=str(exc)))
         finally:
             self._usable = False
             await self._abort()

@@ -8,6 +8,7 @@ other side: commands, the decoded AUTH, and the message bytes after dot-unstuffi
 from __future__ import annotations
 
 import base64
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import pytest
 import trio
 
 from submitd import MailParams, MessageHandle, Recipient, Secret
@@ -23,9 +25,13 @@ from submitd.client import (
     ClientTimeouts,
     ClientTLSMode,
     SMTPClient,
+    SMTPClientError,
 )
 from submitd.message import parse_header_section
-from submitd.testing import TestCA
+from submitd.testing import TestCA, running_server
+from tests.support import PASSWORD as USER_PASSWORD
+from tests.support import RECIPIENT, USER, wait_for_mail
+from tests.support import SENDER as USER_SENDER
 
 PASSWORD = "s3cret-Pa55word"
 SENDER = "sender@example.org"
@@ -40,6 +46,7 @@ class Script:
     extensions: tuple[str, ...] = EXTENSIONS
     auth: tuple[str, ...] = ("PLAIN", "LOGIN")  # offered inside TLS
     auth_reply: bytes = b"235 2.7.0 Authentication successful\r\n"
+    mail_reply: bytes = b"250 2.1.0 Ok\r\n"
     rcpt_replies: dict[str, bytes] = field(default_factory=dict)
     data_reply: bytes = b"250 2.0.0 Ok: queued as X1\r\n"
     after_starttls: bytes = b""  # injected plaintext behind the 220 (CVE-2021-38371)
@@ -106,7 +113,7 @@ async def _handle(script: Script, ca: TestCA, stream: trio.abc.Stream) -> None:
             elif verb == "AUTH":
                 await _auth(script, text, stream, reader)
             elif verb == "MAIL":
-                await stream.send_all(b"250 2.1.0 Ok\r\n")
+                await stream.send_all(script.mail_reply)
             elif verb == "RCPT":
                 address = text.split("<", 1)[1].split(">", 1)[0]
                 await stream.send_all(script.rcpt_replies.get(address, b"250 2.1.5 Ok\r\n"))
@@ -207,3 +214,251 @@ async def test_starttls_auth_plain_and_per_recipient_replies(
     assert f"MAIL FROM:<{SENDER}> SIZE={len(MESSAGE)}" in script.commands
     assert script.commands[-1] == "QUIT"
     assert not client.usable
+
+
+async def send_one(port: int, ca: TestCA, tmp_path: Path, data: bytes = MESSAGE,
+                   *addresses: str, **kw: object) -> dict[str, tuple[int, str]]:
+    """Connect, send one message, QUIT; the (code, status) per recipient."""
+    client = await SMTPClient.connect(settings(port, ca, **kw))  # type: ignore[arg-type]
+    try:
+        result = await client.send(
+            sender=SENDER, recipients=rcpts(*(addresses or ("a@example.net",))),
+            message=stored(tmp_path, data), params=MailParams(),
+        )
+    finally:
+        await client.aclose()
+    return {a: (r.code, r.status) for a, r in result.replies.items()}
+
+
+async def test_implicit_tls_from_the_first_byte(ca: TestCA, tmp_path: Path) -> None:
+    script = Script(tls="implicit")
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path, tls=ClientTLSMode.IMPLICIT)
+    assert got == {"a@example.net": (250, "2.0.0")}
+    assert script.commands[0] == "EHLO relay.example.org" and "STARTTLS" not in script.commands
+    assert script.credentials == [("relay-user", PASSWORD)]
+
+
+@pytest.mark.parametrize("tls", [ClientTLSMode.STARTTLS, ClientTLSMode.IMPLICIT])
+async def test_untrusted_certificate_fails_at_stage_tls_before_any_secret(
+    ca: TestCA, tmp_path: Path, tls: ClientTLSMode
+) -> None:
+    script = Script(tls=tls.value)
+    other = TestCA(tmp_path / "other-ca")
+    async with serve(script, ca) as port:
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(settings(port, ca, tls=tls, context=other.client_context()))
+    assert info.value.stage == "tls"
+    assert (info.value.reply.code, info.value.reply.status) == (454, "4.7.5")
+    assert "certificate verify failed" in str(info.value) or "unable to get" in str(info.value)
+    assert script.credentials == [] and "AUTH" not in script.commands
+
+
+async def test_wrong_host_name_in_certificate_fails_at_stage_tls(ca: TestCA) -> None:
+    async with serve(Script(), ca) as port:
+        config = settings(port, ca)
+        wrong = ClientSettings(**{**config.__dict__, "server_hostname": "other.example"})
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(wrong)
+    assert (info.value.stage, info.value.reply.status) == ("tls", "4.7.5")
+    assert "other.example" in str(info.value) or "mismatch" in str(info.value)
+
+
+async def test_starttls_not_offered_is_an_error_never_a_downgrade(ca: TestCA) -> None:
+    script = Script(tls="none")
+    async with serve(script, ca) as port:
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(settings(port, ca))
+    assert info.value.stage == "starttls"
+    assert (info.value.reply.code, info.value.reply.status) == (454, "4.7.0")
+    assert script.commands == ["EHLO relay.example.org"] or script.commands[-1] == "QUIT"
+    assert "AUTH" not in script.commands and not any(c.startswith("MAIL") for c in script.commands)
+
+
+async def test_reply_injected_behind_the_starttls_220_is_ignored(
+    ca: TestCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    injected = b"250-evil.example\r\n250 AUTH PLAIN\r\n"
+    script = Script(after_starttls=injected, rcpt_replies={"b@example.net": b"550 5.1.1 no\r\n"})
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path, MESSAGE, "a@example.net", "b@example.net")
+    # Had the injected 250 answered the second EHLO, every later reply would be off by one.
+    assert got == {"a@example.net": (250, "2.0.0"), "b@example.net": (550, "5.1.1")}
+    assert script.messages == [MESSAGE]
+    assert f"discarded={len(injected)}" in caplog.text
+
+
+@pytest.mark.parametrize(("verb", "stage"), [("EHLO", "ehlo"), ("MAIL", "mail"),
+                                              ("RCPT", "rcpt"), ("DATA", "data")])
+async def test_a_stalled_server_times_out_with_451_4_4_2(
+    ca: TestCA, tmp_path: Path, verb: str, stage: str
+) -> None:
+    short = ClientTimeouts(greeting=0.5, mail=0.3, rcpt=0.3, data_init=0.3, data_end=0.3)
+    script = Script(tls="none", stall_on=verb)
+    async with serve(script, ca) as port:
+        with trio.fail_after(5), pytest.raises(SMTPClientError) as info:
+            await send_one(port, ca, tmp_path, tls=ClientTLSMode.NONE, auth=False,
+                           timeouts=short)
+    assert info.value.stage == stage
+    assert (info.value.reply.code, info.value.reply.status) == (451, "4.4.2")
+    assert "timed out" in str(info.value)
+
+
+async def test_one_connection_carries_two_transactions(ca: TestCA, tmp_path: Path) -> None:
+    script = Script()
+    second = b"Subject: second\r\n\r\nbody two\r\n"
+    async with serve(script, ca) as port:
+        client = await SMTPClient.connect(settings(port, ca))
+        for i, data in enumerate((MESSAGE, second)):
+            result = await client.send(sender=SENDER, recipients=rcpts(f"r{i}@example.net"),
+                                       message=stored(tmp_path, data, f"m{i}"),
+                                       params=MailParams())
+            assert result.replies[f"r{i}@example.net"].code == 250
+            assert client.usable
+        await client.aclose()
+    assert script.connections == 1 and script.messages == [MESSAGE, second]
+    assert script.commands.count("EHLO relay.example.org") == 2  # before and after STARTTLS
+
+
+async def test_body_arrives_byte_exact_with_dots_and_a_megabyte(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    line = b"." * 20 + b"x" * 50 + b"\r\n"
+    body = b"Subject: big\r\n\r\n.\r\n..\r\n.x\r\n" + line * (1024 * 1024 // len(line) + 1)
+    assert len(body) > 1024 * 1024
+    script = Script()
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path, body)
+    assert got == {"a@example.net": (250, "2.0.0")}
+    assert script.messages == [body]
+
+
+async def test_size_over_the_servers_limit_is_552_5_3_4_without_mail_or_data(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    script = Script(extensions=("PIPELINING", "SIZE 100", "8BITMIME"))
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path, MESSAGE + b"x" * 100, "a@example.net",
+                             "b@example.net")
+    assert got == {"a@example.net": (552, "5.3.4"), "b@example.net": (552, "5.3.4")}
+    assert not any(c.startswith(("MAIL", "DATA")) for c in script.commands)
+
+
+async def test_auth_login_when_plain_is_not_offered(ca: TestCA, tmp_path: Path) -> None:
+    script = Script(auth=("LOGIN",))
+    async with serve(script, ca) as port:
+        await send_one(port, ca, tmp_path)
+    assert script.credentials == [("relay-user", PASSWORD)]
+
+
+async def test_refused_auth_carries_the_server_reply_and_never_the_password(
+    ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="submitd.client")
+    echo = f"535 5.7.8 bad credentials for relay-user/{PASSWORD}\r\n".encode()
+    script = Script(auth_reply=echo)
+    async with serve(script, ca) as port:
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(settings(port, ca))
+    assert info.value.stage == "auth"
+    assert (info.value.reply.code, info.value.reply.status) == (535, "5.7.8")
+    plain = base64.b64encode(f"\0relay-user\0{PASSWORD}".encode()).decode()
+    for text in (str(info.value), repr(info.value), caplog.text):
+        assert PASSWORD not in text and plain not in text
+    assert "bad credentials" in str(info.value)
+
+
+async def test_without_pipelining_a_refused_mail_answers_every_recipient_then_rset(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    script = Script(extensions=("8BITMIME",), mail_reply=b"553 5.7.1 sender not allowed\r\n")
+    async with serve(script, ca) as port:
+        client = await SMTPClient.connect(settings(port, ca))
+        result = await client.send(sender=SENDER, recipients=rcpts("a@example.net", "b@x.org"),
+                                   message=stored(tmp_path, MESSAGE), params=MailParams())
+        assert client.usable
+        await client.aclose()
+    assert {a: r.code for a, r in result.replies.items()} == {"a@example.net": 553,
+                                                             "b@x.org": 553}
+    assert not any(c.startswith(("RCPT", "DATA")) for c in script.commands)
+    assert "RSET" in script.commands
+
+
+async def test_no_recipient_accepted_means_no_data_and_an_rset(
+    ca: TestCA, tmp_path: Path
+) -> None:
+    script = Script(rcpt_replies={"a@example.net": b"450 4.2.1 try later\r\n"})
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path)
+    assert got == {"a@example.net": (450, "4.2.1")}
+    assert "DATA" not in script.commands and "RSET" in script.commands
+
+
+async def test_eight_bit_body_needs_8bitmime(ca: TestCA, tmp_path: Path) -> None:
+    data = "Subject: x\r\n\r\nGrüße\r\n".encode()
+    without = Script(extensions=("PIPELINING",))
+    async with serve(without, ca) as port:
+        assert await send_one(port, ca, tmp_path, data) == {"a@example.net": (554, "5.6.3")}
+    with_8bit = Script()
+    async with serve(with_8bit, ca) as port:
+        assert await send_one(port, ca, tmp_path, data) == {"a@example.net": (250, "2.0.0")}
+    assert f"MAIL FROM:<{SENDER}> SIZE={len(data)} BODY=8BITMIME" in with_8bit.commands
+    assert with_8bit.messages == [data]
+
+
+async def test_smtputf8_only_when_needed_and_offered(ca: TestCA, tmp_path: Path) -> None:
+    script = Script()  # no SMTPUTF8
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path, MESSAGE, "a@example.net", "jürgen@example.net")
+    assert got == {"a@example.net": (250, "2.0.0"), "jürgen@example.net": (553, "5.6.7")}
+    utf8_headers = "Subject: Grüße\r\n\r\nx\r\n".encode()
+    async with serve(Script(), ca) as port:
+        got = await send_one(port, ca, tmp_path, utf8_headers, "a@example.net", "b@example.net")
+    assert got == {"a@example.net": (553, "5.6.7"), "b@example.net": (553, "5.6.7")}
+    offered = Script(extensions=(*EXTENSIONS, "SMTPUTF8"))
+    async with serve(offered, ca) as port:
+        got = await send_one(port, ca, tmp_path, MESSAGE, "jürgen@example.net")
+    assert got == {"jürgen@example.net": (250, "2.0.0")}
+    assert any(c.endswith(" SMTPUTF8") and c.startswith("MAIL") for c in offered.commands)
+
+
+async def test_plaintext_mode_never_sends_starttls_or_auth(ca: TestCA, tmp_path: Path) -> None:
+    script = Script(tls="starttls")
+    async with serve(script, ca) as port:
+        await send_one(port, ca, tmp_path, tls=ClientTLSMode.NONE, auth=False)
+    assert "STARTTLS" not in script.commands and "AUTH" not in script.commands
+    with pytest.raises(ValueError, match="without TLS"):
+        settings(25, ca, tls=ClientTLSMode.NONE, auth=True)
+
+
+async def test_connection_refused_is_421_4_4_1_at_stage_connect(ca: TestCA) -> None:
+    async with serve(Script(), ca) as port:
+        pass  # the port is closed again
+    with pytest.raises(SMTPClientError) as info:
+        await SMTPClient.connect(settings(port, ca))
+    assert info.value.stage == "connect"
+    assert (info.value.reply.code, info.value.reply.status) == (421, "4.4.1")
+
+
+async def test_relays_through_a_real_submitd_server(
+    make_config, ca: TestCA, tmp_path: Path, maildir: Path  # type: ignore[no-untyped-def]
+) -> None:
+    data = f"From: <{USER_SENDER}>\r\nSubject: relayed\r\n\r\n.dot\r\nend".encode()
+    async with running_server(make_config()) as srv:
+        for tls, mode in ((ClientTLSMode.STARTTLS, "starttls"),
+                          (ClientTLSMode.IMPLICIT, "implicit")):
+            config = ClientSettings(
+                host="127.0.0.1", port=srv.port(mode), tls=tls, ssl_context=ca.client_context(),
+                server_hostname="localhost", helo_name="relay.example.org", username=USER,
+                password=Secret(USER_PASSWORD),
+            )
+            client = await SMTPClient.connect(config)
+            assert {"PIPELINING", "SIZE", "8BITMIME", "SMTPUTF8"} <= set(client.extensions)
+            result = await client.send(sender=USER_SENDER, recipients=rcpts(RECIPIENT),
+                                       message=stored(tmp_path, data), params=MailParams())
+            await client.aclose()
+            reply = result.replies[RECIPIENT]
+            assert (reply.code, reply.status) == (250, "2.0.0"), reply
+        messages = await wait_for_mail(maildir, 2)
+    for message in messages:
+        assert message.endswith(b"Subject: relayed\r\n\r\n.dot\r\nend\r\n")
