@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import math
 import os
@@ -139,6 +140,7 @@ def _run(main: Callable[[], Awaitable[_T]]) -> _T:
 
 
 def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    @functools.wraps(handler)
     def run(args: argparse.Namespace) -> int:
         try:
             return handler(args)
@@ -146,8 +148,6 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
             print(f"submitd: {exc}", file=sys.stderr)
             return EXIT_FAILURE
 
-    run.__name__ = handler.__name__
-    run.__doc__ = handler.__doc__
     return run
 
 
@@ -502,7 +502,13 @@ def _steer(
     Returns what to tell the operator. Only the spool's owner changes the spool directly:
     files another user (root, say) wrote there would be unreadable to the server.
     """
-    from .server.control import ControlError, ControlRequest, send_request, socket_path
+    from .server.control import (
+        ControlError,
+        ControlRefused,
+        ControlRequest,
+        send_request,
+        socket_path,
+    )
 
     directory = config.queue.dir
     request = ControlRequest(op=op, queue_id=queue_id, bounce=bounce)
@@ -512,25 +518,29 @@ def _steer(
             raise QueueCommandError(f"no queued message {queue_id}")
         return "the queue is empty"
 
+    async def ask_server(hint: str) -> str:
+        try:
+            await send_request(socket_path(directory), request)
+        except ControlRefused as exc:
+            raise QueueCommandError(str(exc)) from None
+        except ControlError as exc:
+            raise QueueCommandError(f"{exc} ({hint})") from None
+        return remote
+
     async def main() -> str:
-        spool = _spool(config)
         if owner != os.geteuid():
-            try:
-                await send_request(socket_path(directory), request)
-            except ControlError as exc:
-                raise QueueCommandError(
-                    f"{exc}; with no server running, run this as the owner of {directory}"
-                    f" (uid {owner})"
-                ) from None
-            return remote
+            return await ask_server(
+                f"with no server running, run this as the owner of {directory}, uid {owner}"
+            )
+        spool = _spool(config)
         try:
             await spool.lock()
-        except SpoolLocked:
-            try:
-                await send_request(socket_path(directory), request)
-            except ControlError as exc:
-                raise QueueCommandError(str(exc)) from None
-            return remote
+        except SpoolLocked as locked:
+            holder = f"process {locked.holder}" if locked.holder else "another process"
+            return await ask_server(
+                f"the spool is locked by {holder}; a server that is still starting answers"
+                " once it has read the queue"
+            )
         try:
             return await offline(spool)
         finally:

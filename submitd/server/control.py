@@ -39,6 +39,7 @@ __all__ = [
     "MAX_LINE",
     "OPERATION_TIMEOUT",
     "ControlError",
+    "ControlRefused",
     "ControlRequest",
     "QueueControl",
     "send_request",
@@ -91,7 +92,11 @@ class QueueControl(Protocol):
 
 
 class ControlError(SubmitdError):
-    """The server could not be asked, or it refused the request; the message says why."""
+    """The server could not be asked (no socket, no answer in time, garbage back)."""
+
+
+class ControlRefused(ControlError):
+    """The server answered and refused the request (no such message, for one)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -347,8 +352,8 @@ async def send_request(
 ) -> None:
     """Send ``request`` to the server listening on ``path``; raise ControlError if it failed.
 
-    A server refusing the request (no such message, for one) raises ControlError with the
-    server's own message.
+    A server refusing the request (no such message, for one) raises :class:`ControlRefused`
+    with the server's own message.
     """
     with trio.move_on_after(patience) as scope:
         response = await _exchange(path, request)
@@ -357,7 +362,7 @@ async def send_request(
     if response.get("ok") is True:
         return
     error = response.get("error")
-    raise ControlError(str(error) if isinstance(error, str) else "the server refused")
+    raise ControlRefused(str(error) if isinstance(error, str) else "the server refused")
 
 
 async def _exchange(path: Path, request: ControlRequest) -> Mapping[str, Any]:
