@@ -238,7 +238,9 @@ class _Driver:
                     return
                 self.conn.tls_started()
             elif isinstance(event, ConnectionClosed):
-                await self.flush()
+                # The last reply (221, or the 421 that ends the session) goes out even when a
+                # shutdown is under way: a client that quit needs no 421 on top.
+                await self.flush_quietly()
                 log.info(logfmt("closing", session=self.sid, reason=event.reason))
                 if not event.client_done:
                     await self._linger()

@@ -55,12 +55,12 @@ class HeldFilter:
         await trio.sleep_forever()
 
 
-async def start_transaction(client: RawSMTPClient) -> None:
-    """MAIL, RCPT, DATA and the whole body with its final dot; the reply is not read."""
+async def start_transaction(client: RawSMTPClient, then: bytes = b"") -> None:
+    """MAIL, RCPT, DATA, the body with its final dot and ``then`` (pipelined); no reply read."""
     assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
     assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
     assert (await client.command("DATA")).code == 354
-    await client.send(BODY + b".\r\n")
+    await client.send(BODY + b".\r\n" + then)
 
 
 async def shut_down_now(srv: RunningServer) -> None:
@@ -79,16 +79,24 @@ async def stored_copies(srv: RunningServer, maildir: Path) -> tuple[list[str], l
     return queued, delivered
 
 
-async def test_sigterm_during_a_slow_commit_still_sends_the_250_before_the_421(
+@pytest.mark.parametrize(
+    ("then", "last"),
+    [
+        pytest.param(b"", (421, "4.3.2"), id="then-421"),
+        # A client that pipelined QUIT behind the data is answered 221, not 421.
+        pytest.param(b"QUIT\r\n", (221, "2.0.0"), id="quit-then-221"),
+    ],
+)
+async def test_sigterm_during_a_slow_commit_still_sends_the_250_first(
     make_config: Callable[..., Path], client_tls: ssl.SSLContext, maildir: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, then: bytes, last: tuple[int, str],
 ) -> None:
     disk = SlowDisk(submitd.durable.fsync_dir)
     async with running_server(make_config(limits={"shutdown_grace": "0s"})) as srv:
         client = await open_session(srv, "implicit", client_tls)
         monkeypatch.setattr(submitd.durable, "fsync_dir", disk)
         try:
-            await start_transaction(client)
+            await start_transaction(client, then)
             assert await trio.to_thread.run_sync(disk.entered.wait, 10), "commit never started"
             await shut_down_now(srv)
         finally:
@@ -102,7 +110,7 @@ async def test_sigterm_during_a_slow_commit_still_sends_the_250_before_the_421(
     match = re.fullmatch(r"Ok: queued as (\S+)", accepted.text)
     assert match, accepted.text
     queue_id = match.group(1)
-    assert closing is not None and (closing.code, closing.status) == (421, "4.3.2")
+    assert closing is not None and (closing.code, closing.status) == last
     # The message the client was told about is kept exactly once: still queued, or delivered
     # by the runner before it stopped.
     queued, delivered = await stored_copies(srv, maildir)
