@@ -5,6 +5,8 @@
 - :func:`write_config`: a complete ``submitd.toml`` with listeners on port 0.
 - :func:`running_server`: start an in-process server in a nursery, stop it on exit.
 - :class:`RawSMTPClient`: a byte-level SMTP client for protocol tests (raw lines, STARTTLS).
+- :func:`running_smarthost` / :class:`FakeSmarthost`: a recording SMTP relay on loopback for
+  delivery-plugin tests (see :mod:`submitd.testing.smarthost`).
 
 trustme is a test dependency (``pip install submitd[test]``); it is imported on use.
 """
@@ -23,8 +25,18 @@ import trio
 from ..config import Config, ListenMode, load_config
 from ..protocol._replies import Reply, parse_reply
 from ..server.app import BoundListener, Server
+from .smarthost import FakeSmarthost, ReceivedMessage, running_smarthost
 
-__all__ = ["RawSMTPClient", "RunningServer", "TestCA", "running_server", "write_config"]
+__all__ = [
+    "FakeSmarthost",
+    "RawSMTPClient",
+    "ReceivedMessage",
+    "RunningServer",
+    "TestCA",
+    "running_server",
+    "running_smarthost",
+    "write_config",
+]
 
 
 class TestCA:

@@ -1,0 +1,201 @@
+"""The smarthost plugin's run-time state: hosts marked down, and idle connections kept for reuse.
+
+Both live in the plugin's state on ``config.stash``: they last as long as one configuration
+(see the plugin's module docstring for what a reload does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+import trio
+
+from submitd import logfmt
+
+from ._smarthost_config import HostAddress, Route
+
+__all__ = ["ConnectionPool", "Lease", "MarkDown"]
+
+log = logging.getLogger("submitd.plugins.smarthost")
+
+#: The longest a QUIT on an idle connection may take before the socket is simply closed.
+CLOSE_TIMEOUT = 5.0
+
+
+class Connection(Protocol):
+    """What the pool needs from an SMTP client connection."""
+
+    @property
+    def usable(self) -> bool:
+        """False once the connection broke or was closed."""
+        ...
+
+    async def aclose(self) -> None:
+        """QUIT (best effort) and close; never raises."""
+        ...
+
+
+C = TypeVar("C", bound=Connection)
+
+
+class MarkDown:
+    """Hosts that failed recently, per route: skipped for ``down_time`` seconds.
+
+    Keyed by route and host, since a refused login or a rejected client certificate is a
+    failure of that route's settings on that host, not of the host for every route.
+    ``down_time`` 0 turns mark-down off. ``clock`` returns monotonic seconds.
+    """
+
+    def __init__(self, *, down_time: float, clock: Callable[[], float]) -> None:
+        self.down_time = down_time
+        self._clock = clock
+        self._down: dict[tuple[str, HostAddress], tuple[float, str]] = {}
+
+    def mark(self, route: str, host: HostAddress, error: str) -> None:
+        """Record that ``host`` failed on ``route`` with ``error`` (one readable line)."""
+        if self.down_time > 0:
+            self._down[route, host] = (self._clock() + self.down_time, error)
+
+    def clear(self, route: str, host: HostAddress) -> None:
+        """Forget a mark (the host answered)."""
+        self._down.pop((route, host), None)
+
+    def is_down(self, route: str, host: HostAddress) -> bool:
+        """True while ``host`` is marked down on ``route``."""
+        entry = self._down.get((route, host))
+        if entry is None:
+            return False
+        if self._clock() >= entry[0]:
+            del self._down[route, host]
+            return False
+        return True
+
+    def all_down(self, route: Route) -> str | None:
+        """The most recent error when every host of ``route`` is marked down, else None."""
+        latest: tuple[float, str] | None = None
+        for host in route.hosts:
+            if not self.is_down(route.name, host):
+                return None
+            entry = self._down[route.name, host]
+            if latest is None or entry[0] > latest[0]:
+                latest = entry
+        return latest[1] if latest is not None else None
+
+
+@dataclass(kw_only=True)
+class Lease(Generic[C]):
+    """One open connection while a delivery uses it: where it goes and how much it carried."""
+
+    route: str
+    host: HostAddress
+    client: C
+    sent: int = 0  # messages handed over on this connection
+    reused: bool = False  # taken from the pool rather than opened for this delivery
+    idle_since: float = 0.0
+
+
+class ConnectionPool(Generic[C]):
+    """Idle connections per route, reused for the next message within ``reuse_time``.
+
+    A connection goes back to the pool only while it is usable and has carried fewer than
+    ``max_messages``. Idle connections are closed (QUIT) once ``reuse_time`` has passed by a
+    reaper task, and all of them by :meth:`close`, which is synchronous so that
+    ``submitd_unconfigure`` can call it. The reaper is a trio system task: the plugin has no
+    nursery of its own, and the task must outlive the hook call that parked the connection;
+    it only ever closes connections and logs instead of raising.
+    """
+
+    def __init__(self, *, reuse_time: float, max_messages: int) -> None:
+        self.reuse_time = reuse_time
+        self.max_messages = max_messages
+        self.closed = False
+        self._idle: dict[str, list[Lease[C]]] = {}
+        self._reaper: trio.lowlevel.TrioToken | None = None  # set while a reaper runs
+        self._wake = trio.Event()
+
+    def idle_count(self, route: str | None = None) -> int:
+        """How many idle connections are kept (for one route, or all)."""
+        if route is not None:
+            return len(self._idle.get(route, ()))
+        return sum(len(v) for v in self._idle.values())
+
+    async def take(self, route: str) -> Lease[C] | None:
+        """The most recently used idle connection of ``route`` that may still be used, or None.
+
+        Connections that sat idle too long or broke meanwhile are closed on the way.
+        """
+        idle = self._idle.get(route)
+        now = trio.current_time()
+        while idle:
+            lease = idle.pop()
+            if lease.client.usable and now - lease.idle_since < self.reuse_time:
+                lease.reused = True
+                return lease
+            await discard(lease)
+        return None
+
+    async def give_back(self, lease: Lease[C]) -> None:
+        """Keep ``lease`` for the next message, or close it (QUIT) if it is not reusable."""
+        if (self.closed or self.reuse_time <= 0 or not lease.client.usable
+                or lease.sent >= self.max_messages):
+            await discard(lease)
+            return
+        lease.idle_since = trio.current_time()
+        lease.reused = False
+        self._idle.setdefault(lease.route, []).append(lease)
+        if self._reaper is None:
+            self._reaper = trio.lowlevel.current_trio_token()
+            trio.lowlevel.spawn_system_task(self._reap, name="smarthost idle reaper")
+        else:
+            self._poke()  # an earlier deadline may now be due
+
+    def close(self) -> None:
+        """Stop reusing; the reaper closes every idle connection (callable from any thread)."""
+        self.closed = True
+        token = self._reaper
+        if token is None:
+            return
+        # When the run is over the process is ending, and the sockets end with it.
+        with contextlib.suppress(trio.RunFinishedError):
+            token.run_sync_soon(self._poke)
+
+    def _poke(self) -> None:
+        self._wake.set()
+
+    async def _reap(self) -> None:
+        try:
+            while not self.closed and self._idle_deadline() is not None:
+                deadline = self._idle_deadline()
+                assert deadline is not None
+                with trio.move_on_at(deadline):
+                    await self._wake.wait()
+                self._wake = trio.Event()
+                now = trio.current_time()
+                for route, idle in list(self._idle.items()):
+                    expired = [x for x in idle if now - x.idle_since >= self.reuse_time]
+                    self._idle[route] = [x for x in idle if x not in expired]
+                    for lease in expired:
+                        await discard(lease)
+            if self.closed:
+                idle_all = [x for v in self._idle.values() for x in v]
+                self._idle.clear()
+                for lease in idle_all:
+                    await discard(lease)
+        except Exception as exc:  # a system task must not raise: it would end the server
+            log.error(logfmt("smarthost_reaper_failed", error=repr(exc)), exc_info=True)
+        finally:
+            self._reaper = None
+
+    def _idle_deadline(self) -> float | None:
+        since = [x.idle_since for v in self._idle.values() for x in v]
+        return min(since) + self.reuse_time if since else None
+
+
+async def discard(lease: Lease[C]) -> None:
+    """Close a connection (QUIT, bounded), even while the caller is being cancelled."""
+    with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
+        await lease.client.aclose()
