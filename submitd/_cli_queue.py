@@ -42,6 +42,7 @@ from .mailqueue import (
 )
 from .mailqueue import is_queue_id as _is_queue_id
 from .protocol._replies import Reply
+from .views import DeliveryOutcome
 
 __all__ = ["JSON_FORMAT_VERSION", "add_queue_commands"]
 
@@ -424,6 +425,8 @@ async def _make_due(spool: Spool, ids: list[str], *, single: bool) -> tuple[int,
     due, held = 0, []
     records = [await spool.load_record(ids[0])] if single else await _records(spool, ids)
     for record in records:
+        if record.held and single:
+            raise QueueCommandError(f"{record.queue_id} is held: release it first")
         if record.held:
             held.append(record.queue_id)
             continue
@@ -559,4 +562,17 @@ def _owner(directory: Path) -> int | None:
 
 
 async def _delete_with_bounce(spool: Spool, record: QueueRecord, config: Config) -> str:
-    raise QueueCommandError("delete --bounce needs a running server (not yet offline)")
+    """Fail every pending recipient as the runner does, queue one bounce, then remove."""
+    from .mailqueue._reports import Reporter
+    from .mailqueue.runner import DELETED_REPLY
+
+    report_id = None
+    if record.pending:
+        queued = await spool.load(record.queue_id)
+        failed = [(r, DeliveryOutcome.permanent(DELETED_REPLY)) for r in record.pending]
+        reporter = Reporter(spool, config.queue, config.hostname, time.time)
+        report_id = await reporter.bounce(record, queued.header_section, failed, time.time())
+    await spool.remove(record.queue_id)
+    if report_id is None:
+        return f"deleted {record.queue_id} (nothing pending, or the sender is <>: no bounce)"
+    return f"deleted {record.queue_id}; the bounce to {_sender(record.sender)} is {report_id}"

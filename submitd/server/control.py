@@ -24,6 +24,7 @@ import socket
 import stat
 import struct
 from collections.abc import Iterator, Mapping
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -32,7 +33,7 @@ import trio
 
 from .._logfmt import logfmt
 from ..errors import SpoolError, SubmitdError
-from ..mailqueue import QueueEntryMissing, is_queue_id
+from ..mailqueue import QueueEntryMissing, QueueRecord, is_queue_id
 
 __all__ = [
     "CONTROL_SOCKET_NAME",
@@ -69,6 +70,15 @@ _MAX_SOCKET_PATH = 100
 
 class QueueControl(Protocol):
     """What the control socket asks of the queue runner."""
+
+    @property
+    def in_flight(self) -> frozenset[str]:
+        """The queue IDs being attempted right now."""
+        ...
+
+    def exclusive(self, queue_id: str, /) -> AbstractAsyncContextManager[QueueRecord]:
+        """Keep the runner off ``queue_id`` meanwhile; QueueEntryMissing if unknown."""
+        ...
 
     def notify(self, queue_id: str, /) -> object:
         """Attempt ``queue_id`` now (a held message stays held)."""
@@ -289,6 +299,8 @@ async def _respond(
             await _perform(runner, request)
         except QueueEntryMissing:
             result = _failure(f"no queued message {request.queue_id}")
+        except ControlRefused as exc:
+            result = _failure(str(exc))
         except SpoolError as exc:
             result = _failure(str(exc))
         except Exception as exc:
@@ -305,11 +317,17 @@ async def _respond(
 
 async def _perform(runner: QueueControl, request: ControlRequest) -> None:
     queue_id = request.queue_id
-    if request.op == "flush":
-        if queue_id is None:
-            runner.flush_all()
-        else:
+    if request.op == "flush" and queue_id is None:
+        runner.flush_all()
+        return
+    if request.op == "flush" and queue_id is not None:
+        if queue_id in runner.in_flight:  # it exists: attempted again right after this one
             runner.notify(queue_id)
+            return
+        async with runner.exclusive(queue_id) as record:  # raises if there is no such message
+            if record.held:
+                raise ControlRefused(f"{queue_id} is held: release it first")
+            runner.notify(queue_id)  # due at once when the block ends
         return
     assert queue_id is not None  # ControlRequest.parse guarantees it
     if request.op == "hold":

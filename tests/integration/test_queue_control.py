@@ -20,7 +20,7 @@ import trio
 
 from submitd import DeliveryOutcome, Envelope, MessageHandle, Recipient, Reply, hookimpl
 from submitd.mailqueue import Origin, QueueEntryMissing, QueueRecord
-from submitd.server.control import serve_control, socket_path
+from submitd.server.control import QueueControl, serve_control, socket_path
 from submitd.testing import RunningServer, running_server
 from tests.integration.test_submission import open_session, send_message
 from tests.support import RECIPIENT, SENDER
@@ -59,7 +59,8 @@ async def steerable_server(config: Path, plugin: Deferring) -> AsyncIterator[Run
             async with trio.open_nursery() as nursery:
                 path = socket_path(srv.config.queue.dir)
                 if not path.exists():  # the server does not start it itself (yet)
-                    await nursery.start(serve_control, srv.server.runner, path)
+                    runner: QueueControl = srv.server.runner  # what the socket needs of it
+                    await nursery.start(serve_control, runner, path)
                 yield srv
                 nursery.cancel_scope.cancel()
         finally:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
 import time
-from collections.abc import Callable
+import types
+from collections.abc import AsyncIterator, Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -333,6 +335,44 @@ def test_flush_of_one_message_without_a_server(
     assert record_of(config, queue_id).next_attempt <= time.time()
 
 
+def test_flush_of_a_held_message_says_to_release_it_first(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (queue_id,) = build(config, enqueue)
+    assert queue(config, "hold", queue_id) == 0
+    assert queue(config, "flush", queue_id) == 1
+    assert capsys.readouterr().err == f"submitd: {queue_id} is held: release it first\n"
+
+
+def test_delete_with_bounce_without_a_server_queues_one_bounce_for_the_pending_recipients(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (queue_id,) = build(config, lambda s: enqueue(s, "bob@example.net", "carol@example.com"))
+    build(config, lambda s: change(s, queue_id, lambda r: replace(r, recipients=(
+        replace(r.recipients[0], state=RecipientState.DELIVERED), r.recipients[1]))))
+    assert queue(config, "delete", queue_id, "--bounce") == 0
+    ((bounce_id,),) = build(config, lambda s: s.queued_ids())
+    assert capsys.readouterr().out == (
+        f"deleted {queue_id}; the bounce to <alice@example.org> is {bounce_id}\n"
+    )
+    (bounce,) = build(config, lambda s: s.load(bounce_id))
+    assert (bounce.record.sender, bounce.record.origin) == ("", Origin.BOUNCE)
+    assert [r.address for r in bounce.recipients] == ["alice@example.org"]
+    report = bounce.message.path.read_bytes()
+    assert b"Final-Recipient: rfc822; carol@example.com" in report
+    assert b"bob@example.net" not in report.split(b"text/rfc822-headers")[0]  # was delivered
+    assert b"550 5.0.0 Deleted from the queue by the postmaster" in report
+
+
+def test_delete_with_bounce_of_a_bounce_tells_nobody(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (queue_id,) = build(config, partial(enqueue, sender=""))
+    assert queue(config, "delete", queue_id, "--bounce") == 0
+    assert "no bounce" in capsys.readouterr().out
+    assert build(config, lambda s: s.queued_ids()) == [[]]
+
+
 def test_the_cli_takes_the_spool_lock_while_it_changes_the_spool(
     config: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -349,8 +389,10 @@ def test_the_cli_takes_the_spool_lock_while_it_changes_the_spool(
 class FakeRunner:
     """Records what the control socket asked; unknown IDs raise as the runner does."""
 
-    def __init__(self, known: set[str]) -> None:
+    def __init__(self, known: set[str], *, held: frozenset[str] = frozenset()) -> None:
         self.known = known
+        self.held = held
+        self.in_flight: frozenset[str] = frozenset()
         self.calls: list[tuple[str, ...]] = []
         self.block = trio.Event()
         self.blocking = False
@@ -358,6 +400,12 @@ class FakeRunner:
     def _check(self, queue_id: str) -> None:
         if queue_id not in self.known:
             raise QueueEntryMissing(f"no queued message {queue_id}")
+
+    @contextlib.asynccontextmanager
+    async def exclusive(self, queue_id: str) -> AsyncIterator[Any]:
+        self._check(queue_id)
+        self.calls.append(("exclusive", queue_id))
+        yield types.SimpleNamespace(queue_id=queue_id, held=queue_id in self.held)
 
     def notify(self, queue_id: str) -> None:
         self.calls.append(("notify", queue_id))
@@ -406,12 +454,16 @@ async def test_with_the_lock_held_the_cli_asks_the_server_over_the_socket(
             assert await run("delete", queue_id, "--bounce") == 0
             assert await run("delete", queue_id) == 0
             assert await run("hold", "0123456789ABCDEF") == 1
+            assert await run("flush", "0123456789ABCDEF") == 1
+            runner.held = frozenset({queue_id})
+            assert await run("flush", queue_id) == 1
             nursery.cancel_scope.cancel()
     finally:
         server_spool.unlock()
     assert runner.calls == [
-        ("hold", queue_id), ("release", queue_id), ("notify", queue_id), ("flush_all",),
-        ("delete", queue_id, "True"), ("delete", queue_id, "False"),
+        ("hold", queue_id), ("release", queue_id), ("exclusive", queue_id), ("notify", queue_id),
+        ("flush_all",), ("delete", queue_id, "True"), ("delete", queue_id, "False"),
+        ("exclusive", queue_id),
     ]
     out, err = capsys.readouterr()
     assert out.splitlines() == [
@@ -422,7 +474,11 @@ async def test_with_the_lock_held_the_cli_asks_the_server_over_the_socket(
         f"deleted {queue_id}; a bounce to the sender is queued",
         f"deleted {queue_id} (the sender was not told)",
     ]
-    assert err == "submitd: no queued message 0123456789ABCDEF\n"
+    assert err.splitlines() == [
+        "submitd: no queued message 0123456789ABCDEF",
+        "submitd: no queued message 0123456789ABCDEF",
+        f"submitd: {queue_id} is held: release it first",
+    ]
     # The CLI itself changed nothing on disk, and the socket is gone with the server.
     assert (server_spool.directory / "env" / f"{queue_id}.json").read_bytes() == before
     assert not path.exists()
