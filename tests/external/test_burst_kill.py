@@ -60,6 +60,7 @@ class Live:
     up: bool = False
     outcomes: dict[str, str] = field(default_factory=dict)  # Message-ID -> "250" / "451" / ...
     errors: list[str] = field(default_factory=list)
+    reconnects: int = 0  # sessions cut before the data went out (the message was tried again)
 
     def current(self) -> tuple[int, int]:
         """Wait until a server is up; return its port and generation."""
@@ -71,6 +72,7 @@ class Live:
     def after(self, generation: int) -> None:
         """Wait until a server newer than ``generation`` is up (the old one was killed)."""
         with self.cond:
+            self.reconnects += 1
             if not self.cond.wait_for(
                 lambda: self.up and self.generation != generation, timeout=RESTART_WAIT
             ):
@@ -266,6 +268,7 @@ def test_burst_with_two_sigkills_and_a_smarthost_outage_loses_nothing(
         "refused_4xx_5xx": len(refused),
         "no_reply": len(no_reply),
         "no_reply_delivered": len(no_reply & set(arrived)),
+        "sessions_cut": live.reconnects,
         "kills": len(kill_at),
         "max_parallel": MAX_PARALLEL,
         "delivered_distinct": len(arrived),
