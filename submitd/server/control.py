@@ -172,14 +172,16 @@ async def serve_control(
     runner: QueueControl,
     path: Path,
     *,
-    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
     operation_timeout: float = OPERATION_TIMEOUT,
 ) -> None:
     """Listen on ``path`` and carry out requests through ``runner`` until cancelled.
 
-    The caller holds the spool lock: that is what makes a socket left at ``path`` by a
-    server that died stale, so it is replaced; if something still answers there, this
-    raises OSError(EADDRINUSE) instead. The socket is removed on exit.
+    Start it with ``scope = await nursery.start(serve_control, runner, path)``; cancelling
+    ``scope`` stops it (requests in progress are cut off) and removes the socket. The caller
+    holds the spool lock: that is what makes a socket left at ``path`` by a server that died
+    stale, so it is replaced; if something still answers there, this raises
+    OSError(EADDRINUSE) instead.
     """
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -193,7 +195,7 @@ async def serve_control(
     log.info(logfmt("control_listening", path=path))
     try:
         async with listener, trio.open_nursery() as nursery:
-            task_status.started()
+            task_status.started(nursery.cancel_scope)
             while True:
                 await slots.acquire()
                 try:

@@ -58,11 +58,13 @@ async def steerable_server(config: Path, plugin: Deferring) -> AsyncIterator[Run
         try:
             async with trio.open_nursery() as nursery:
                 path = socket_path(srv.config.queue.dir)
+                control = None
                 if not path.exists():  # the server does not start it itself (yet)
                     runner: QueueControl = srv.server.runner  # what the socket needs of it
-                    await nursery.start(serve_control, runner, path)
+                    control = await nursery.start(serve_control, runner, path)
                 yield srv
-                nursery.cancel_scope.cancel()
+                if control is not None:
+                    control.cancel()
         finally:
             if locked_here:
                 spool.unlock()

@@ -617,6 +617,18 @@ async def test_a_socket_path_too_long_for_sockaddr_un_still_works(tmp_path: Path
     assert not path.exists()
 
 
+async def test_the_scope_it_reports_stops_it_and_removes_the_socket(tmp_path: Path) -> None:
+    path = tmp_path / "control.sock"
+    async with trio.open_nursery() as nursery:
+        scope = await nursery.start(serve_control, FakeRunner(set()), path)
+        await send_request(path, ControlRequest(op="flush"))
+        scope.cancel()  # what the server does when it shuts down
+    assert not nursery.cancel_scope.cancelled_caught
+    assert not path.exists()
+    with pytest.raises(ControlError, match="no server answers"):
+        await send_request(path, ControlRequest(op="flush"))
+
+
 async def test_send_request_to_nobody_says_so(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="no server answers on"):
         await send_request(tmp_path / "control.sock", ControlRequest(op="flush"))
