@@ -28,18 +28,17 @@ from ._logfmt import logfmt
 from .message import MessageHandle
 from .protocol import (
     NEED_DATA,
-    AddressError,
-    BodyType,
     ClientConnection,
     ClientState,
+    ContentScanner,
     MailParams,
-    Mechanism,
-    RcptParams,
     RemoteProtocolError,
     Reply,
-    format_path,
+    TransactionPlan,
+    blank_secret,
+    choose_mechanism,
     parse_extensions,
-    render_rcpt_to,
+    plan_transaction,
 )
 from .protocol._grammar import GrammarError, has_control, parse_hello_domain
 from .secret import Secret
@@ -119,6 +118,10 @@ class ClientSettings:
             raise ValueError(f"tls {self.tls.value} needs an ssl_context")
         if self.tls is ClientTLSMode.NONE and (self.username or self.password):
             raise ValueError("credentials are never sent without TLS")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.password is not None and not self.password:
+            raise ValueError("password is empty")
         if self.username is not None and (not self.username or has_control(self.username)):
             raise ValueError("username must be non-empty without control characters")
         if self.password is not None and "\0" in self.password.reveal():
@@ -161,43 +164,13 @@ class TransactionResult:
     replies: Mapping[str, Reply]
 
 
-@dataclass(frozen=True, kw_only=True)
-class _Content:
-    eight_bit: bool  # some byte >= 0x80 anywhere
-    utf8_headers: bool  # ... in the header section: the message needs SMTPUTF8 (RFC 6532)
-
-
-def _scan(message: MessageHandle) -> _Content:
+def _scan(message: MessageHandle) -> ContentScanner:
     """Read the stored message once (blocking: run in a worker thread)."""
-    eight_bit = utf8_headers = False
-    pos, header_end = 0, message.body_offset
+    scanner = ContentScanner(message.body_offset)
     with message.open() as f:
-        while chunk := f.read(CHUNK_SIZE):
-            if not chunk.isascii():
-                eight_bit = True
-                utf8_headers = utf8_headers or (
-                    pos < header_end and not chunk[: header_end - pos].isascii()
-                )
-            pos += len(chunk)
-            if eight_bit and (utf8_headers or pos >= header_end):
-                break
-    return _Content(eight_bit=eight_bit, utf8_headers=utf8_headers)
-
-
-def _size_limit(extensions: Mapping[str, str]) -> int | None:
-    """The server's SIZE (RFC 1870 §4); absent, 0 or unreadable means no announced limit."""
-    value = extensions.get("SIZE", "").split(" ")[0]
-    return int(value) if value.isdigit() and int(value) > 0 else None
-
-
-def _dsn_params(recipient: Recipient) -> RcptParams:
-    """NOTIFY and ORCPT (RFC 3461 §4), passed on when the server offers DSN and they are valid."""
-    params = tuple((n, v) for n, v in recipient.params if n in ("NOTIFY", "ORCPT"))
-    try:
-        render_rcpt_to(recipient.address, params)
-    except ValueError:
-        return ()
-    return params
+        while not scanner.done and (chunk := f.read(CHUNK_SIZE)):
+            scanner.feed(chunk)
+    return scanner
 
 
 def _detail(text: object) -> str:
@@ -273,28 +246,6 @@ class SMTPClient:
             reply = Reply.make(451, "4.4.2", f"connection lost {action}: {reason}")
             raise SMTPClientError(stage, reply) from None
 
-    def _scrub(self, reply: Reply) -> Reply:
-        """Blank the password (and its base64 forms) should a server echo it back."""
-        password = self._settings.password
-        if not password or not password.reveal():
-            return reply
-        secret = password.reveal()
-        lines = reply.lines
-        for needle in (secret, *self._encoded_secrets(secret)):
-            lines = tuple(line.replace(needle, "***") for line in lines)
-        return reply if lines == reply.lines else Reply(code=reply.code, status=reply.status,
-                                                        lines=lines)
-
-    def _encoded_secrets(self, secret: str) -> tuple[str, ...]:
-        import base64
-
-        user = (self._settings.username or "").encode()
-        raw = secret.encode("utf-8", "surrogateescape")
-        return (
-            base64.b64encode(raw).decode(),
-            base64.b64encode(b"\0" + user + b"\0" + raw).decode(),
-        )
-
     async def _write(self, data: bytes, stage: str, seconds: float, what: str) -> None:
         if what != "message":  # one line per body chunk would drown the log
             _log.debug(logfmt("smtp_client_send", remote=self.remote, command=what))
@@ -308,7 +259,7 @@ class SMTPClient:
             with trio.fail_after(seconds):
                 while (event := self._conn.next_event()) is NEED_DATA:
                     self._conn.receive_data(await self._stream.receive_some(CHUNK_SIZE))
-            reply = self._scrub(event.reply)
+            reply = blank_secret(event.reply, self._settings.username, self._settings.password)
             _log.debug(logfmt("smtp_client_reply", remote=self.remote, to=event.to.value,
                               reply=str(reply)))
             if reply.code == 421:
@@ -402,26 +353,19 @@ class SMTPClient:
         self.extensions = types.MappingProxyType({})
 
     async def _auth(self, username: str, password: Secret) -> None:
-        offered = self.extensions.get("AUTH")
-        if offered is None:
-            raise SMTPClientError("auth", Reply.make(530, "5.7.0", "the server offers no AUTH"))
-        names = offered.upper().split()
-        if "PLAIN" in names:
-            mechanism = Mechanism.PLAIN
-        elif "LOGIN" in names:
-            mechanism = Mechanism.LOGIN
-        else:
-            reply = Reply.make(504, "5.5.4", f"no usable AUTH mechanism in: {_detail(offered)}")
-            raise SMTPClientError("auth", reply)
-        what = f"AUTH {mechanism.value}"
-        timeout = self._timeouts.greeting
-        reply = await self._command(self._conn.send_auth(mechanism, username, password), "auth",
-                                    timeout, what)
+        mechanism = choose_mechanism(self.extensions)
+        if mechanism is None:
+            offered = _detail(self.extensions.get("AUTH", "nothing"))
+            raise SMTPClientError("auth", Reply.make(504, "5.5.4", f"no usable AUTH mechanism "
+                                                     f"among those offered: {offered}"))
+        seconds = self._timeouts.greeting
+        data = self._conn.send_auth(mechanism, username, password)
+        reply = await self._command(data, "auth", seconds, f"AUTH {mechanism.value}")
         for _ in range(_MAX_SASL_STEPS):
             if reply.code != 334:
                 break
-            reply = await self._command(self._conn.send_auth_response(), "auth", timeout,
-                                        "<SASL response>")
+            data = self._conn.send_auth_response()
+            reply = await self._command(data, "auth", seconds, "<SASL response>")
         if reply.code // 100 != 2:
             raise SMTPClientError("auth", reply)
         _log.debug(logfmt("smtp_client_authenticated", remote=self.remote,
@@ -456,91 +400,59 @@ class SMTPClient:
     async def _transaction(
         self, sender: str, recipients: list[Recipient], message: MessageHandle
     ) -> TransactionResult:
-        ext = self.extensions
+        """Plan from the extensions and the content, then MAIL/RCPT, DATA and the body."""
         with self._local_file():
             content = await trio.to_thread.run_sync(_scan, message)
-
-        def everyone(code: int, status: str, text: str) -> TransactionResult:
-            reply = Reply.make(code, status, text)
-            return TransactionResult(replies={r.address: reply for r in recipients})
-
-        limit = _size_limit(ext)
-        if limit is not None and message.size > limit:  # RFC 1870 §6
-            return everyone(552, "5.3.4", f"message size {message.size} exceeds the server's "
-                            f"limit of {limit}")
-        if content.eight_bit and "8BITMIME" not in ext:  # RFC 6152 §3
-            return everyone(554, "5.6.3", "8-bit message, but the server does not offer 8BITMIME")
-        utf8_offered = "SMTPUTF8" in ext
-        if (not sender.isascii() or content.utf8_headers) and not utf8_offered:  # RFC 6531 §3.4
-            return everyone(553, "5.6.7", "message needs SMTPUTF8, the server does not offer it")
-        try:
-            format_path(sender)
-        except AddressError:
-            return everyone(553, "5.1.7", "invalid sender address")
-        replies: dict[str, Reply] = {}
-        to_send: list[Recipient] = []
-        for r in recipients:
-            if not r.address.isascii() and not utf8_offered:
-                replies[r.address] = Reply.make(553, "5.6.7", "address needs SMTPUTF8, the "
-                                                "server does not offer it")
-            elif not _valid_recipient(r.address):
-                replies[r.address] = Reply.make(553, "5.1.3", "invalid recipient address")
-            else:
-                to_send.append(r)
-        if not to_send:
+        plan = plan_transaction(
+            extensions=self.extensions, sender=sender,
+            recipients=[(r.address, r.params) for r in recipients], size=message.size,
+            eight_bit=content.eight_bit, utf8_headers=content.utf8_headers,
+        )
+        replies = dict(plan.refused)
+        if not plan.recipients:
             return TransactionResult(replies=replies)
-        smtputf8 = utf8_offered and (
-            not sender.isascii() or content.utf8_headers
-            or any(not r.address.isascii() for r in to_send)
-        )
-        mail_params = MailParams(
-            size=message.size if "SIZE" in ext else None,
-            body=BodyType.EIGHT_BIT_MIME if content.eight_bit else BodyType.SEVEN_BIT,
-            smtputf8=smtputf8,
-        )
-        accepted = await self._envelope(sender, mail_params, to_send, replies)
+        accepted = await self._envelope(sender, plan, replies)
         if not accepted:
             await self._reset_after_failure()
             return TransactionResult(replies=replies)
         t = self._timeouts
         reply = await self._command(self._conn.send_data(), "data", t.data_init, "DATA")
         if reply.code != 354:
-            replies.update((r.address, reply) for r in accepted)
+            replies.update((address, reply) for address in accepted)
             await self._reset_after_failure()
             return TransactionResult(replies=replies)
         await self._body(message)
         reply = await self._read("data", t.data_end)
-        replies.update((r.address, reply) for r in accepted)
+        replies.update((address, reply) for address in accepted)
         _log.debug(logfmt("smtp_client_sent", remote=self.remote, size=message.size,
                           accepted=len(accepted), reply=str(reply)))
         return TransactionResult(replies=replies)
 
     async def _envelope(
-        self, sender: str, params: MailParams, to_send: list[Recipient],
-        replies: dict[str, Reply],
-    ) -> list[Recipient]:
-        """MAIL and RCPT, pipelined when offered (RFC 2920); returns the accepted recipients."""
-        t, ext = self._timeouts, self.extensions
-        rparams = [_dsn_params(r) if "DSN" in ext else () for r in to_send]
-        addresses = [r.address for r in to_send]
+        self, sender: str, plan: TransactionPlan, replies: dict[str, Reply]
+    ) -> list[str]:
+        """MAIL and RCPT, pipelined when offered (RFC 2920); returns the accepted addresses."""
+        t, addresses = self._timeouts, plan.recipients
         rcpt_replies: list[Reply] = []
-        if "PIPELINING" in ext:
-            data = self._conn.send_envelope(sender, params, addresses, rparams)
+        if "PIPELINING" in self.extensions:
+            data = self._conn.send_envelope(sender, plan.params, addresses,
+                                            plan.recipient_params)
             await self._write(data, "mail", t.mail, f"MAIL + {len(addresses)} RCPT")
             mail = await self._read("mail", t.mail)
             rcpt_replies = [await self._read("rcpt", t.rcpt) for _ in addresses]
         else:
-            mail = await self._command(self._conn.send_mail(sender, params), "mail", t.mail,
-                                       "MAIL")
+            mail = await self._command(self._conn.send_mail(sender, plan.params), "mail",
+                                       t.mail, "MAIL")
             if mail.code // 100 == 2:
-                for address, rp in zip(addresses, rparams, strict=True):
+                for address, params in zip(addresses, plan.recipient_params, strict=True):
                     rcpt_replies.append(await self._command(
-                        self._conn.send_rcpt(address, rp), "rcpt", t.rcpt, "RCPT"))
+                        self._conn.send_rcpt(address, params), "rcpt", t.rcpt, "RCPT"))
         if mail.code // 100 != 2:
             replies.update((address, mail) for address in addresses)
             return []
         replies.update(zip(addresses, rcpt_replies, strict=True))
-        return [r for r, reply in zip(to_send, rcpt_replies, strict=True) if reply.code // 100 == 2]
+        return [a for a, reply in zip(addresses, rcpt_replies, strict=True)
+                if reply.code // 100 == 2]
 
     @contextmanager
     def _local_file(self) -> Iterator[None]:
@@ -619,10 +531,3 @@ class SMTPClient:
                 return
         await trio.aclose_forcefully(self._stream)
 
-
-def _valid_recipient(address: str) -> bool:
-    try:
-        format_path(address)
-    except AddressError:
-        return False
-    return address != ""

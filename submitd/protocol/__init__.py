@@ -8,9 +8,10 @@ every reply the core sends on its own, by name.
 
 from . import _catalogue as catalogue
 from ._answers import check_refusal, is_ehlo_keyword, require_status
-from ._client import ClientConnection, ClientState, ReplyTo, ServerReply
+from ._client import ClientConnection, ClientState, ReplyTo, ServerReply, choose_mechanism
 from ._client_data import DataEncoder
-from ._client_replies import MAX_REPLY_BYTES, ReplyReader, parse_extensions
+from ._client_plan import ContentScanner, TransactionPlan, plan_transaction
+from ._client_replies import MAX_REPLY_BYTES, ReplyReader, blank_secret, parse_extensions
 from ._commands import RcptParams, Verb, render_command, render_mail_from, render_rcpt_to
 from ._errors import LocalProtocolError, RemoteProtocolError
 from ._events import (
@@ -59,6 +60,7 @@ __all__ = [
     "ClientConnection",
     "ClientState",
     "ConnectionClosed",
+    "ContentScanner",
     "DataChunk",
     "DataComplete",
     "DataEncoder",
@@ -85,9 +87,12 @@ __all__ = [
     "ServerReply",
     "ServerState",
     "StartTLS",
+    "TransactionPlan",
     "Verb",
+    "blank_secret",
     "catalogue",
     "check_refusal",
+    "choose_mechanism",
     "decode_xtext",
     "encode_xtext",
     "format_path",
@@ -95,6 +100,7 @@ __all__ = [
     "parse_extensions",
     "parse_mailbox",
     "parse_reply",
+    "plan_transaction",
     "relay_trick",
     "render_command",
     "render_mail_from",

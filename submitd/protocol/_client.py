@@ -16,7 +16,7 @@ from __future__ import annotations
 import base64
 import enum
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ..secret import Secret
@@ -29,7 +29,7 @@ from ._grammar import GrammarError, parse_hello_domain
 from ._replies import Reply
 from ._sasl import Mechanism
 
-__all__ = ["ClientConnection", "ClientState", "ReplyTo", "ServerReply"]
+__all__ = ["ClientConnection", "ClientState", "ReplyTo", "ServerReply", "choose_mechanism"]
 
 
 class ReplyTo(enum.Enum):
@@ -350,3 +350,12 @@ def _hello_name(name: str) -> str:
         return parse_hello_domain(name)
     except GrammarError:
         raise ValueError("EHLO name must be a domain or address literal") from None
+
+
+def choose_mechanism(extensions: Mapping[str, str]) -> Mechanism | None:
+    """The SASL mechanism to use from the EHLO ``AUTH`` keyword: PLAIN, else LOGIN, else None."""
+    offered = extensions.get("AUTH", "").upper().split()
+    for mechanism in (Mechanism.PLAIN, Mechanism.LOGIN):
+        if mechanism.value in offered:
+            return mechanism
+    return None

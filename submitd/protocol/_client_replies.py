@@ -9,13 +9,17 @@ ending (RFC 5321 §2.3.8). A reply may arrive split across any number of reads.
 
 from __future__ import annotations
 
+import base64
 import re
 from collections.abc import Mapping
 
+from ..secret import Secret
 from ._errors import RemoteProtocolError
 from ._replies import MAX_REPLY_LINE_LENGTH, MAX_REPLY_LINES, Reply, ReplyParseError, parse_reply
 
-__all__ = ["MAX_REPLY_BYTES", "ReplyReader", "malformed", "parse_extensions"]
+__all__ = [
+    "MAX_REPLY_BYTES", "ReplyReader", "blank_secret", "malformed", "parse_extensions"
+]
 
 #: The most octets one reply may take, CRLFs included (100 full lines fit).
 MAX_REPLY_BYTES = 64 * 1024
@@ -109,3 +113,25 @@ def parse_extensions(reply: Reply) -> Mapping[str, str]:
             params = f"{extensions[keyword]} {params}".strip()
         extensions[keyword] = " ".join(params.split())
     return extensions
+
+
+def blank_secret(reply: Reply, username: str | None, password: Secret | None) -> Reply:
+    """``reply`` with the password, and its AUTH PLAIN and LOGIN encodings, replaced by ``***``.
+
+    A server that echoes credentials back must not get them into logs or error messages.
+    """
+    if password is None or not password.reveal():
+        return reply
+    raw = password.reveal().encode("utf-8", "surrogateescape")
+    user = (username or "").encode("utf-8", "surrogateescape")
+    needles = (
+        password.reveal(),
+        base64.b64encode(raw).decode(),
+        base64.b64encode(b"\0" + user + b"\0" + raw).decode(),
+    )
+    lines = reply.lines
+    for needle in sorted(needles, key=len, reverse=True):  # longest first: they overlap
+        lines = tuple(line.replace(needle, "***") for line in lines)
+    if lines == reply.lines:
+        return reply
+    return Reply(code=reply.code, status=reply.status, lines=lines)

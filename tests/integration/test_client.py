@@ -51,6 +51,7 @@ class Script:
     data_reply: bytes = b"250 2.0.0 Ok: queued as X1\r\n"
     after_starttls: bytes = b""  # injected plaintext behind the 220 (CVE-2021-38371)
     stall_on: str | None = None  # a verb the server never answers
+    ehlo_reply: bytes | None = None  # instead of the generated one
     # What the server saw:
     commands: list[str] = field(default_factory=list)
     credentials: list[tuple[str, str]] = field(default_factory=list)
@@ -94,7 +95,9 @@ async def _handle(script: Script, ca: TestCA, stream: trio.abc.Stream) -> None:
             script.commands.append(text if verb != "AUTH" else "AUTH")
             if verb == script.stall_on:
                 await trio.sleep_forever()
-            if verb == "EHLO":
+            if verb == "EHLO" and script.ehlo_reply is not None:
+                await stream.send_all(script.ehlo_reply)
+            elif verb == "EHLO":
                 keywords = list(script.extensions)
                 if script.tls == "starttls" and not tls:
                     keywords.append("STARTTLS")
@@ -462,3 +465,46 @@ async def test_relays_through_a_real_submitd_server(
         messages = await wait_for_mail(maildir, 2)
     for message in messages:
         assert message.endswith(b"Subject: relayed\r\n\r\n.dot\r\nend\r\n")
+
+
+async def test_an_endless_ehlo_reply_is_cut_off_as_a_protocol_error(ca: TestCA) -> None:
+    script = Script(tls="none", ehlo_reply=b"250-PIPELINING\r\n" * 5000)
+    async with serve(script, ca) as port:
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(settings(port, ca, tls=ClientTLSMode.NONE, auth=False))
+    assert info.value.stage == "protocol"
+    assert (info.value.reply.code, info.value.reply.status) == (451, "4.5.0")
+    assert "more than 100 lines" in str(info.value)
+
+
+async def test_421_to_a_recipient_ends_the_connection(ca: TestCA, tmp_path: Path) -> None:
+    script = Script(rcpt_replies={"b@example.net": b"421 4.3.0 shutting down\r\n"})
+    async with serve(script, ca) as port:
+        client = await SMTPClient.connect(settings(port, ca))
+        with pytest.raises(SMTPClientError) as info:
+            await client.send(sender=SENDER, recipients=rcpts("a@example.net", "b@example.net"),
+                              message=stored(tmp_path, MESSAGE), params=MailParams())
+        assert not client.usable
+        with pytest.raises(SMTPClientError):
+            await client.reset()
+        await client.aclose()
+    assert (info.value.stage, info.value.reply.code) == ("rcpt", 421)
+    assert "DATA" not in script.commands and "QUIT" not in script.commands
+
+
+def test_settings_refuse_half_credentials_and_missing_tls_context(ca: TestCA) -> None:
+    with pytest.raises(ValueError, match="go together"):
+        ClientSettings(host="h.example", port=587, tls=ClientTLSMode.STARTTLS,
+                       ssl_context=ca.client_context(), helo_name="me.example", username="u")
+    with pytest.raises(ValueError, match="needs an ssl_context"):
+        ClientSettings(host="h.example", port=465, tls=ClientTLSMode.IMPLICIT, ssl_context=None,
+                       helo_name="me.example")
+    with pytest.raises(ValueError, match="helo_name"):
+        ClientSettings(host="h.example", port=25, tls=ClientTLSMode.NONE, ssl_context=None,
+                       helo_name="bad name")
+    with pytest.raises(ValueError, match="positive"):
+        ClientTimeouts(connect=0)
+    shown = repr(ClientSettings(host="h.example", port=587, tls=ClientTLSMode.STARTTLS,
+                                ssl_context=ca.client_context(), helo_name="me.example",
+                                username="u", password=Secret(PASSWORD)))
+    assert PASSWORD not in shown

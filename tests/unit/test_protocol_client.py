@@ -20,16 +20,22 @@ from submitd.protocol import (
     AddressError,
     ClientConnection,
     ClientState,
+    ContentScanner,
     DataEncoder,
     LocalProtocolError,
     MailParams,
     Mechanism,
     NeedData,
     RemoteProtocolError,
+    Reply,
     ReplyTo,
     ServerConnection,
     ServerReply,
+    TransactionPlan,
+    blank_secret,
+    choose_mechanism,
     parse_extensions,
+    plan_transaction,
 )
 from submitd.protocol import BodyType as Body
 from tests.unit.protocol_support import make, pump
@@ -441,3 +447,78 @@ def test_data_encoder_refuses_use_after_end() -> None:
         encoder.feed(b"y")
     with pytest.raises(ValueError, match="twice"):
         encoder.end()
+
+
+# -- planning a transaction ----------------------------------------------------------------
+
+FULL = {"PIPELINING": "", "SIZE": "1000", "8BITMIME": "", "SMTPUTF8": "", "DSN": ""}
+
+
+def plan(extensions: dict[str, str], *addresses: str, sender: str = "a@example.org",
+         size: int = 100, eight_bit: bool = False, utf8_headers: bool = False) -> TransactionPlan:
+    return plan_transaction(
+        extensions=extensions, sender=sender,
+        recipients=[(a, (("NOTIFY", "FAILURE"), ("X-OTHER", "1"))) for a in addresses],
+        size=size, eight_bit=eight_bit, utf8_headers=utf8_headers,
+    )
+
+
+@pytest.mark.parametrize(
+    ("extensions", "kwargs", "expected"),
+    [
+        ({"SIZE": "1000"}, {"size": 1001}, (552, "5.3.4")),
+        ({"SIZE": "0"}, {"size": 10**9}, None),  # 0: no announced limit
+        ({}, {"eight_bit": True}, (554, "5.6.3")),
+        ({"8BITMIME": ""}, {"utf8_headers": True, "eight_bit": True}, (553, "5.6.7")),
+        ({}, {"sender": "jürgen@example.org"}, (553, "5.6.7")),
+        ({}, {"sender": "bad\r\n@example.org"}, (553, "5.1.7")),
+    ],
+)
+def test_capability_failures_refuse_every_recipient(extensions, kwargs, expected) -> None:  # type: ignore[no-untyped-def]
+    result = plan(extensions, "b@example.net", "c@example.net", **kwargs)
+    if expected is None:
+        assert result.recipients == ("b@example.net", "c@example.net")
+    else:
+        assert result.recipients == ()
+        assert {(r.code, r.status) for r in result.refused.values()} == {expected}
+        assert set(result.refused) == {"b@example.net", "c@example.net"}
+
+
+def test_plan_picks_parameters_from_what_the_server_offers() -> None:
+    result = plan(FULL, "b@example.net", "ü@example.net", eight_bit=True)
+    assert result.params == MailParams(size=100, body=Body.EIGHT_BIT_MIME, smtputf8=True)
+    assert result.recipient_params == ((("NOTIFY", "FAILURE"),), (("NOTIFY", "FAILURE"),))
+    plain = plan({}, "b@example.net", "ü@example.net", "x\n@example.net")
+    assert plain.params == MailParams()
+    assert plain.recipients == ("b@example.net",) and plain.recipient_params == ((),)
+    assert (plain.refused["ü@example.net"].code, plain.refused["ü@example.net"].status) == (
+        553, "5.6.7")
+    assert plain.refused["x\n@example.net"].status == "5.1.3"
+
+
+def test_content_scanner_finds_8bit_in_headers_and_body() -> None:
+    scanner = ContentScanner(header_end=12)
+    scanner.feed(b"Subject: x\r\n")
+    assert not scanner.eight_bit and not scanner.done
+    scanner.feed("Grüße".encode())
+    assert scanner.eight_bit and not scanner.utf8_headers and scanner.done
+    header = ContentScanner(header_end=100)
+    header.feed("Subject: ü".encode())
+    assert header.utf8_headers and header.done
+
+
+def test_choose_mechanism_prefers_plain() -> None:
+    assert choose_mechanism({"AUTH": "LOGIN PLAIN CRAM-MD5"}) is Mechanism.PLAIN
+    assert choose_mechanism({"AUTH": "login"}) is Mechanism.LOGIN
+    assert choose_mechanism({"AUTH": "CRAM-MD5"}) is None
+    assert choose_mechanism({}) is None
+
+
+def test_a_server_echoing_the_password_has_it_blanked() -> None:
+    pw = "hunter2-secret"
+    plain = base64.b64encode(f"\0user\0{pw}".encode()).decode()
+    reply = Reply.make(535, "5.7.8", f"bad: {pw}", f"token {plain}")
+    blanked = blank_secret(reply, "user", Secret(pw))
+    assert pw not in str(blanked) and plain not in str(blanked)
+    assert blanked.lines == ("bad: ***", "token ***")
+    assert blank_secret(reply, None, None) is reply
