@@ -25,6 +25,7 @@ import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -54,10 +55,11 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 
 _T = TypeVar("_T")
+Handler = Callable[[argparse.Namespace], int]
 _CONCURRENT_READS = 16
-# Control characters (C0, DEL, C1) never reach the terminal: a header or a remote server's
-# reply text could otherwise move the cursor or rewrite the operator's screen.
-_UNPRINTABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+# Control characters (C0, DEL, C1) and bidirectional overrides never reach the terminal: a
+# header or a remote server's reply could otherwise rewrite or disguise the operator's screen.
+_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class QueueCommandError(Exception):
@@ -76,43 +78,32 @@ def add_queue_commands(
         "queue", help="inspect and steer the mail queue (safe while the server runs)"
     ).add_subparsers(dest="queue_command", metavar="ACTION", required=True)
 
-    p = queue.add_parser("list", help="list queued messages and their recipients")
-    config_option(p)
-    p.add_argument("--json", action="store_true", help="print one JSON document instead")
-    p.set_defaults(handler=cmd_queue_list)
+    def action(name: str, text: str, handler: Handler, *, takes_id: bool = True,
+               optional_id: bool = False) -> argparse.ArgumentParser:
+        p = queue.add_parser(name, help=text)
+        config_option(p)
+        if takes_id:
+            p.add_argument(
+                "queue_id", metavar="ID", nargs="?" if optional_id else None,
+                help="a queue ID as `submitd queue list` shows it"
+                + (" (default: every message)" if optional_id else ""),
+            )
+        p.set_defaults(handler=handler)
+        return p
 
-    p = queue.add_parser("show", help="envelope, header section and delivery history")
-    config_option(p)
-    _id_argument(p)
-    p.set_defaults(handler=cmd_queue_show)
-
-    p = queue.add_parser("flush", help="attempt one message, or every message, now")
-    config_option(p)
-    p.add_argument("queue_id", metavar="ID", nargs="?", help="a queue ID (default: all)")
-    p.set_defaults(handler=cmd_queue_flush)
-
-    p = queue.add_parser("hold", help="keep a message from being attempted until released")
-    config_option(p)
-    _id_argument(p)
-    p.set_defaults(handler=cmd_queue_hold)
-
-    p = queue.add_parser("release", help="let a held message be attempted again")
-    config_option(p)
-    _id_argument(p)
-    p.set_defaults(handler=cmd_queue_release)
-
-    p = queue.add_parser("delete", help="remove a message from the queue")
-    config_option(p)
-    _id_argument(p)
-    p.add_argument(
+    action("list", "list queued messages and their recipients", cmd_queue_list,
+           takes_id=False).add_argument(
+        "--json", action="store_true", help="print one JSON document instead"
+    )
+    action("show", "envelope, header section and delivery history", cmd_queue_show)
+    action("flush", "attempt one message, or every message, now", cmd_queue_flush,
+           optional_id=True)
+    action("hold", "keep a message from being attempted until released", cmd_queue_hold)
+    action("release", "let a held message be attempted again", cmd_queue_release)
+    action("delete", "remove a message from the queue", cmd_queue_delete).add_argument(
         "--bounce", action="store_true",
         help="tell the sender: its pending recipients fail and a bounce is queued",
     )
-    p.set_defaults(handler=cmd_queue_delete)
-
-
-def _id_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("queue_id", metavar="ID", help="a queue ID as `submitd queue list` shows it")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -290,7 +281,7 @@ def _duration(seconds: float) -> str:
 
 
 def _printable(text: str) -> str:
-    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
 
 
 def _timestamp(when: float) -> str:
@@ -308,46 +299,18 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     config = _load(args)
     spool = _spool(config)
     queue_id = _queue_id(args.queue_id)
-    limit = config.limits.max_header_size
-
-    async def main() -> tuple[QueueRecord, bytes | None, bool]:
-        record = await spool.load_record(queue_id)
-        path = spool.layout.msg_path(queue_id)
-        head, complete = await trio.to_thread.run_sync(_read_header_section, path, limit)
-        return record, head, complete
-
-    record, head, complete = _run(main)
-    print("\n".join(_details(record, time.time())))
+    queued = _run(partial(spool.load, queue_id))  # reads at most [limits] max_header_size
+    print("\n".join(_details(queued.record, time.time())))
     print()
     print("Header section:")
-    if head is None:
-        print("  (the message file is gone: delivered or deleted meanwhile)")
-        return EXIT_OK
-    for line in head.decode("utf-8", "replace").splitlines():
-        print(f"  {_printable(line)}")
-    if not complete:
-        print(f"  [... no end of the header section within {limit} bytes]")
+    head = queued.header_section
+    # RFC 5322 §2.1: the header section ends at the first empty line (kept in ``head``).
+    ended = head.endswith(b"\r\n\r\n") or head == b"\r\n"
+    for line in head.split(b"\r\n")[: -2 if ended else -1]:
+        print(f"  {_printable(line.decode('utf-8', 'replace'))}")
+    if not ended and len(head) < queued.message.size:
+        print(f"  [... no end of the header section within {spool.max_header_size} bytes]")
     return EXIT_OK
-
-
-def _read_header_section(path: Path, limit: int) -> tuple[bytes | None, bool]:
-    """Read the header section at ``path`` (at most ``limit`` bytes); None if the file is gone.
-
-    The flag says whether the section ended within ``limit`` bytes.
-    """
-    try:
-        with path.open("rb") as f:
-            data = f.read(limit)
-            at_end = len(data) < limit or not f.read(1)
-    except FileNotFoundError:
-        return None, False
-    # RFC 5322 §2.1: the header section ends at the first empty line.
-    end = data.find(b"\r\n\r\n")
-    if end >= 0:
-        return data[: end + 2], True
-    if data.startswith(b"\r\n"):
-        return b"", True
-    return data, at_end
 
 
 def _details(record: QueueRecord, now: float) -> list[str]:
