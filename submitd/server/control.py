@@ -159,7 +159,7 @@ def _socket_address(path: Path) -> Iterator[str]:
     try:
         short = f"/proc/self/fd/{fd}/{path.name}"
         if not os.path.isdir(f"/proc/self/fd/{fd}"):
-            raise ControlError(f"the socket path {path} is too long for a unix socket")
+            raise OSError(errno.ENAMETOOLONG, "too long for a unix socket", str(path))
         yield short
     finally:
         os.close(fd)
@@ -249,8 +249,9 @@ def _peer_allowed(stream: trio.SocketStream) -> bool:
     option = getattr(socket, "SO_PEERCRED", None)
     if option is None:  # not Linux: the 0600 socket in a 0700 directory is the check
         return True
-    creds = stream.socket.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", creds)
+    # struct ucred: pid_t pid, uid_t uid, gid_t gid (socket(7))
+    creds = stream.socket.getsockopt(socket.SOL_SOCKET, option, struct.calcsize("iII"))
+    _pid, uid, _gid = struct.unpack("iII", creds)
     return uid in (0, os.geteuid())
 
 
