@@ -68,9 +68,11 @@ __all__ = ["STATE", "SmarthostState", "submitd_configure", "submitd_deliver",
 
 log = logging.getLogger("submitd.plugins.smarthost")
 
-# Failures after which nothing was handed over: the next host (or a fresh connection, when
-# an idle one turned out to be closed by the server) may be tried at once.
+# Failures after which nothing was handed over: the next host may be tried at once.
 _BEFORE_DATA = frozenset({"mail", "rcpt", "reset"})
+# How an idle connection the server has closed meanwhile fails on reuse: the reply to MAIL is
+# a 421 or never comes, or (a TLS connection cut without close_notify) TLS reports the EOF.
+_STALE = _BEFORE_DATA | {"tls"}
 
 
 class SmarthostState:
@@ -179,7 +181,7 @@ class _Attempt:
                 result = await self._send(lease)
             except SMTPClientError as exc:
                 await discard(lease)
-                if lease.reused and exc.stage in _BEFORE_DATA:
+                if lease.reused and exc.stage in _STALE:
                     # An idle connection the server had closed: not the host's fault.
                     log.info(logfmt("smarthost_stale_connection", route=self.route.name,
                                     host=lease.host, error=exc))

@@ -110,6 +110,7 @@ class FakeSmarthost:
         self.transcripts: list[list[str]] = []
         self.errors: list[str] = []
         self._changed = trio.Event()
+        self._open: set[trio.CancelScope] = set()
         self._context: ssl.SSLContext | None = None
         if ca is not None:
             ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -144,6 +145,11 @@ class FakeSmarthost:
         await self.wait_until(lambda: len(self.messages) >= count)
         return self.messages[:count]
 
+    def drop_connections(self) -> None:
+        """Close every open connection without a word, as a server timing out idle clients."""
+        for scope in self._open:
+            scope.cancel()
+
     def _notify(self) -> None:
         self._changed.set()
         self._changed = trio.Event()
@@ -162,15 +168,21 @@ class FakeSmarthost:
         self.transcripts.append(transcript)
         self._notify()
         stream: trio.abc.Stream = tcp
+        scope = trio.CancelScope()
+        self._open.add(scope)
         try:
-            if self.tls == "implicit":
-                stream = await self._wrap(tcp)
-            await _Dialogue(self, stream, number, transcript).run()
+            with scope:
+                if self.tls == "implicit":
+                    stream = await self._wrap(tcp)
+                await _Dialogue(self, stream, number, transcript).run()
+            if scope.cancelled_caught:
+                self.errors.append(f"connection {number}: dropped by drop_connections()")
         except (_Closed, trio.BrokenResourceError, trio.ClosedResourceError, ssl.SSLError,
                 trio.TooSlowError) as exc:
             self.errors.append(f"connection {number}: {exc!r}")
         finally:
-            await trio.aclose_forcefully(stream)
+            self._open.discard(scope)
+            await trio.aclose_forcefully(tcp)  # under TLS too: no close_notify, as a crash
             self._notify()
 
     async def _wrap(self, stream: trio.abc.Stream) -> trio.SSLStream[trio.abc.Stream]:

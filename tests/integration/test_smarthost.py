@@ -350,3 +350,24 @@ async def test_plain_relay_with_tls_none_is_warned_and_never_authenticates(
     assert not any(line.startswith(("AUTH", "STARTTLS")) for line in fake.transcripts[0])
     warnings = [r for r in caplog.records if "event=smarthost_tls_none" in r.message]
     assert warnings and all(r.levelno == logging.WARNING for r in warnings)
+
+
+async def test_idle_connection_closed_by_the_smarthost_is_replaced_without_mark_down(
+    relay_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
+    secret_file: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = Recorder()
+    caplog.set_level(logging.INFO, logger=LOG)
+    async with running_smarthost(ca=ca, username=RELAY_USER, password=RELAY_PASSWORD) as fake:
+        config = relay_config(starttls_table(fake.port, ca, secret_file, reuse_time="30s"))
+        async with running_server(config, extra_plugins=[("recorder", recorder)]) as srv:
+            await submit(srv, client_tls)
+            await recorder.wait_for_outcomes(1)
+            fake.drop_connections()  # the provider timed out our idle connection
+            await fake.wait_until(lambda: len(fake.errors) == 1)
+            await submit(srv, client_tls, body=message(subject="second"))
+            (_, (_, outcome)) = await recorder.wait_for_outcomes(2)
+    assert outcome.kind is OutcomeKind.DELIVERED
+    assert [m.connection for m in fake.messages] == [0, 1]
+    assert "event=smarthost_stale_connection" in caplog.text
+    assert "event=smarthost_host_down" not in caplog.text

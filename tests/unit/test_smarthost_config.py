@@ -4,14 +4,26 @@ from __future__ import annotations
 
 import logging
 import ssl
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pytest
 import trio
 import trustme
 
-from submitd import Config, ConfigError, Secret
-from submitd.client import ClientTLSMode
+from submitd import (
+    Config,
+    ConfigError,
+    DeliveryOutcome,
+    Envelope,
+    MailParams,
+    MessageHandle,
+    OutcomeKind,
+    Recipient,
+    Reply,
+    Secret,
+)
+from submitd.client import ClientSettings, ClientTLSMode, SMTPClientError, TransactionResult
 from submitd.config import load_config
 from submitd.testing import TestCA
 from submitd_plugins import smarthost
@@ -456,3 +468,165 @@ async def test_close_from_unconfigure_closes_idle_and_returning_connections(
     await pool.give_back(busy)  # a delivery that was in flight during the reload
     assert busy.client.closed
     assert await pool.take("default") is None
+
+
+# --- the delivery hook, against a scripted client -------------------------------------------
+
+
+class ScriptedClient:
+    """Stands in for SMTPClient: ``plan`` maps a port to what connect/send do there."""
+
+    plan: dict[int, object] = {}
+    connects: list[int] = []
+    closed: list[int] = []
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.usable = True
+        self.remote = "127.0.0.1"
+
+    @classmethod
+    async def connect(cls, settings: ClientSettings) -> ScriptedClient:
+        cls.connects.append(settings.port)
+        action = cls.plan[settings.port]
+        if isinstance(action, SMTPClientError) and action.stage == "connect":
+            raise action
+        return cls(settings.port)
+
+    async def send(self, *, sender: str, recipients: Sequence[Recipient], message: object,
+                   params: MailParams) -> TransactionResult:
+        action = self.plan[self.port]
+        if action == "hang":
+            await trio.sleep_forever()
+        if isinstance(action, SMTPClientError):
+            self.usable = False
+            raise action
+        assert isinstance(action, dict)
+        return TransactionResult(replies=action)
+
+    async def aclose(self) -> None:
+        self.usable = False
+        self.closed.append(self.port)
+
+
+OK = Reply.make(250, "2.0.0", "Ok: queued")
+RCPTS = (Recipient(address="a@example.net"), Recipient(address="b@example.net"))
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> type[ScriptedClient]:
+    monkeypatch.setattr(ScriptedClient, "plan", {})
+    monkeypatch.setattr(ScriptedClient, "connects", [])
+    monkeypatch.setattr(ScriptedClient, "closed", [])
+    monkeypatch.setattr(smarthost, "SMTPClient", ScriptedClient)
+    return ScriptedClient
+
+
+async def deliver(config: Config, sender: str = "me@example.org"
+                  ) -> Mapping[str, DeliveryOutcome] | None:
+    envelope = Envelope(sender=sender, recipients=RCPTS, params=MailParams(), username="me",
+                        queue_id="Q1")
+    handle = MessageHandle(path=Path("/nonexistent"), size=10, headers=[], body_offset=0)
+    return await smarthost.submitd_deliver(config=config, envelope=envelope, message=handle,
+                                           recipients=RCPTS)
+
+
+def configured(tmp_path: Path, text: str) -> Config:
+    config = load(tmp_path, text)
+    smarthost.submitd_configure(config)
+    return config
+
+
+TWO_HOSTS = '[plugins.smarthost]\nhosts = ["h1:1001", "h2:1002"]\ntls = "none"\n'
+
+
+async def test_replies_become_outcomes_per_recipient(
+    tmp_path: Path, scripted: type[ScriptedClient], autojump_clock: trio.abc.Clock
+) -> None:
+    config = configured(tmp_path, TWO_HOSTS)
+    scripted.plan[1001] = {"a@example.net": Reply.make(550, "5.1.1", "No such user")}
+    outcomes = await deliver(config)
+    assert outcomes is not None
+    a, b = outcomes["a@example.net"], outcomes["b@example.net"]
+    assert a.kind is OutcomeKind.PERMANENT and a.reply.status == "5.1.1" and a.remote == "h1"
+    assert b.kind is OutcomeKind.TEMPORARY and b.reply.status == "4.3.0", "no reply: retry"
+    scripted.plan[1001] = {"a@example.net": OK, "b@example.net": Reply.make(452, "4.2.2", "Full")}
+    outcomes = await deliver(config)
+    assert outcomes is not None
+    assert outcomes["a@example.net"].kind is OutcomeKind.DELIVERED
+    assert outcomes["b@example.net"].kind is OutcomeKind.TEMPORARY
+    assert scripted.connects == [1001], "the second message reused the connection"
+
+
+async def test_failure_before_data_fails_over_to_the_next_host(
+    tmp_path: Path, scripted: type[ScriptedClient], autojump_clock: trio.abc.Clock
+) -> None:
+    config = configured(tmp_path, TWO_HOSTS)
+    scripted.plan[1001] = SMTPClientError("rcpt", Reply.make(451, "4.4.2", "connection lost"))
+    scripted.plan[1002] = {"a@example.net": OK, "b@example.net": OK}
+    outcomes = await deliver(config)
+    assert outcomes is not None
+    assert {o.kind for o in outcomes.values()} == {OutcomeKind.DELIVERED}
+    assert {o.remote for o in outcomes.values()} == {"h2"}
+    assert scripted.connects == [1001, 1002] and scripted.closed == [1001]
+    state = config.stash[smarthost.STATE]
+    assert state.markdown.is_down("default", HostAddress(host="h1", port=1001))
+
+
+async def test_failure_after_the_body_is_not_retried_elsewhere(
+    tmp_path: Path, scripted: type[ScriptedClient], autojump_clock: trio.abc.Clock
+) -> None:
+    config = configured(tmp_path, TWO_HOSTS)
+    lost = Reply.make(451, "4.4.2", "connection lost waiting for the reply to message")
+    scripted.plan[1001] = SMTPClientError("data", lost)
+    scripted.plan[1002] = {"a@example.net": OK, "b@example.net": OK}
+    outcomes = await deliver(config)
+    assert outcomes is not None
+    assert {(o.kind, o.reply, o.remote) for o in outcomes.values()} == {
+        (OutcomeKind.TEMPORARY, lost, "h1")}
+    assert scripted.connects == [1001], "the first host may have taken it: no duplicate now"
+
+
+async def test_every_host_down_defers_without_connecting(
+    tmp_path: Path, scripted: type[ScriptedClient], autojump_clock: trio.abc.Clock
+) -> None:
+    config = configured(tmp_path, TWO_HOSTS)
+    refused = Reply.make(421, "4.4.1", "connection refused")
+    scripted.plan[1001] = SMTPClientError("connect", refused)
+    scripted.plan[1002] = SMTPClientError("connect", refused)
+    first = await deliver(config)
+    assert first is not None and first["a@example.net"].reply == refused
+    assert first["a@example.net"].remote == "h2", "the last host tried"
+    second = await deliver(config)
+    assert second is not None
+    reply = second["a@example.net"].reply
+    assert (reply.code, reply.status) == (451, "4.4.1")
+    assert reply.text == ("all smarthosts of route default marked down: "
+                          "connect: 421 4.4.1 connection refused")
+    assert second["a@example.net"].remote is None
+    assert scripted.connects == [1001, 1002]
+    await trio.sleep(61)  # host_down_time is over: both are tried again
+    await deliver(config)
+    assert scripted.connects == [1001, 1002, 1001, 1002]
+
+
+async def test_cancelled_delivery_closes_its_connection(
+    tmp_path: Path, scripted: type[ScriptedClient], autojump_clock: trio.abc.Clock
+) -> None:
+    config = configured(tmp_path, TWO_HOSTS)
+    scripted.plan[1001] = "hang"
+    with trio.move_on_after(30):  # the hook deadline
+        await deliver(config)
+    assert scripted.closed == [1001]
+    assert config.stash[smarthost.STATE].pool.idle_count() == 0
+
+
+async def test_unmatched_sender_without_default_route_is_left_to_other_plugins(
+    tmp_path: Path, scripted: type[ScriptedClient], autojump_clock: trio.abc.Clock
+) -> None:
+    config = configured(tmp_path, '[[plugins.smarthost.route]]\nsenders = ["<>"]\n'
+                                  'hosts = ["h1:1001"]\ntls = "none"\n')
+    assert await deliver(config) is None
+    scripted.plan[1001] = {"a@example.net": OK, "b@example.net": OK}
+    outcomes = await deliver(config, sender="")
+    assert outcomes is not None and outcomes["b@example.net"].kind is OutcomeKind.DELIVERED
