@@ -1,10 +1,13 @@
 """The server: plugins, spool, queue runner and listeners in one trio nursery.
 
 ``Server.serve`` is what ``submitd serve`` runs and what the in-process test helpers start.
-SIGTERM (``request_shutdown``) stops accepting, lets sessions finish within
-``limits.shutdown_grace``, then ends the rest with ``421 4.3.2``. SIGHUP (``reload``) re-reads
-the configuration, the certificate and (through the plugins) the users file without dropping
-sessions; a bad new configuration is logged and the old one stays.
+The queue runner takes the spool's lock before anything touches the spool: a second server on
+the same spool stops with :class:`~submitd.mailqueue.SpoolLocked` before it listens.
+SIGTERM (``request_shutdown``) stops accepting, lets sessions and delivery attempts in flight
+finish within ``limits.shutdown_grace`` (attempts record their outcome), then ends the rest:
+sessions with ``421 4.3.2``, attempts as abandoned (tried again after a restart). SIGHUP
+(``reload``) re-reads the configuration, the certificate and (through the plugins) the users
+file without dropping sessions; a bad new configuration is logged and the old one stays.
 """
 
 from __future__ import annotations
@@ -94,13 +97,16 @@ class Server:
                     task_status.started(list(self.bound))
                     await self._shutdown.wait()
                     active = sum(len(h.active) for h in self._handlers)
-                    log.info(logfmt("shutdown_started", sessions=active))
+                    log.info(logfmt("shutdown_started", sessions=active,
+                                    deliveries=len(self.runner.in_flight)))
+                    # Both the sessions and the deliveries in flight get the same grace.
+                    self.runner.stop(self._config.limits.shutdown_grace)
                     for scope in accept_scopes:
                         scope.cancel()
                     for _, tcp in listeners:
                         await tcp.aclose()
                     await self._drain()
-                root.cancel_scope.cancel()
+                # The root nursery now waits for the runner to finish its attempts in flight.
         finally:
             unconfigure_plugins(self.pm, self._config)
         log.info(logfmt("shutdown_complete"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -15,10 +16,20 @@ import trio.testing
 
 from submitd import DeliveryOutcome, Envelope, MailParams, MessageHandle, OutcomeKind, Recipient
 from submitd.config import QueueConfig
-from submitd.mailqueue import QueueRunner, Spool, retry_delay
+from submitd.errors import SpoolError
+from submitd.mailqueue import (
+    QueueEntryMissing,
+    QueueRunner,
+    RecipientState,
+    Spool,
+    SpoolLocked,
+    retry_delay,
+)
 from submitd.protocol._replies import Reply
+from tests.unit.test_dsn import parse_report
 
 T0 = 1_700_000_000.0
+SENDER = "a@example.org"
 MESSAGE = b"From: a@example.org\r\nSubject: hi\r\n\r\nhello\r\n"
 DEFERRED = Reply.make(451, "4.4.1", "Try later")
 REFUSED = Reply.make(550, "5.1.1", "No such user")
@@ -35,6 +46,18 @@ def always(outcome: DeliveryOutcome) -> Answer:
     return lambda _recipient: outcome
 
 
+def for_recipients(outcome: DeliveryOutcome, *addresses: str) -> Answer:
+    """``outcome`` for ``addresses`` (default: every b@/c@ recipient); others are delivered.
+
+    The sender, a@example.org, is where reports go: they are delivered.
+    """
+    def answer(recipient: Recipient) -> DeliveryOutcome:
+        if recipient.address in addresses or (not addresses and recipient.address != SENDER):
+            return outcome
+        return DeliveryOutcome.delivered()
+    return answer
+
+
 class FakeHooks:
     """Records every call; answers with ``answer``; each delivery takes ``duration`` seconds."""
 
@@ -47,6 +70,7 @@ class FakeHooks:
         self.attempts: list[tuple[str, tuple[str, ...], float]] = []
         self.results: list[tuple[str, Recipient, DeliveryOutcome]] = []
         self.bodies: list[bytes] = []
+        self.envelopes: dict[str, Envelope] = {}
         self.active: dict[str, int] = {}
         self.max_active = 0
         self.max_active_per_message = 0
@@ -59,6 +83,7 @@ class FakeHooks:
         assert envelope.queue_id is not None
         queue_id = envelope.queue_id
         self.attempts.append((queue_id, tuple(r.address for r in recipients), trio.current_time()))
+        self.envelopes[queue_id] = envelope
         self.delivering.set()
         self._notify()
         self.active[queue_id] = self.active.get(queue_id, 0) + 1
@@ -208,11 +233,13 @@ async def test_permanent_failure_fails_the_recipient_and_removes_the_message(
 ) -> None:
     await spool.recover()
     queue_id = await commit(spool)
-    hooks = FakeHooks(always(DeliveryOutcome.permanent(REFUSED)))
+    hooks = FakeHooks(for_recipients(DeliveryOutcome.permanent(REFUSED)))
     with caplog.at_level(logging.INFO, logger="submitd.queue"):
         async with running(QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)):
-            await hooks.wait_results(1)
-    ((_, recipient, outcome),) = hooks.results
+            await hooks.wait_results(2)  # the failure, then the bounce to the sender
+    ((_, recipient, outcome),) = [r for r in hooks.results if r[0] == queue_id]
+    ((bounce_id, to_sender, _),) = [r for r in hooks.results if r[0] != queue_id]
+    assert to_sender.address == SENDER and hooks.envelopes[bounce_id].sender == ""
     assert (recipient.address, outcome.kind, outcome.reply) == (
         "b@example.net",
         OutcomeKind.PERMANENT,
@@ -230,13 +257,16 @@ async def test_message_older_than_max_age_expires_with_4_4_7(
     await spool.recover()
     await commit(spool)
     config = queue_config(tmp_path, retry=(60.0,), max_age=150.0)
-    hooks = FakeHooks(always(DeliveryOutcome.temporary(DEFERRED)))
+    hooks = FakeHooks(for_recipients(DeliveryOutcome.temporary(DEFERRED)))
     async with running(QueueRunner(spool, hooks, config, clock=clock)):
-        await hooks.wait_results(4)
-    assert [t for _, _, t in hooks.attempts] == [0.0, 60.0, 120.0, 180.0]
-    kinds = [o.kind for _, _, o in hooks.results]
-    assert kinds == [OutcomeKind.TEMPORARY] * 3 + [OutcomeKind.PERMANENT]
-    final = hooks.results[-1][2].reply
+        await hooks.wait_results(5)  # four attempts, then the bounce
+    assert [t for _, _, t in hooks.attempts] == [0.0, 60.0, 120.0, 180.0, 180.0]
+    original = [o for _, r, o in hooks.results if r.address != SENDER]
+    assert [o.kind for o in original] == [OutcomeKind.TEMPORARY] * 3 + [OutcomeKind.PERMANENT]
+    final = original[-1].reply
+    report = parse_report(hooks.bodies[-1])
+    assert report.recipients[0]["Status"] == "4.4.7"
+    assert report.recipients[0]["Action"] == "failed"
     assert (final.code, final.status) == (451, "4.4.7")
     assert "4.4.1 Try later" in final.text
     assert await spool.queued_ids() == []
@@ -421,3 +451,322 @@ async def test_held_message_is_never_attempted(
         await trio.sleep(7 * 86400)
     assert [q for q, _, _ in hooks.attempts] == [other]
     assert await spool.queued_ids() == [held]
+
+
+# --- bounces and delay warnings -------------------------------------------------------------
+
+
+async def test_recipients_failing_in_one_attempt_get_one_bounce_to_the_sender(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool, "b@example.net", "ok@example.net", "c@example.net")
+
+    def answer(r: Recipient) -> DeliveryOutcome:
+        if r.address == "c@example.net":
+            return DeliveryOutcome.permanent(Reply.make(552, "5.2.2", "Full"))
+        if r.address == "b@example.net":
+            return DeliveryOutcome.permanent(REFUSED, remote="mx.example.net")
+        return DeliveryOutcome.delivered()
+
+    hooks = FakeHooks(answer)
+    async with running(QueueRunner(spool, hooks, queue_config(tmp_path), hostname="mx.test",
+                                   clock=clock)):
+        await hooks.wait_results(4)  # three recipients, then the one bounce
+    (bounce_id, rcpts, _) = hooks.attempts[1]
+    assert rcpts == (SENDER,) and hooks.envelopes[bounce_id].sender == ""
+    report = parse_report(hooks.bodies[1])
+    assert report.message["From"].addresses[0].addr_spec == "MAILER-DAEMON@mx.test"
+    assert report.per_message["Reporting-MTA"] == "dns; mx.test"
+    assert report.per_message["X-Submitd-Queue-ID"] == queue_id
+    assert [(r["Final-Recipient"], r["Status"], r["Remote-MTA"]) for r in report.recipients] == [
+        ("rfc822; b@example.net", "5.1.1", "dns; mx.example.net"),
+        ("rfc822; c@example.net", "5.2.2", None),
+    ]
+    assert "Subject: hi" in report.headers
+    assert await spool.queued_ids() == []
+
+
+async def test_bounce_is_committed_before_the_message_state_changes(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool)
+    steps: list[str] = []
+    real_enqueue, real_remove = spool.enqueue, spool.remove
+
+    async def enqueue(*args: object, **kwargs: object) -> str:
+        report_id = await real_enqueue(*args, **kwargs)  # type: ignore[arg-type]
+        steps.append(f"bounce queued {report_id}")
+        return report_id
+
+    async def remove(qid: str) -> None:
+        steps.append(f"removed {qid}")
+        await real_remove(qid)
+
+    monkeypatch.setattr(spool, "enqueue", enqueue)
+    monkeypatch.setattr(spool, "remove", remove)
+    hooks = FakeHooks(for_recipients(DeliveryOutcome.permanent(REFUSED)))
+    async with running(QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)):
+        await hooks.wait_results(2)
+    bounce_id = hooks.attempts[1][0]
+    assert steps[:2] == [f"bounce queued {bounce_id}", f"removed {queue_id}"]
+
+
+async def test_bounce_that_cannot_be_queued_keeps_the_recipient_pending(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool)
+    real_enqueue = spool.enqueue
+    failures = [SpoolError("disk full")]
+
+    async def enqueue(*args: object, **kwargs: object) -> str:
+        if failures:
+            raise failures.pop()
+        return await real_enqueue(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(spool, "enqueue", enqueue)
+    hooks = FakeHooks(for_recipients(DeliveryOutcome.permanent(REFUSED)))
+    async with running(QueueRunner(spool, hooks, queue_config(tmp_path, retry=(60.0,)),
+                                   clock=clock)):
+        await hooks.wait_results(1)
+        assert await spool.queued_ids() == [queue_id]  # not failed silently
+        await hooks.wait_results(3)  # tried again a minute later, then the bounce went out
+    assert [t for _, _, t in hooks.attempts] == [0.0, 60.0, 60.0]
+    assert hooks.attempts[2][1] == (SENDER,)
+    assert await spool.queued_ids() == []
+
+
+async def test_failed_bounce_is_dropped_never_bounced(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await spool.recover()
+    incoming = await spool.open_incoming()
+    await incoming.write(MESSAGE)
+    handle = await incoming.finish(max_header_size=65536)
+    null_sender = Envelope(sender="", recipients=(Recipient(address="a@example.org"),),
+                           params=MailParams(), username=None)
+    await incoming.commit(null_sender, handle, session_info={})
+    hooks = FakeHooks(always(DeliveryOutcome.permanent(REFUSED)))
+    with caplog.at_level(logging.INFO, logger="submitd.queue"):
+        async with running(QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)):
+            await hooks.wait_results(1)
+            await trio.sleep(3600)
+    assert len(hooks.attempts) == 1
+    assert await spool.queued_ids() == []
+    assert any("event=report_not_sent" in r.getMessage() for r in caplog.records)
+
+
+async def test_delay_warning_is_sent_once_when_a_message_waits_too_long(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool)
+    config = queue_config(tmp_path, retry=(60.0,), delay_warning=100.0, max_age=86400.0)
+    hooks = FakeHooks(for_recipients(DeliveryOutcome.temporary(DEFERRED, remote="mx.b.example")))
+    async with running(QueueRunner(spool, hooks, config, clock=clock)):
+        await hooks.wait_results(6)
+    to_sender = [q for q, rcpts, _ in hooks.attempts if rcpts == (SENDER,)]
+    assert len(to_sender) == 1  # once, however many attempts follow
+    report = parse_report(hooks.bodies[[q for q, _, _ in hooks.attempts].index(to_sender[0])])
+    assert report.message["Subject"] == "Delayed Mail (still being retried)"
+    # Written at the first attempt after 100 s in the queue.
+    first_late = min(t for _, rcpts, t in hooks.attempts if rcpts != (SENDER,) and t >= 100)
+    assert report.message["Date"].datetime.timestamp() == T0 + first_late
+    (rcpt,) = report.recipients
+    assert (rcpt["Action"], rcpt["Status"], rcpt["Remote-MTA"]) == (
+        "delayed", "4.4.1", "dns; mx.b.example"
+    )
+    assert rcpt["Will-Retry-Until"] is not None
+    record = await spool.load_record(queue_id)
+    assert record.delay_warned and record.recipients[0].state is RecipientState.PENDING
+
+
+async def test_hung_delivery_holds_one_slot_and_the_others_go_on(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    hung = await commit(spool, "hang@example.net")
+    others = [await commit(spool) for _ in range(4)]
+    never = trio.Event()
+
+    class Hanging(FakeHooks):
+        async def deliver(
+            self, envelope: Envelope, message: MessageHandle, recipients: tuple[Recipient, ...]
+        ) -> Mapping[str, DeliveryOutcome]:
+            if envelope.queue_id == hung:
+                await never.wait()
+            return await super().deliver(envelope, message, recipients)
+
+    hooks = Hanging(always(DeliveryOutcome.delivered()))
+    runner = QueueRunner(spool, hooks, queue_config(tmp_path, max_parallel=2), clock=clock)
+    async with running(runner):
+        await hooks.wait_results(4)
+        assert runner.in_flight == {hung}
+    assert sorted(q for q, _, _ in hooks.attempts) == sorted(others)
+
+
+# --- operator commands ----------------------------------------------------------------------
+
+
+async def test_exclusive_waits_for_the_attempt_in_flight_and_keeps_the_runner_off(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool)
+    hooks = FakeHooks(always(DeliveryOutcome.temporary(DEFERRED)), duration=10.0)
+    runner = QueueRunner(spool, hooks, queue_config(tmp_path, retry=(3600.0,)), clock=clock)
+    async with running(runner):
+        await hooks.delivering.wait()
+        async with runner.exclusive(queue_id) as record:
+            assert trio.current_time() >= 10.0  # the attempt finished and was recorded
+            assert record.recipients[0].attempts == 1
+            assert hooks.results and not runner.in_flight
+            runner.notify(queue_id)  # a flush meanwhile waits for the command to end
+            await trio.sleep(3600)  # past the retry time: still not attempted
+            assert len(hooks.attempts) == 1
+            ended = trio.current_time()
+        await hooks.wait_attempts(2)
+    # Right after the command, as flushed; not an hour later on the retry schedule.
+    assert ended <= hooks.attempts[1][2] < ended + 3000
+
+
+async def test_hold_and_release_survive_a_restart(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool)
+    config = queue_config(tmp_path, retry=(60.0,))
+    hooks = FakeHooks(always(DeliveryOutcome.temporary(DEFERRED)))
+    runner = QueueRunner(spool, hooks, config, clock=clock)
+    async with running(runner):
+        await hooks.wait_results(1)
+        await runner.hold(queue_id)
+        runner.flush_all()
+        await trio.sleep(3600)
+        assert runner.held == {queue_id}
+    assert len(hooks.attempts) == 1
+    assert (await spool.load_record(queue_id)).held
+
+    restarted = QueueRunner(Spool(spool.directory, clock=clock), hooks, config, clock=clock)
+    async with running(restarted):
+        await trio.sleep(3600)
+        assert len(hooks.attempts) == 1  # still held after the restart
+        released_at = trio.current_time()
+        await restarted.release(queue_id)
+        await hooks.wait_attempts(2)  # long overdue: attempted at once
+    assert hooks.attempts[1][2] == released_at
+    assert not (await spool.load_record(queue_id)).held
+
+
+async def test_delete_with_bounce_tells_the_sender_and_without_tells_nobody(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    config = queue_config(tmp_path, retry=(86400.0,))
+    hooks = FakeHooks(for_recipients(DeliveryOutcome.temporary(DEFERRED)))
+    runner = QueueRunner(spool, hooks, config, clock=clock)
+    async with running(runner):
+        loud, quiet = await commit(spool, "b@example.net", "c@example.net"), await commit(spool)
+        runner.notify(loud)
+        runner.notify(quiet)
+        await hooks.wait_results(3)
+        bounce_id = await runner.delete(loud, bounce=True)
+        assert await runner.delete(quiet, bounce=False) is None
+        await hooks.wait_results(4)  # the bounce is delivered to the sender
+    index = [q for q, _, _ in hooks.attempts].index(bounce_id)
+    assert hooks.attempts[index][1] == (SENDER,)
+    report = parse_report(hooks.bodies[index])
+    assert [(r["Final-Recipient"], r["Action"], r["Status"]) for r in report.recipients] == [
+        ("rfc822; b@example.net", "failed", "5.0.0"),
+        ("rfc822; c@example.net", "failed", "5.0.0"),
+    ]
+    assert "Deleted from the queue by the postmaster" in report.recipients[0]["Diagnostic-Code"]
+    assert await spool.queued_ids() == []
+
+
+async def test_operator_commands_on_an_unknown_id_raise_queue_entry_missing(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    runner = QueueRunner(spool, FakeHooks(always(DeliveryOutcome.delivered())),
+                         queue_config(tmp_path), clock=clock)
+    async with running(runner):
+        for command in (runner.hold, runner.release):
+            with pytest.raises(QueueEntryMissing):
+                await command("0123456789ABCDEF")
+        with pytest.raises(QueueEntryMissing):
+            await runner.delete("0123456789ABCDEF", bounce=True)
+        with pytest.raises(QueueEntryMissing):
+            async with runner.exclusive("../../etc/passwd"):
+                pass
+
+
+async def test_list_records_reads_every_committed_message_once(spool: Spool) -> None:
+    await spool.recover()
+    ids = [await commit(spool, f"r{i}@example.net") for i in range(3)]
+    listed = await spool.list_records()
+    assert [q for q, _ in listed] == ids
+    assert [r.recipients[0].address for _, r in listed] == [f"r{i}@example.net" for i in range(3)]
+
+
+# --- one server per spool, and shutdown -----------------------------------------------------
+
+
+async def test_second_runner_on_the_same_spool_refuses_and_touches_nothing(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()))
+    first = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
+    async with running(first):
+        incoming = await spool.open_incoming()  # a message being received by the first
+        await incoming.write(MESSAGE)
+        before = sorted(p.name for p in (spool.directory / "tmp").iterdir())
+        second = QueueRunner(Spool(spool.directory, clock=clock), hooks, queue_config(tmp_path),
+                             clock=clock)
+        with pytest.raises(SpoolLocked) as info:
+            await second.run()
+        assert str(spool.directory) in str(info.value)
+        assert f"process {os.getpid()}" in str(info.value)
+        assert sorted(p.name for p in (spool.directory / "tmp").iterdir()) == before != []
+        await incoming.abort()
+    # Once the first has stopped, the lock is free again.
+    async with running(QueueRunner(Spool(spool.directory, clock=clock), hooks,
+                                   queue_config(tmp_path), clock=clock)):
+        pass
+
+
+async def test_stop_lets_the_attempt_in_flight_finish_and_record_its_outcome(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool)
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()), duration=10.0)
+    runner = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(runner.run)
+        await hooks.delivering.wait()
+        runner.stop(grace=300.0)
+    assert trio.current_time() <= 300.0
+    assert [(q, r.address) for q, r, _ in hooks.results] == [(queue_id, "b@example.net")]
+    assert await spool.queued_ids() == []
+
+
+async def test_stop_abandons_an_attempt_that_outlasts_the_grace_and_logs_it(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    await spool.recover()
+    queue_id = await commit(spool)
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()), duration=100.0)
+    runner = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
+    with caplog.at_level(logging.INFO, logger="submitd.queue"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            await hooks.delivering.wait()
+            runner.stop(grace=5.0)
+    assert trio.current_time() == 5.0
+    assert hooks.results == []
+    abandoned = [r.getMessage() for r in caplog.records if "attempt_abandoned" in r.getMessage()]
+    assert len(abandoned) == 1 and f"queue_id={queue_id}" in abandoned[0]
+    record = await spool.load_record(queue_id)  # untouched: attempted again after a restart
+    assert record.recipients[0].attempts == 0

@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import signal
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
@@ -30,6 +31,7 @@ from submitd.mailqueue import (
     QueueEntryMissing,
     RecipientState,
     Spool,
+    SpoolLocked,
     new_queue_id,
 )
 from submitd.mailqueue.spool import WRITE_BUFFER_SIZE
@@ -545,3 +547,44 @@ async def test_sidecar_with_a_bad_field_is_moved_aside_not_crashing_start_up(
         assert await Spool(spool.directory).recover() == [good]
     assert sorted(files(spool.directory / "corrupt")) == [bad, f"{bad}.json"]
     assert any(f"queue_id={bad}" in r.getMessage() for r in caplog.records)
+
+
+# --- one server per spool --------------------------------------------------------------------
+
+
+async def test_spool_lock_is_exclusive_and_names_the_holder(spool: Spool) -> None:
+    await spool.lock()
+    assert spool.locked
+    assert (spool.directory / "lock").read_text() == f"{os.getpid()}\n"
+    other = Spool(spool.directory)
+    where = re.escape(str(spool.directory))
+    with pytest.raises(SpoolLocked, match=rf"{where}.*process {os.getpid()}"):
+        await other.lock()
+    assert not other.locked
+    spool.unlock()
+    spool.unlock()  # idempotent
+    await other.lock()  # free again
+    other.unlock()
+
+
+def test_lock_held_by_another_process_is_refused(tmp_path: Path) -> None:
+    spool_dir = tmp_path / "spool"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, trio\n"
+         "from submitd.mailqueue import Spool\n"
+         "async def main():\n"
+         f"    s = Spool({str(spool_dir)!r})\n"
+         "    await s.lock()\n"
+         "    print('locked', flush=True)\n"
+         "    sys.stdin.read()\n"
+         "trio.run(main)\n"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "locked\n"
+        with pytest.raises(SpoolLocked, match=f"process {holder.pid}"):
+            trio.run(Spool(spool_dir).lock)
+    finally:
+        holder.communicate("", timeout=20)  # stdin closed: the holder exits, the kernel unlocks
+    trio.run(Spool(spool_dir).lock)  # a dead holder never blocks a restart
