@@ -4,6 +4,9 @@ pluggy calls implementations but does not await coroutines, so this module walks
 ``hook.get_hookimpls()`` itself (pluggy calls the list back to front), awaits each result,
 runs every call under the plugin's deadline, and turns exceptions and timeouts into
 :class:`PluginError` carrying the plugin's name. ``Reject(reply)`` is an answer, not an error.
+Three stop rules: *first answer* (:meth:`HookCaller.first`), *all*
+(:meth:`HookCaller.collect`) and *handled-set* (:meth:`HookCaller.handled_set`, for
+``submitd_deliver``).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import pluggy
 import trio
@@ -23,11 +26,12 @@ from .message import MessageHandle
 from .protocol._replies import Reply
 from .views import DeliveryOutcome, Envelope, Recipient
 
-__all__ = ["HookCaller", "PluginDelivery"]
+__all__ = ["HandledSet", "HookCaller", "PluginDelivery"]
 
 log = logging.getLogger("submitd.plugins")
 
 T = TypeVar("T")
+K = TypeVar("K")
 
 _NOT_HANDLED = Reply.make(451, "4.3.0", "No delivery plugin accepted this recipient")
 _PLUGIN_FAILED = Reply.make(451, "4.3.0", "Delivery plugin failed, will retry")
@@ -48,11 +52,12 @@ class HookCaller:
                         f"plugin {hi.plugin_name!r}: hook wrappers are not supported by submitd"
                     )
 
-    def _impls(self, name: str) -> list[pluggy.HookImpl]:
+    def impls(self, name: str) -> list[pluggy.HookImpl]:
+        """The implementations of hook ``name`` in the order they are asked."""
         hook: pluggy.HookCaller = getattr(self.pm.hook, name)
         return list(reversed(hook.get_hookimpls()))
 
-    async def _call(self, impl: pluggy.HookImpl, name: str, kwargs: Mapping[str, Any]) -> Any:
+    async def call(self, impl: pluggy.HookImpl, name: str, kwargs: Mapping[str, Any]) -> Any:
         """Call one implementation under its deadline; ``Reject`` returns its reply."""
         args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
         timeout = self.plugins.timeout_for(impl.plugin_name)
@@ -83,8 +88,8 @@ class HookCaller:
         ``validate`` returns the typed value or raises ``TypeError``/``ValueError``, which
         becomes a :class:`PluginError` naming the plugin.
         """
-        for impl in self._impls(name):
-            result = await self._call(impl, name, kwargs)
+        for impl in self.impls(name):
+            result = await self.call(impl, name, kwargs)
             if result is None:
                 continue
             try:
@@ -98,14 +103,88 @@ class HookCaller:
     async def collect(self, name: str, **kwargs: Any) -> list[tuple[str, object]]:
         """Stop rule *all*: every non-None result; a failing plugin is logged and skipped."""
         results: list[tuple[str, object]] = []
-        for impl in self._impls(name):
+        for impl in self.impls(name):
             try:
-                result = await self._call(impl, name, kwargs)
+                result = await self.call(impl, name, kwargs)
             except PluginError:
                 continue
             if result is not None:
                 results.append((impl.plugin_name, result))
         return results
+
+    async def handled_set(
+        self,
+        name: str,
+        offered: Mapping[K, Any],
+        *,
+        argname: str,
+        validate: Callable[[object], T],
+        **kwargs: Any,
+    ) -> HandledSet[K, T]:
+        """Stop rule *handled-set*: each plugin answers for some of what is still offered.
+
+        Implementations are asked in order with ``argname`` = the values of ``offered`` that no
+        earlier plugin answered for; each returns a mapping from key to answer (or None to take
+        none). An answer that ``validate`` rejects (TypeError/ValueError), a key that was not
+        offered, or an answer that is not a mapping is logged as ``plugin_bad_answer`` naming
+        the plugin: a bad value puts its key in ``failed`` (the plugin took it; nobody else may
+        deliver it again), a non-mapping fails every key still offered. A plugin that raises or
+        times out fails every key still offered, and the walk stops. Keys nobody answered for
+        are in neither ``answers`` nor ``failed``.
+        """
+        remaining = dict(offered)
+        out: HandledSet[K, T] = HandledSet()
+        for impl in self.impls(name):
+            if not remaining:
+                break
+            plugin = impl.plugin_name
+            offer = {**kwargs, argname: tuple(remaining.values())}
+            try:
+                result = await self.call(impl, name, offer)
+            except PluginError:
+                out.failed.update(dict.fromkeys(remaining, plugin))
+                return out
+            if result is None:
+                continue
+            if not isinstance(result, Mapping):
+                log.error(logfmt("plugin_bad_answer", plugin=plugin, hook=name,
+                                 error=f"expected a mapping, got {type(result).__name__}"))
+                out.failed.update(dict.fromkeys(remaining, plugin))
+                return out
+            unknown = [key for key in result if key not in remaining]
+            if unknown:
+                log.error(logfmt("plugin_bad_answer", plugin=plugin, hook=name,
+                                 error=f"answered for {len(unknown)} key(s) it was not offered",
+                                 keys=",".join(str(k) for k in unknown[:5])))
+            for key, value in result.items():
+                if key not in remaining:
+                    continue
+                del remaining[key]
+                try:
+                    out.answers[key] = validate(value)
+                except (TypeError, ValueError) as exc:
+                    log.error(logfmt("plugin_bad_answer", plugin=plugin, hook=name, key=key,
+                                     error=exc))
+                    out.failed[key] = plugin
+                else:
+                    out.plugins[key] = plugin
+        return out
+
+
+class HandledSet(Generic[K, T]):
+    """The answers of a *handled-set* walk: per key, the value and the plugin that gave it."""
+
+    def __init__(self) -> None:
+        self.answers: dict[K, T] = {}
+        self.plugins: dict[K, str] = {}
+        #: Keys a plugin took but failed on (raised, timed out, or answered with a bad value).
+        self.failed: dict[K, str] = {}
+
+
+def _outcome(value: object) -> DeliveryOutcome:
+    if not isinstance(value, DeliveryOutcome):
+        raise TypeError(f"expected a DeliveryOutcome, got {type(value).__name__}")
+    return value
 
 
 class PluginDelivery:
@@ -118,38 +197,28 @@ class PluginDelivery:
     async def deliver(
         self, envelope: Envelope, message: MessageHandle, recipients: tuple[Recipient, ...]
     ) -> dict[str, DeliveryOutcome]:
-        """Stop rule *handled-set*; never raises. Unhandled recipients come back temporary."""
-        remaining = {r.address: r for r in recipients}
-        outcomes: dict[str, DeliveryOutcome] = {}
-        for impl in self._caller._impls("submitd_deliver"):
-            if not remaining:
-                break
-            kwargs = {
-                "config": self._config(),
-                "envelope": envelope,
-                "message": message,
-                "recipients": tuple(remaining.values()),
-            }
-            try:
-                result = await self._caller._call(impl, "submitd_deliver", kwargs)
-            except PluginError:
-                for address in remaining:
-                    outcomes[address] = DeliveryOutcome.temporary(_PLUGIN_FAILED)
-                return outcomes
-            if result is None:
-                continue
-            if not isinstance(result, Mapping):
-                log.error(logfmt("plugin_bad_answer", plugin=impl.plugin_name,
-                                 hook="submitd_deliver", queue_id=envelope.queue_id))
-                for address in remaining:
-                    outcomes[address] = DeliveryOutcome.temporary(_PLUGIN_FAILED)
-                return outcomes
-            for address, outcome in result.items():
-                if address in remaining and isinstance(outcome, DeliveryOutcome):
-                    outcomes[address] = outcome
-                    del remaining[address]
-        for address in remaining:
-            outcomes[address] = DeliveryOutcome.temporary(_NOT_HANDLED)
+        """Stop rule *handled-set*; never raises.
+
+        A recipient whose plugin failed or answered with something that is not a
+        :class:`DeliveryOutcome` comes back as a temporary failure (``451 4.3.0``), and so does
+        one no plugin took; both are retried.
+        """
+        result = await self._caller.handled_set(
+            "submitd_deliver",
+            {r.address: r for r in recipients},
+            argname="recipients",
+            validate=_outcome,
+            config=self._config(),
+            envelope=envelope,
+            message=message,
+        )
+        outcomes = dict(result.answers)
+        for address, plugin in result.failed.items():
+            log.warning(logfmt("delivery_plugin_failed", queue_id=envelope.queue_id,
+                               plugin=plugin, rcpt=address))
+            outcomes[address] = DeliveryOutcome.temporary(_PLUGIN_FAILED)
+        for recipient in recipients:
+            outcomes.setdefault(recipient.address, DeliveryOutcome.temporary(_NOT_HANDLED))
         return outcomes
 
     async def delivery_result(

@@ -143,12 +143,27 @@ def submitd_deliver(
 ) -> Mapping[str, DeliveryOutcome] | None:
     """Deliver a committed message to some or all of ``recipients``.
 
-    Stop rule: handled-set. Implementations are walked in order; each returns outcomes for
-    the recipients it took (keyed by address) or None to take none. Recipients with an
-    outcome are removed from what the next implementation sees; the walk stops when none is
-    left. A recipient no plugin took gets a temporary failure (``451 4.3.0``) and is
-    retried. Failure: the plugin's recipients get a temporary failure. Delivery is
-    at-least-once: an attempt interrupted by a crash is repeated.
+    ``recipients`` are the recipients still pending, as :class:`Recipient` values: the
+    address, the ESMTP parameters given with ``RCPT TO`` (``recipient.param("NOTIFY")``) and
+    the number of attempts made so far. ``message`` is a read-only handle on the stored
+    bytes (stream them with ``message.open()``).
+
+    Stop rule: handled-set. Implementations are walked in order; each returns a mapping from
+    address to :class:`DeliveryOutcome` for the recipients it took, or None to take none.
+    Recipients with an outcome are removed from what the next implementation sees; the walk
+    stops when none is left. Set ``DeliveryOutcome.remote`` to the host that gave the reply:
+    it becomes the ``Remote-MTA`` of the bounce (RFC 3464 §2.3.5). Permanent failures are
+    reported to the sender in one bounce per attempt; temporary ones are retried on the
+    ``[queue] retry`` schedule until ``max_age``.
+
+    A recipient no plugin took gets a temporary failure (``451 4.3.0``) and is retried.
+    Failure: an exception or a timeout gives every recipient the plugin was offered a
+    temporary failure. An answer that is not a mapping, a value that is not a
+    ``DeliveryOutcome`` or a key that was not offered is logged as ``plugin_bad_answer``
+    with the plugin's name; the recipients concerned get a temporary failure (they are not
+    offered to the next plugin: this one may have delivered them). Delivery is
+    at-least-once: an attempt interrupted by a crash, or by a shutdown that ran out of
+    ``[limits] shutdown_grace``, is repeated.
     """
 
 
@@ -158,5 +173,8 @@ def submitd_delivery_result(
 ) -> None:
     """Observe the outcome of one delivery attempt for one recipient (logs, metrics, webhooks).
 
-    Stop rule: all. Return values are ignored. Failure: logged, never affects delivery.
+    Called after the new state is stored. ``recipient.attempts`` counts this attempt;
+    ``outcome.remote`` names the host that answered, when known. A recipient that outlived
+    ``[queue] max_age`` is reported as permanent with status ``4.4.7``. Stop rule: all.
+    Return values are ignored. Failure: logged, never affects delivery.
     """

@@ -254,3 +254,68 @@ async def test_deliver_plugin_crash_is_temporary_not_lost(tmp_path: Path) -> Non
     outcomes = await delivery.deliver(_envelope(), _message(tmp_path),
                                       (Recipient(address="x@one.example"),))
     assert outcomes["x@one.example"].kind.value == "temporary"
+
+
+async def test_deliver_answer_that_is_not_an_outcome_is_an_error_naming_the_plugin(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    asked: list[str] = []
+
+    class Sloppy:
+        @hookimpl
+        def submitd_deliver(self, recipients):
+            return {"x@one.example": "delivered", "y@two.example": DeliveryOutcome.delivered()}
+
+    class Next:
+        @hookimpl
+        def submitd_deliver(self, recipients):
+            asked.extend(r.address for r in recipients)
+            return {r.address: DeliveryOutcome.delivered() for r in recipients}
+
+    delivery = PluginDelivery(make_caller(("next", Next()), ("sloppy", Sloppy())), make_config)
+    with caplog.at_level(logging.ERROR, logger="submitd.plugins"):
+        outcomes = await delivery.deliver(_envelope(), _message(tmp_path), _envelope().recipients)
+    # The plugin took x (it may have delivered it): retried later, never handed on.
+    assert (outcomes["x@one.example"].kind.value, outcomes["x@one.example"].reply.code) == (
+        "temporary", 451
+    )
+    assert outcomes["y@two.example"].kind.value == "delivered"
+    assert asked == []
+    errors = [r.getMessage() for r in caplog.records]
+    assert any("event=plugin_bad_answer" in e and "plugin=sloppy" in e for e in errors)
+
+
+async def test_deliver_answer_for_a_recipient_not_offered_is_logged_and_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Confused:
+        @hookimpl
+        def submitd_deliver(self, recipients):
+            return {"someone@else.example": DeliveryOutcome.delivered(),
+                    "x@one.example": DeliveryOutcome.delivered()}
+
+    delivery = PluginDelivery(make_caller(("confused", Confused())), make_config)
+    with caplog.at_level(logging.ERROR, logger="submitd.plugins"):
+        outcomes = await delivery.deliver(_envelope(), _message(tmp_path), _envelope().recipients)
+    assert set(outcomes) == {"x@one.example", "y@two.example"}
+    assert outcomes["x@one.example"].kind.value == "delivered"
+    assert outcomes["y@two.example"].kind.value == "temporary"  # nobody took it
+    (error,) = [r.getMessage() for r in caplog.records if "plugin_bad_answer" in r.getMessage()]
+    assert "plugin=confused" in error and "someone@else.example" in error
+
+
+async def test_deliver_answer_that_is_not_a_mapping_fails_every_recipient_temporarily(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Listy:
+        @hookimpl
+        async def submitd_deliver(self, recipients):
+            return [DeliveryOutcome.delivered() for _ in recipients]
+
+    delivery = PluginDelivery(make_caller(("listy", Listy())), make_config)
+    with caplog.at_level(logging.ERROR, logger="submitd.plugins"):
+        outcomes = await delivery.deliver(_envelope(), _message(tmp_path), _envelope().recipients)
+    assert {o.kind.value for o in outcomes.values()} == {"temporary"}
+    assert any("plugin=listy" in r.getMessage() and "plugin_bad_answer" in r.getMessage()
+               for r in caplog.records)
+
