@@ -360,7 +360,10 @@ def render_config(config: Config, cert: CertificateInfo | None = None) -> str:
         out.append(f"{name} = {_toml(shown)}")
     out += ["", "[queue]", f"dir = {_toml(str(config.queue.dir))}",
             f"retry = {_toml([format_duration(r) for r in config.queue.retry])}",
-            f"max_age = {_toml(format_duration(config.queue.max_age))}"]
+            f"max_age = {_toml(format_duration(config.queue.max_age))}",
+            f"max_parallel = {config.queue.max_parallel}"]
+    if config.queue.delay_warning is not None:
+        out.append(f"delay_warning = {_toml(format_duration(config.queue.delay_warning))}")
     plugins = config.plugins
     out += ["", "[plugins]", f"enable = {_toml(plugins.enable)}",
             f"hook_timeout = {_toml(format_duration(plugins.hook_timeout))}"]

@@ -30,6 +30,7 @@ from ..mailqueue.spool import Spool
 from ..plugin_manager import configure_plugins, create_plugin_manager, unconfigure_plugins
 from ..session import ServerContext
 from .connection import ConnectionHandler
+from .control import serve_control, socket_path
 from .limits import AuthThrottle, ConnectionLimiter
 from .tls import TLSContextHolder, make_server_context
 
@@ -89,6 +90,11 @@ class Server:
         try:
             async with trio.open_nursery() as root:
                 await root.start(self.runner.run)
+                # The runner holds the spool lock now: operator commands (`submitd queue ...`)
+                # reach it through the control socket in the spool directory.
+                control = await root.start(
+                    serve_control, self.runner, socket_path(self._config.queue.dir)
+                )
                 async with trio.open_nursery() as sessions:
                     listeners = await self._open_listeners()
                     accept_scopes = [trio.CancelScope() for _ in listeners]
@@ -96,6 +102,7 @@ class Server:
                         sessions.start_soon(self._accept, handler, tcp, sessions, scope)
                     task_status.started(list(self.bound))
                     await self._shutdown.wait()
+                    control.cancel()  # operator commands end with the server
                     active = sum(len(h.active) for h in self._handlers)
                     log.info(logfmt("shutdown_started", sessions=active,
                                     deliveries=len(self.runner.in_flight)))

@@ -415,3 +415,16 @@ def test_console_script_manages_users_from_stdin(tmp_path: Path) -> None:
     assert no_tty.returncode == 2
     assert "--password-stdin" in no_tty.stderr
     assert "Traceback" not in no_tty.stderr
+
+
+def test_check_config_shows_and_round_trips_the_queue_settings(
+    setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup.write_text(setup.read_text() + '\n[queue]\nmax_parallel = 3\ndelay_warning = "4h"\n')
+    assert cli.main(["check-config", "-c", str(setup)]) == 0
+    out = capsys.readouterr().out
+    assert 'max_parallel = 3\ndelay_warning = "4h"' in out
+    again = tmp_path / "effective.toml"
+    again.write_text(out)
+    assert load_config(again).queue.delay_warning == 4 * 3600
+    assert load_config(again).queue.max_parallel == 3
