@@ -57,10 +57,21 @@ class HookCaller:
         hook: pluggy.HookCaller = getattr(self.pm.hook, name)
         return list(reversed(hook.get_hookimpls()))
 
-    async def call(self, impl: pluggy.HookImpl, name: str, kwargs: Mapping[str, Any]) -> Any:
-        """Call one implementation under its deadline; ``Reject`` returns its reply."""
+    async def call(
+        self,
+        impl: pluggy.HookImpl,
+        name: str,
+        kwargs: Mapping[str, Any],
+        *,
+        default_timeout: float | None = None,
+    ) -> Any:
+        """Call one implementation under its deadline; ``Reject`` returns its reply.
+
+        The deadline is the plugin's own ``hook_timeout``, else ``default_timeout``, else
+        ``[plugins] hook_timeout``.
+        """
         args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
-        timeout = self.plugins.timeout_for(impl.plugin_name)
+        timeout = self.plugins.timeout_for(impl.plugin_name, default_timeout)
         session = kwargs.get("session")
         sid = getattr(session, "session_id", "-")
         try:
@@ -119,6 +130,7 @@ class HookCaller:
         *,
         argname: str,
         validate: Callable[[object], T],
+        default_timeout: float | None = None,
         **kwargs: Any,
     ) -> HandledSet[K, T]:
         """Stop rule *handled-set*: each plugin answers for some of what is still offered.
@@ -130,7 +142,8 @@ class HookCaller:
         the plugin: a bad value puts its key in ``failed`` (the plugin took it; nobody else may
         deliver it again), a non-mapping fails every key still offered. A plugin that raises or
         times out fails every key still offered, and the walk stops. Keys nobody answered for
-        are in neither ``answers`` nor ``failed``.
+        are in neither ``answers`` nor ``failed``. ``default_timeout`` is the deadline of
+        plugins without their own ``hook_timeout`` (see :meth:`call`).
         """
         remaining = dict(offered)
         out: HandledSet[K, T] = HandledSet()
@@ -140,7 +153,7 @@ class HookCaller:
             plugin = impl.plugin_name
             offer = {**kwargs, argname: tuple(remaining.values())}
             try:
-                result = await self.call(impl, name, offer)
+                result = await self.call(impl, name, offer, default_timeout=default_timeout)
             except PluginError:
                 out.failed.update(dict.fromkeys(remaining, plugin))
                 return out
@@ -208,6 +221,7 @@ class PluginDelivery:
             {r.address: r for r in recipients},
             argname="recipients",
             validate=_outcome,
+            default_timeout=self._config().queue.delivery_timeout,
             config=self._config(),
             envelope=envelope,
             message=message,

@@ -361,7 +361,8 @@ def render_config(config: Config, cert: CertificateInfo | None = None) -> str:
     out += ["", "[queue]", f"dir = {_toml(str(config.queue.dir))}",
             f"retry = {_toml([format_duration(r) for r in config.queue.retry])}",
             f"max_age = {_toml(format_duration(config.queue.max_age))}",
-            f"max_parallel = {config.queue.max_parallel}"]
+            f"max_parallel = {config.queue.max_parallel}",
+            f"delivery_timeout = {_toml(format_duration(config.queue.delivery_timeout))}"]
     if config.queue.delay_warning is not None:
         out.append(f"delay_warning = {_toml(format_duration(config.queue.delay_warning))}")
     plugins = config.plugins

@@ -97,7 +97,10 @@ class QueueConfig:
 
     ``max_parallel`` bounds the delivery attempts in flight at once; ``delay_warning``, when
     set, is how long a message may wait before its sender is told it is delayed (RFC 3464
-    ``Action: delayed``); None sends no delay warnings.
+    ``Action: delayed``); None sends no delay warnings. ``delivery_timeout`` is the deadline
+    of one ``submitd_deliver`` call of a plugin without its own ``hook_timeout``: session
+    hooks answer a waiting client within seconds, but handing a large message to a slow
+    smarthost may rightly take minutes (RFC 5321 §4.5.3.2 allows 10 for the end of DATA).
     """
 
     dir: Path
@@ -105,6 +108,7 @@ class QueueConfig:
     max_age: float = 5 * 86400.0
     max_parallel: int = 16
     delay_warning: float | None = None
+    delivery_timeout: float = 900.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,9 +127,14 @@ class PluginsConfig:
         default_factory=lambda: MappingProxyType({})
     )
 
-    def timeout_for(self, plugin: str) -> float:
-        """Return the hook deadline for ``plugin`` in seconds."""
-        return self.hook_timeouts.get(plugin, self.hook_timeout)
+    def timeout_for(self, plugin: str, default: float | None = None) -> float:
+        """Return the hook deadline for ``plugin`` in seconds.
+
+        A ``hook_timeout`` in ``[plugins.NAME]`` wins; otherwise ``default`` (the queue's
+        ``delivery_timeout`` for delivery hooks) or ``[plugins] hook_timeout``.
+        """
+        fallback = self.hook_timeout if default is None else default
+        return self.hook_timeouts.get(plugin, fallback)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -443,7 +452,7 @@ def _load_limits(top: _Table) -> Limits:
 
 
 def _load_queue(top: _Table) -> QueueConfig:
-    allowed = ("dir", "retry", "max_age", "max_parallel", "delay_warning")
+    allowed = ("dir", "retry", "max_age", "max_parallel", "delay_warning", "delivery_timeout")
     t = _Table(top.path, "queue", top.get("queue", {}), allowed)
     retry = t.array("retry", list(_default(QueueConfig, "retry")))
     if not retry:
@@ -454,6 +463,9 @@ def _load_queue(top: _Table) -> QueueConfig:
         max_age=t.duration("max_age", _default(QueueConfig, "max_age")),
         max_parallel=t.integer("max_parallel", _default(QueueConfig, "max_parallel")),
         delay_warning=t.duration("delay_warning", 0.0) if "delay_warning" in t.data else None,
+        delivery_timeout=t.duration(
+            "delivery_timeout", _default(QueueConfig, "delivery_timeout")
+        ),
     )
 
 

@@ -420,11 +420,12 @@ def test_console_script_manages_users_from_stdin(tmp_path: Path) -> None:
 def test_check_config_shows_and_round_trips_the_queue_settings(
     setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    setup.write_text(setup.read_text() + '\n[queue]\nmax_parallel = 3\ndelay_warning = "4h"\n')
+    setup.write_text(setup.read_text() + '\n[queue]\nmax_parallel = 3\ndelay_warning = "4h"\n'
+                     'delivery_timeout = "20m"\n')
     assert cli.main(["check-config", "-c", str(setup)]) == 0
     out = capsys.readouterr().out
-    assert 'max_parallel = 3\ndelay_warning = "4h"' in out
+    assert 'max_parallel = 3\ndelivery_timeout = "20m"\ndelay_warning = "4h"' in out
     again = tmp_path / "effective.toml"
     again.write_text(out)
     assert load_config(again).queue.delay_warning == 4 * 3600
-    assert load_config(again).queue.max_parallel == 3
+    assert load_config(again).queue == load_config(setup).queue

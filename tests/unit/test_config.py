@@ -138,6 +138,7 @@ retry = ["30s", "250ms"]
 max_age = "2d"
 max_parallel = 3
 delay_warning = "4h"
+delivery_timeout = "30m"
 """)
     assert config.limits.max_recipients == 5
     assert config.limits.command_timeout == 120.0
@@ -147,6 +148,7 @@ delay_warning = "4h"
     assert config.queue.max_age == 2 * 86400
     assert config.queue.max_parallel == 3
     assert config.queue.delay_warning == 4 * 3600.0
+    assert config.queue.delivery_timeout == 30 * 60.0
 
 
 def test_plugin_tables_stay_raw_and_hook_timeout_is_split_off(tmp_path: Path) -> None:
@@ -227,6 +229,7 @@ def test_plugin_tables_cannot_be_modified(tmp_path: Path) -> None:
         ("[queue]\nmax_parallel = '8'", "queue.max_parallel", "must be an integer"),
         ("[queue]\ndelay_warning = 'soon'", "queue.delay_warning", "not a duration"),
         ("[queue]\ndelay_warning = '0s'", "queue.delay_warning", "longer than zero"),
+        ("[queue]\ndelivery_timeout = '0s'", "queue.delivery_timeout", "longer than zero"),
         ("[metrics]\naddress = '127.0.0.1:9587'", "metrics", "not supported in this version"),
         ("[plugins]\nenable = 'passwdfile'", "plugins.enable", "must be an array"),
         ("[plugins]\nenable = ['a', 'a']", "plugins.enable[1]", "listed twice"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 from types import MappingProxyType
 
@@ -319,3 +320,41 @@ async def test_deliver_answer_that_is_not_a_mapping_fails_every_recipient_tempor
     assert any("plugin=listy" in r.getMessage() and "plugin_bad_answer" in r.getMessage()
                for r in caplog.records)
 
+
+
+class SlowDelivery:
+    @hookimpl
+    async def submitd_deliver(self, recipients):
+        await trio.sleep(10)
+        return {r.address: DeliveryOutcome.delivered() for r in recipients}
+
+
+@pytest.mark.parametrize(("delivery_timeout", "kind", "elapsed"),
+                         [(60.0, "delivered", 10.0), (4.0, "temporary", 4.0)])
+async def test_delivery_runs_under_the_queue_deadline_not_the_session_hook_deadline(
+    tmp_path: Path, autojump_clock: trio.abc.Clock, delivery_timeout: float, kind: str,
+    elapsed: float,
+) -> None:
+    # A session hook must answer within seconds; a smarthost may take minutes for a big message.
+    caller = make_caller(("slow", SlowDelivery()), hook_timeout=2.0)
+    config = replace(make_config(hook_timeout=2.0),
+                     queue=QueueConfig(dir=tmp_path, delivery_timeout=delivery_timeout))
+    delivery = PluginDelivery(caller, lambda: config)
+    start = trio.current_time()
+    outcomes = await delivery.deliver(_envelope(), _message(tmp_path),
+                                      (Recipient(address="x@one.example"),))
+    assert outcomes["x@one.example"].kind.value == kind
+    assert trio.current_time() - start == pytest.approx(elapsed)
+
+
+async def test_a_plugins_own_hook_timeout_also_bounds_its_deliveries(
+    tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    caller = make_caller(("slow", SlowDelivery()), hook_timeout=2.0,
+                         hook_timeouts=MappingProxyType({"slow": 3.0}))
+    delivery = PluginDelivery(caller, make_config)
+    start = trio.current_time()
+    outcomes = await delivery.deliver(_envelope(), _message(tmp_path),
+                                      (Recipient(address="x@one.example"),))
+    assert outcomes["x@one.example"].kind.value == "temporary"
+    assert trio.current_time() - start == pytest.approx(3.0)
