@@ -142,7 +142,10 @@ class Config:
     """The whole validated configuration.
 
     ``stash`` is where plugins keep what they parsed from their table in ``submitd_configure``
-    (see :class:`submitd.stash.Stash`); it is not part of equality.
+    (see :class:`submitd.stash.Stash`); it belongs to this configuration and is replaced on
+    reload. ``server_stash`` lives as long as the server: a reload hands the same one to the
+    new configuration, so state that must survive a SIGHUP (a smarthost's mark-down table,
+    counters) belongs there. Neither is part of equality.
     """
 
     path: Path
@@ -153,6 +156,7 @@ class Config:
     queue: QueueConfig
     plugins: PluginsConfig
     stash: Stash = field(default_factory=Stash, compare=False, repr=False)
+    server_stash: Stash = field(default_factory=Stash, compare=False, repr=False)
 
     @property
     def base_dir(self) -> Path:

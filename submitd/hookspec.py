@@ -50,7 +50,9 @@ def submitd_configure(config: Config) -> None:
     (SIGHUP) with the new configuration. Read the table with ``config.plugin_table(NAME)``,
     store what you parsed in ``config.stash`` and raise
     ``ConfigError(config.path, "plugins.NAME.KEY", message)`` for anything wrong: on start-up
-    the server refuses to run, on reload it keeps the previous configuration.
+    the server refuses to run, on reload it keeps the previous configuration. State that must
+    survive a reload (counters, a table of hosts marked down) goes in ``config.server_stash``,
+    which the server hands unchanged from the old configuration to the new one.
     """
 
 

@@ -163,7 +163,8 @@ class Server:
         self._shutdown.set()
 
     def _prepare_reload(self) -> tuple[Config, ssl.SSLContext]:
-        new = load_config(self._config.path)
+        # Plugin state that outlives a reload rides along in the server-lifetime stash.
+        new = replace(load_config(self._config.path), server_stash=self._config.server_stash)
         if new.plugins.enable != self._config.plugins.enable:
             raise ConfigError(new.path, "plugins.enable", "changing plugins needs a restart")
         if new.tls is None:

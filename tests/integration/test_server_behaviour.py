@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from submitd import Reply, hookimpl
+from submitd import Reply, StashKey, hookimpl
 from submitd.mailqueue.spool import Spool
 from submitd.testing import RawSMTPClient, TestCA, running_server
 from tests.integration.test_submission import open_session, send_message
@@ -112,6 +112,21 @@ async def test_reload_swaps_the_certificate_without_dropping_sessions(
         await send_message(before)
         await before.aclose()
         await after.aclose()
+
+
+async def test_reload_hands_the_server_stash_to_the_new_configuration(
+    make_config: Callable[..., Path],
+) -> None:
+    counter = StashKey[list[str]]()
+    async with running_server(make_config()) as srv:
+        old = srv.server.config
+        old.server_stash[counter] = ["before reload"]
+        old.stash[counter] = ["per configuration"]
+        assert await srv.server.reload()
+        new = srv.server.config
+        assert new is not old
+        assert new.server_stash[counter] == ["before reload"]
+        assert counter not in new.stash  # the per-configuration stash starts afresh
 
 
 async def test_reload_with_a_broken_config_keeps_the_old_one(
