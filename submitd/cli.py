@@ -11,7 +11,7 @@ import datetime as dt
 import getpass
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -154,33 +154,11 @@ def _load(args: argparse.Namespace) -> Config:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    """``submitd serve``: run the server until it is stopped.
-
-    A start-up failure the server reports on purpose (another server holds the spool's lock,
-    a listener cannot bind) is one ``submitd: ...`` line: exit 2 for a configuration error,
-    1 for anything else, never a traceback.
-    """
+    """``submitd serve``: run the server until it is stopped (see :func:`run_server`)."""
     config = _load(args)
     from .server import run_server  # the server pulls in everything; only load it here
 
-    try:
-        return run_server(config)
-    except BaseExceptionGroup as group:
-        # trio's nurseries wrap errors in exception groups; unwrap ours, re-raise the rest.
-        errors = list(_leaf_errors(group))
-        if not all(isinstance(exc, SubmitdError) for exc in errors):
-            raise
-        for message in dict.fromkeys(str(exc) for exc in errors):
-            _error(message)
-        return EXIT_USAGE if any(isinstance(exc, ConfigError) for exc in errors) else EXIT_FAILURE
-
-
-def _leaf_errors(exc: BaseException) -> Iterator[BaseException]:
-    if isinstance(exc, BaseExceptionGroup):
-        for inner in exc.exceptions:
-            yield from _leaf_errors(inner)
-    else:
-        yield exc
+    return run_server(config)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -49,6 +49,10 @@ log = logging.getLogger("submitd.queue")
 #: suspended machine cannot make it oversleep a due message by much.
 MAX_IDLE_SLEEP = 60.0
 
+#: How long start-up waits for the spool lock held by someone else: long enough for an
+#: operator command on a stopped server, short enough to refuse a second server promptly.
+LOCK_WAIT = 3.0
+
 #: What the sender's bounce says for recipients of a message an operator deleted.
 DELETED_REPLY = Reply.make(550, "5.0.0", "Deleted from the queue by the postmaster")
 
@@ -262,7 +266,7 @@ class QueueRunner:
         Raises :class:`SpoolLocked` when another process works on the spool. The lock is
         released when this returns.
         """
-        await self._spool.lock()
+        await self._spool.lock(wait=LOCK_WAIT)
         try:
             recovered = await self._spool.recover_due()
             for queue_id, due in recovered.items():

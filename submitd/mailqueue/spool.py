@@ -48,6 +48,7 @@ __all__ = [
 ]
 
 _DEFAULT_HEADER_LIMIT = 262_144
+_LOCK_RETRY_INTERVAL = 0.1
 
 
 class QueueEntryMissing(SpoolError):
@@ -100,19 +101,29 @@ class Spool:
 
     # --- start-up -------------------------------------------------------------------------
 
-    async def lock(self) -> None:
+    async def lock(self, *, wait: float = 0.0) -> None:
         """Take the spool's lock (``<dir>/lock``, our pid inside); creates the directories.
 
-        Raises :class:`SpoolLocked` (naming the directory and the holder's pid) when another
-        process holds it, :class:`SpoolError` when it cannot be taken. Taking it twice in one
-        Spool is an error; release it with :meth:`unlock`.
+        ``wait`` is how long to keep trying while another process holds it: an operator's
+        ``submitd queue hold`` on a stopped server holds the lock for a moment, and a server
+        starting in that moment should wait for it rather than refuse. Raises
+        :class:`SpoolLocked` (naming the directory and the holder's pid) when the lock is
+        still held after ``wait``, :class:`SpoolError` when it cannot be taken. Taking it twice
+        in one Spool is an error; release it with :meth:`unlock`.
         """
         if self._lock_fd is not None:
             raise SpoolError(f"the spool {self.directory} is already locked by this server")
-        try:
-            self._lock_fd = await trio.to_thread.run_sync(self._lock_sync)
-        except OSError as exc:
-            raise SpoolError(f"cannot lock the spool {self.directory}: {exc}") from exc
+        deadline = trio.current_time() + wait
+        while True:
+            try:
+                self._lock_fd = await trio.to_thread.run_sync(self._lock_sync)
+                return
+            except SpoolLocked:
+                if trio.current_time() >= deadline:
+                    raise
+            except OSError as exc:
+                raise SpoolError(f"cannot lock the spool {self.directory}: {exc}") from exc
+            await trio.sleep(_LOCK_RETRY_INTERVAL)
 
     def _lock_sync(self) -> int:
         self.layout.create()

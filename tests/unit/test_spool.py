@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -564,6 +565,20 @@ async def test_spool_lock_is_exclusive_and_names_the_holder(spool: Spool) -> Non
     spool.unlock()
     spool.unlock()  # idempotent
     await other.lock()  # free again
+    other.unlock()
+
+
+async def test_lock_waits_for_a_holder_that_lets_go_within_the_wait(spool: Spool) -> None:
+    # An operator command on a stopped server holds the lock for a moment; a server starting
+    # then waits for it instead of refusing.
+    await spool.lock()
+    other = Spool(spool.directory)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(partial(other.lock, wait=30.0))
+        await trio.sleep(0.3)
+        assert not other.locked  # still waiting
+        spool.unlock()
+    assert other.locked
     other.unlock()
 
 
