@@ -15,34 +15,30 @@ errors), 2 usage or configuration error.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import functools
 import json
-import math
 import os
-import re
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import trio
 
+from ._queue_display import as_json, details, format_sender, printable, summary, totals
 from .config import Config, default_config_path, load_config
 from .errors import SpoolError
 from .mailqueue import (
     QueueEntryMissing,
     QueueRecord,
-    RecipientRecord,
     RecipientState,
     Spool,
     SpoolLocked,
 )
 from .mailqueue import is_queue_id as _is_queue_id
-from .protocol._replies import Reply
 from .views import DeliveryOutcome
 
 __all__ = ["JSON_FORMAT_VERSION", "add_queue_commands"]
@@ -57,9 +53,6 @@ EXIT_FAILURE = 1
 _T = TypeVar("_T")
 Handler = Callable[[argparse.Namespace], int]
 _CONCURRENT_READS = 16
-# Control characters (C0, DEL, C1) and bidirectional overrides never reach the terminal: a
-# header or a remote server's reply could otherwise rewrite or disguise the operator's screen.
-_UNPRINTABLE = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
 
 
 class QueueCommandError(Exception):
@@ -119,7 +112,7 @@ def _queue_id(raw: str) -> str:
     """The queue ID the operator meant (IDs are upper case; typing them in lower is fine)."""
     queue_id = raw.strip().upper()
     if not _is_queue_id(queue_id):
-        raise QueueCommandError(f"no queued message {_printable(raw)}")
+        raise QueueCommandError(f"no queued message {printable(raw)}")
     return queue_id
 
 
@@ -181,113 +174,14 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     records = _run(main)
     now = time.time()
     if args.json:
-        doc = {"version": JSON_FORMAT_VERSION, "messages": [_as_json(r, now) for r in records]}
+        doc = {"version": JSON_FORMAT_VERSION, "messages": [as_json(r, now) for r in records]}
         print(json.dumps(doc, ensure_ascii=True, allow_nan=False, indent=2))
         return EXIT_OK
     for record in records:
-        print("\n".join(_summary(record, now)))
+        print("\n".join(summary(record, now)))
         print()
-    print(_totals(records))
+    print(totals(records))
     return EXIT_OK
-
-
-def _as_json(record: QueueRecord, now: float) -> dict[str, Any]:
-    return {
-        "id": record.queue_id,
-        "created": record.created,
-        "age": max(round(now - record.created), 0),
-        "size": record.size,
-        "sender": record.sender,
-        "username": record.username,
-        "origin": record.origin.value,
-        "held": record.held,
-        "next_attempt": record.next_attempt if record.pending else None,
-        "recipients": [
-            {
-                "address": r.address,
-                "state": r.state.value,
-                "attempts": r.attempts,
-                "next_attempt": r.next_attempt if r.state is RecipientState.PENDING else None,
-                "last_reply": _reply_json(r.last_reply),
-                "remote": r.last_remote,
-            }
-            for r in record.recipients
-        ],
-    }
-
-
-def _reply_json(reply: Reply | None) -> dict[str, Any] | None:
-    if reply is None:
-        return None
-    return {"code": reply.code, "status": reply.status, "text": reply.text}
-
-
-def _summary(record: QueueRecord, now: float) -> list[str]:
-    head = (
-        f"{record.queue_id}  age {_duration(now - record.created)}  {record.size} bytes"
-        f"  from {_printable(_sender(record.sender))}"
-    )
-    if record.held:
-        head += "  HELD"
-    if record.origin.value != "smtp":
-        head += f"  ({record.origin.value})"
-    lines = [head]
-    for rcpt in record.recipients:
-        lines.append(f"  {_printable(rcpt.address)}  {_state(record, rcpt, now)}")
-        if rcpt.last_reply is not None and rcpt.state is not RecipientState.DELIVERED:
-            remote = rcpt.last_remote
-            where = f" (from {_printable(remote)})" if remote else ""
-            lines.append(f"    last reply: {_printable(str(rcpt.last_reply))}{where}")
-    return lines
-
-
-def _state(record: QueueRecord, rcpt: RecipientRecord, now: float) -> str:
-    attempts = f"{rcpt.attempts} attempt{'' if rcpt.attempts == 1 else 's'}"
-    if rcpt.state is not RecipientState.PENDING:
-        return f"{rcpt.state.value} after {attempts}"
-    if record.held:
-        when = "held"
-    elif rcpt.next_attempt <= now:
-        when = "next attempt due now"
-    else:
-        when = f"next attempt in {_duration(rcpt.next_attempt - now)}"
-    return f"pending, {attempts}, {when}"
-
-
-def _totals(records: list[QueueRecord]) -> str:
-    if not records:
-        return "the queue is empty"
-    held = sum(1 for r in records if r.held)
-    pending = sum(len(r.pending) for r in records)
-    text = f"{len(records)} message{'' if len(records) == 1 else 's'}"
-    text += f", {pending} recipient{'' if pending == 1 else 's'} pending"
-    return text + (f", {held} held" if held else "")
-
-
-def _sender(sender: str) -> str:
-    return f"<{sender}>"
-
-
-def _duration(seconds: float) -> str:
-    """Round ``seconds`` for people: ``45s``, ``12m``, ``3h05m``, ``2d04h``."""
-    s = max(int(seconds) if math.isfinite(seconds) else 0, 0)
-    if s < 60:
-        return f"{s}s"
-    if s < 3600:
-        return f"{s // 60}m"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
-
-
-def _printable(text: str) -> str:
-    return _UNPRINTABLE.sub(lambda m: ascii(m.group())[1:-1], text)
-
-
-def _timestamp(when: float) -> str:
-    if not math.isfinite(when):
-        return "-"
-    return dt.datetime.fromtimestamp(when, dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 # --- queue show -----------------------------------------------------------------------------
@@ -300,58 +194,17 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
     spool = _spool(config)
     queue_id = _queue_id(args.queue_id)
     queued = _run(partial(spool.load, queue_id))  # reads at most [limits] max_header_size
-    print("\n".join(_details(queued.record, time.time())))
+    print("\n".join(details(queued.record, time.time())))
     print()
     print("Header section:")
     head = queued.header_section
     # RFC 5322 §2.1: the header section ends at the first empty line (kept in ``head``).
     ended = head.endswith(b"\r\n\r\n") or head == b"\r\n"
     for line in head.split(b"\r\n")[: -2 if ended else -1]:
-        print(f"  {_printable(line.decode('utf-8', 'replace'))}")
+        print(f"  {printable(line.decode('utf-8', 'replace'))}")
     if not ended and len(head) < queued.message.size:
         print(f"  [... no end of the header section within {spool.max_header_size} bytes]")
     return EXIT_OK
-
-
-def _details(record: QueueRecord, now: float) -> list[str]:
-    params = [f"BODY={record.params.body.value}"]
-    if record.params.smtputf8:
-        params.append("SMTPUTF8")
-    if record.params.size is not None:
-        params.append(f"SIZE={record.params.size}")
-    session = " ".join(f"{k}={v}" for k, v in record.session.items())
-    if not record.pending:
-        next_attempt = "none (nothing pending)"
-    elif record.held:
-        next_attempt = "held"
-    else:
-        next_attempt = _timestamp(record.next_attempt)
-    fields = [
-        ("Queue ID", record.queue_id),
-        ("Created", f"{_timestamp(record.created)} ({_duration(now - record.created)} ago)"),
-        ("Size", f"{record.size} bytes"),
-        ("Sender", _sender(record.sender)),
-        ("Login", record.username or "-"),
-        ("Origin", record.origin.value),
-        ("Parameters", " ".join(params)),
-        ("Session", session or "-"),
-        ("Held", "yes" if record.held else "no"),
-        ("Next attempt", next_attempt),
-    ]
-    lines = [f"{name + ':':<14}{_printable(value)}" for name, value in fields]
-    lines += ["", "Recipients:"]
-    for rcpt in record.recipients:
-        lines.append(f"  {_printable(rcpt.address)}  {_state(record, rcpt, now)}")
-        if rcpt.params:
-            shown = " ".join(n if v is None else f"{n}={v}" for n, v in rcpt.params)
-            lines.append(f"    parameters: {_printable(shown)}")
-        history = rcpt.history
-        for attempt in history:
-            where = f"  (from {attempt.remote})" if attempt.remote else ""
-            lines.append(f"    {_timestamp(attempt.at)}  {_printable(str(attempt.reply) + where)}")
-        if not history and rcpt.last_reply is not None:
-            lines.append(f"    last reply: {_printable(str(rcpt.last_reply))}")
-    return lines
 
 
 # --- changing the queue ---------------------------------------------------------------------
@@ -538,4 +391,4 @@ async def _delete_with_bounce(spool: Spool, record: QueueRecord, config: Config)
     await spool.remove(record.queue_id)
     if report_id is None:
         return f"deleted {record.queue_id} (nothing pending, or the sender is <>: no bounce)"
-    return f"deleted {record.queue_id}; the bounce to {_sender(record.sender)} is {report_id}"
+    return f"deleted {record.queue_id}; the bounce to {format_sender(record.sender)} is {report_id}"
