@@ -234,15 +234,22 @@ class SMTPClient:
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             self._usable = False
             cause = _cause(exc)
-            if isinstance(cause, ssl.SSLCertVerificationError):
+            if stage == "tls" and isinstance(cause, ssl.SSLCertVerificationError):
                 reason = _detail(cause.verify_message or cause.reason or cause)
                 reply = Reply.make(454, "4.7.5", f"certificate did not verify: {reason}")
                 raise SMTPClientError("tls", reply) from None
-            if isinstance(cause, ssl.SSLError):
+            if stage == "tls" and isinstance(cause, ssl.SSLError):
                 reason = _detail(cause.reason or cause)
                 reply = Reply.make(454, "4.7.0", f"TLS failed: {reason}")
                 raise SMTPClientError("tls", reply) from None
-            reason = _detail(getattr(cause, "strerror", None) or cause or type(cause).__name__)
+            # After the handshake a TLS error is the connection ending, mid-dialogue.
+            if isinstance(cause, ssl.SSLEOFError):
+                reason = "closed without TLS close_notify"
+            elif isinstance(cause, ssl.SSLError):
+                reason = f"TLS error {_detail(cause.reason or cause)}"
+            else:
+                reason = _detail(getattr(cause, "strerror", None) or cause
+                                 or type(cause).__name__)
             reply = Reply.make(451, "4.4.2", f"connection lost {action}: {reason}")
             raise SMTPClientError(stage, reply) from None
 

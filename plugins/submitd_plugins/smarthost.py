@@ -68,11 +68,10 @@ __all__ = ["STATE", "SmarthostState", "submitd_configure", "submitd_deliver",
 
 log = logging.getLogger("submitd.plugins.smarthost")
 
-# Failures after which nothing was handed over: the next host may be tried at once.
+# Failures after which nothing was handed over: the next host may be tried at once. An idle
+# connection the server closed meanwhile fails this way on reuse too (a 421 to MAIL, or the
+# connection lost waiting for the reply).
 _BEFORE_DATA = frozenset({"mail", "rcpt", "reset"})
-# How an idle connection the server has closed meanwhile fails on reuse: the reply to MAIL is
-# a 421 or never comes, or (a TLS connection cut without close_notify) TLS reports the EOF.
-_STALE = _BEFORE_DATA | {"tls"}
 
 
 class SmarthostState:
@@ -181,7 +180,7 @@ class _Attempt:
                 result = await self._send(lease)
             except SMTPClientError as exc:
                 await discard(lease)
-                if lease.reused and exc.stage in _STALE:
+                if lease.reused and exc.stage in _BEFORE_DATA:
                     # An idle connection the server had closed: not the host's fault.
                     log.info(logfmt("smarthost_stale_connection", route=self.route.name,
                                     host=lease.host, error=exc))

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import base64
 import logging
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -52,6 +54,8 @@ class Script:
     after_starttls: bytes = b""  # injected plaintext behind the 220 (CVE-2021-38371)
     stall_on: str | None = None  # a verb the server never answers
     ehlo_reply: bytes | None = None  # instead of the generated one
+    cut_after: str | None = None  # a verb after whose reply TCP ends without close_notify
+    cut_with_reset: bool = False  # ... and with a TCP RST rather than a FIN
     # What the server saw:
     commands: list[str] = field(default_factory=list)
     credentials: list[tuple[str, str]] = field(default_factory=list)
@@ -82,7 +86,7 @@ async def _handle(script: Script, ca: TestCA, stream: trio.abc.Stream) -> None:
     script.connections += 1
     server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_ctx.load_cert_chain(str(ca.cert_path), str(ca.key_path))
-    tls = False
+    tls, raw = False, stream
     if script.tls == "implicit":
         stream = trio.SSLStream(stream, server_ctx, server_side=True)
         tls = True
@@ -135,6 +139,12 @@ async def _handle(script: Script, ca: TestCA, stream: trio.abc.Stream) -> None:
                 break
             else:
                 await stream.send_all(b"502 5.5.1 Unknown\r\n")
+            if verb == script.cut_after:
+                assert isinstance(raw, trio.SocketStream)
+                if script.cut_with_reset:
+                    raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                await raw.aclose()  # under the TLS layer: no close_notify
+                return
     except (trio.BrokenResourceError, trio.ClosedResourceError):
         pass
     finally:
@@ -305,6 +315,23 @@ async def test_a_stalled_server_times_out_with_451_4_4_2(
     assert info.value.stage == stage
     assert (info.value.reply.code, info.value.reply.status) == (451, "4.4.2")
     assert "timed out" in str(info.value)
+
+
+@pytest.mark.parametrize("reset", [False, True], ids=["eof", "reset"])
+async def test_tls_cut_mid_transaction_is_a_lost_connection_at_that_stage(
+    ca: TestCA, tmp_path: Path, reset: bool
+) -> None:
+    script = Script(cut_after="MAIL", cut_with_reset=reset)
+    async with serve(script, ca) as port:
+        client = await SMTPClient.connect(settings(port, ca))
+        with trio.fail_after(5), pytest.raises(SMTPClientError) as info:
+            await client.send(sender=SENDER, recipients=rcpts("a@example.net"),
+                              message=stored(tmp_path, MESSAGE), params=MailParams())
+        assert not client.usable
+        await client.aclose()
+    assert info.value.stage in ("mail", "rcpt"), "the step in progress, not the handshake"
+    assert (info.value.reply.code, info.value.reply.status) == (451, "4.4.2")
+    assert "connection lost" in str(info.value) and "TLS failed" not in str(info.value)
 
 
 async def test_one_connection_carries_two_transactions(ca: TestCA, tmp_path: Path) -> None:
