@@ -162,6 +162,7 @@ def test_message_arrives_at_postfix_byte_for_byte_over_verified_tls_and_auth(
     # Cyrus qualifies the plain login with the sink's realm (smtpd_sasl_local_domain).
     assert f"sasl_method=PLAIN, sasl_username={smarthost.user}@{REALM}" in smarthost.log()
     server.wait_for_log(rf"event=delivered .*rcpt={re.escape(rcpt)}")
+    assert smarthost.password not in server.text()
     wait_for_empty_queue(queue_list, config, server)
 
 
@@ -292,12 +293,13 @@ def test_wrong_smarthost_password_keeps_mail_queued(
     ca: TestCA,
     queue_list: QueueList,
 ) -> None:
-    config = relay_config(smarthost, password="not the " + smarthost.password)
+    wrong = "not the " + smarthost.password
+    config = relay_config(smarthost, password=wrong)
     server = serve(config)
     reason = r"535 5\.7\.8 .*authentication failed"  # Postfix's reply, passed on
     assert_stays_queued(server, smarthost, config, queue_list, ca, reason)
     assert "authentication failed" in smarthost.log()
-    assert "not the " not in server.text()  # never a password in the log
+    assert wrong not in server.text()  # never a password in the log
 
 
 def test_untrusted_smarthost_certificate_keeps_mail_queued(
