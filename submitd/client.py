@@ -5,7 +5,8 @@ this module only moves bytes: it connects, reads under the RFC 5321 §4.5.3.2 de
 the stream in TLS (implicit, RFC 8314, or STARTTLS, RFC 3207) and streams the stored message
 from disk in worker threads. Every failure of the transport (``OSError``, trio's stream
 errors, timeouts, a server breaking the protocol) becomes :class:`SMTPClientError` at one
-boundary, :meth:`SMTPClient._boundary`.
+boundary, :meth:`SMTPClient._boundary`. The settings, result and error types (and that mapping)
+are defined in ``submitd._client_types`` and exported from here.
 
 Credentials are sent only inside TLS, never on ``tls = none``. The password appears in no
 exception, repr or log line; replies that echo it back have it blanked.
@@ -13,17 +14,24 @@ exception, repr or log line; replies that echo it back have it blanked.
 
 from __future__ import annotations
 
-import enum
 import logging
-import math
-import ssl
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 
 import trio
 
+from ._client_types import (
+    TRANSPORT_ERRORS,
+    ClientSettings,
+    ClientTimeouts,
+    ClientTLSMode,
+    SMTPClientError,
+    TransactionResult,
+    connect_error,
+    detail,
+    transport_error,
+)
 from ._logfmt import logfmt
 from .message import MessageHandle
 from .protocol import (
@@ -32,7 +40,6 @@ from .protocol import (
     ClientState,
     ContentScanner,
     MailParams,
-    RemoteProtocolError,
     Reply,
     TransactionPlan,
     blank_secret,
@@ -40,7 +47,6 @@ from .protocol import (
     parse_extensions,
     plan_transaction,
 )
-from .protocol._grammar import GrammarError, has_control, parse_hello_domain
 from .secret import Secret
 from .views import Recipient
 
@@ -63,107 +69,6 @@ _CLOSE_DEADLINE = 5.0
 _MAX_SASL_STEPS = 4
 
 
-class ClientTLSMode(enum.Enum):
-    """How the connection is protected: STARTTLS (port 587), implicit TLS (465) or not at all."""
-
-    STARTTLS = "starttls"
-    IMPLICIT = "implicit"
-    NONE = "none"
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClientTimeouts:
-    """Deadlines in seconds; the defaults are RFC 5321 §4.5.3.2's."""
-
-    connect: float = 30.0
-    greeting: float = 300.0  # also EHLO/HELO, STARTTLS and the TLS handshake, AUTH, RSET, QUIT
-    mail: float = 300.0
-    rcpt: float = 300.0
-    data_init: float = 120.0
-    data_block: float = 180.0  # each write of the body
-    data_end: float = 600.0  # waiting for the reply after CRLF.CRLF
-
-    def __post_init__(self) -> None:
-        for name in ("connect", "greeting", "mail", "rcpt", "data_init", "data_block", "data_end"):
-            value = getattr(self, name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-                raise ValueError(f"timeout {name} must be a positive number of seconds")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ClientSettings:
-    """Where and how to connect. AUTH is used when both ``username`` and ``password`` are set.
-
-    ``ssl_context`` is required for STARTTLS and implicit TLS and should verify certificates
-    (``ssl.create_default_context()``); ``server_hostname`` is the name checked in the
-    certificate (default ``host``). Credentials with ``tls = NONE`` are refused.
-    """
-
-    host: str
-    port: int
-    tls: ClientTLSMode
-    ssl_context: ssl.SSLContext | None
-    server_hostname: str | None = None
-    helo_name: str
-    username: str | None = None
-    password: Secret | None = None
-    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
-
-    def __post_init__(self) -> None:
-        if not self.host or has_control(self.host) or " " in self.host:
-            raise ValueError("host must be a host name or address")
-        if not 0 < self.port < 65536:
-            raise ValueError("port must be between 1 and 65535")
-        if self.tls is not ClientTLSMode.NONE and self.ssl_context is None:
-            raise ValueError(f"tls {self.tls.value} needs an ssl_context")
-        if self.tls is ClientTLSMode.NONE and (self.username or self.password):
-            raise ValueError("credentials are never sent without TLS")
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together")
-        if self.password is not None and not self.password:
-            raise ValueError("password is empty")
-        if self.username is not None and (not self.username or has_control(self.username)):
-            raise ValueError("username must be non-empty without control characters")
-        if self.password is not None and "\0" in self.password.reveal():
-            raise ValueError("password contains NUL")
-        try:
-            parse_hello_domain(self.helo_name)
-        except GrammarError:
-            raise ValueError("helo_name must be a domain or address literal") from None
-
-
-class SMTPClientError(Exception):
-    """The attempt failed before or outside a transaction.
-
-    That is: connect, TLS, greeting, EHLO, AUTH, a dropped connection, a timeout, or a
-    protocol violation by the server. ``stage`` says where (``"connect"``, ``"tls"``,
-    ``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"auth"``, ``"mail"``, ``"rcpt"``,
-    ``"data"``, ``"reset"`` or ``"protocol"``); ``reply`` is the server's reply or one made up
-    for the failure (``421 4.4.1`` connection refused or timed out, ``454 4.7.5`` certificate
-    did not verify, ``454 4.7.0`` STARTTLS not offered, ``451 4.4.2`` connection lost or timed
-    out, ``451 4.5.0`` malformed reply). ``str(exc)`` is one line; it never holds a password.
-    """
-
-    def __init__(self, stage: str, reply: Reply) -> None:
-        self.stage = stage
-        self.reply = reply
-        super().__init__(f"{stage}: {reply}")
-
-    def __repr__(self) -> str:
-        return f"SMTPClientError({self.stage!r}, {str(self.reply)!r})"
-
-
-@dataclass(frozen=True, kw_only=True)
-class TransactionResult:
-    """The final reply for every recipient address of one :meth:`SMTPClient.send`.
-
-    That is the RCPT refusal, else the DATA reply; a MAIL refusal is every recipient's
-    reply; capability failures (SIZE, 8BITMIME, SMTPUTF8) are synthesised 5xx replies.
-    """
-
-    replies: Mapping[str, Reply]
-
-
 def _scan(message: MessageHandle) -> ContentScanner:
     """Read the stored message once (blocking: run in a worker thread)."""
     scanner = ContentScanner(message.body_offset)
@@ -171,20 +76,6 @@ def _scan(message: MessageHandle) -> ContentScanner:
         while not scanner.done and (chunk := f.read(CHUNK_SIZE)):
             scanner.feed(chunk)
     return scanner
-
-
-def _detail(text: object) -> str:
-    """Our own words plus an error description, made safe for a reply line and a log line."""
-    clean = "".join(c if c.isprintable() else "?" for c in str(text))
-    return clean[:200]
-
-
-def _cause(exc: BaseException) -> BaseException:
-    """The innermost cause: trio wraps socket and TLS errors in BrokenResourceError."""
-    seen = 0
-    while exc.__cause__ is not None and seen < 10:
-        exc, seen = exc.__cause__, seen + 1
-    return exc
 
 
 class SMTPClient:
@@ -223,35 +114,9 @@ class SMTPClient:
         except SMTPClientError:
             self._usable = False
             raise
-        except trio.TooSlowError:
+        except TRANSPORT_ERRORS as exc:
             self._usable = False
-            raise SMTPClientError(stage, Reply.make(451, "4.4.2", f"timed out {action}")) from None
-        except RemoteProtocolError as exc:
-            self._usable = False
-            raise SMTPClientError(
-                "protocol" if exc.reply.status == "4.5.0" else stage, exc.reply
-            ) from None
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-            self._usable = False
-            cause = _cause(exc)
-            if stage == "tls" and isinstance(cause, ssl.SSLCertVerificationError):
-                reason = _detail(cause.verify_message or cause.reason or cause)
-                reply = Reply.make(454, "4.7.5", f"certificate did not verify: {reason}")
-                raise SMTPClientError("tls", reply) from None
-            if stage == "tls" and isinstance(cause, ssl.SSLError):
-                reason = _detail(cause.reason or cause)
-                reply = Reply.make(454, "4.7.0", f"TLS failed: {reason}")
-                raise SMTPClientError("tls", reply) from None
-            # After the handshake a TLS error is the connection ending, mid-dialogue.
-            if isinstance(cause, ssl.SSLEOFError):
-                reason = "closed without TLS close_notify"
-            elif isinstance(cause, ssl.SSLError):
-                reason = f"TLS error {_detail(cause.reason or cause)}"
-            else:
-                reason = _detail(getattr(cause, "strerror", None) or cause
-                                 or type(cause).__name__)
-            reply = Reply.make(451, "4.4.2", f"connection lost {action}: {reason}")
-            raise SMTPClientError(stage, reply) from None
+            raise transport_error(exc, stage, action) from None
 
     async def _write(self, data: bytes, stage: str, seconds: float, what: str) -> None:
         if what != "message":  # one line per body chunk would drown the log
@@ -291,13 +156,8 @@ class SMTPClient:
         try:
             with trio.fail_after(settings.timeouts.connect):
                 stream = await trio.open_tcp_stream(settings.host, settings.port)
-        except trio.TooSlowError:
-            reply = Reply.make(421, "4.4.1", f"connection to {where} timed out")
-            raise SMTPClientError("connect", reply) from None
-        except OSError as exc:
-            reason = _detail(exc.strerror or exc)
-            reply = Reply.make(421, "4.4.1", f"cannot connect to {where}: {reason}")
-            raise SMTPClientError("connect", reply) from None
+        except (trio.TooSlowError, OSError) as exc:
+            raise connect_error(exc, where) from None
         client = cls(settings, stream)
         try:
             await client._open()
@@ -362,7 +222,7 @@ class SMTPClient:
     async def _auth(self, username: str, password: Secret) -> None:
         mechanism = choose_mechanism(self.extensions)
         if mechanism is None:
-            offered = _detail(self.extensions.get("AUTH", "nothing"))
+            offered = detail(self.extensions.get("AUTH", "nothing"))
             raise SMTPClientError("auth", Reply.make(504, "5.5.4", f"no usable AUTH mechanism "
                                                      f"among those offered: {offered}"))
         seconds = self._timeouts.greeting
@@ -468,7 +328,7 @@ class SMTPClient:
             yield
         except OSError as exc:
             reply = Reply.make(451, "4.3.0", f"cannot read the stored message: "
-                               f"{_detail(exc.strerror or exc)}")
+                               f"{detail(exc.strerror or exc)}")
             raise SMTPClientError("data", reply) from None
 
     async def _body(self, message: MessageHandle) -> None:

@@ -1,0 +1,189 @@
+"""The SMTP client's settings, results and errors, and how a transport failure becomes one.
+
+Re-exported by :mod:`submitd.client`, which is where callers import them from.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import ssl
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import trio
+
+from .protocol import RemoteProtocolError, Reply
+from .protocol._grammar import GrammarError, has_control, parse_hello_domain
+from .secret import Secret
+
+__all__ = [
+    "ClientSettings",
+    "ClientTLSMode",
+    "ClientTimeouts",
+    "SMTPClientError",
+    "TransactionResult",
+    "connect_error",
+    "detail",
+    "transport_error",
+]
+
+
+class ClientTLSMode(enum.Enum):
+    """How the connection is protected: STARTTLS (port 587), implicit TLS (465) or not at all."""
+
+    STARTTLS = "starttls"
+    IMPLICIT = "implicit"
+    NONE = "none"
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientTimeouts:
+    """Deadlines in seconds; the defaults are RFC 5321 §4.5.3.2's."""
+
+    connect: float = 30.0
+    greeting: float = 300.0  # also EHLO/HELO, STARTTLS and the TLS handshake, AUTH, RSET, QUIT
+    mail: float = 300.0
+    rcpt: float = 300.0
+    data_init: float = 120.0
+    data_block: float = 180.0  # each write of the body
+    data_end: float = 600.0  # waiting for the reply after CRLF.CRLF
+
+    def __post_init__(self) -> None:
+        for name in ("connect", "greeting", "mail", "rcpt", "data_init", "data_block", "data_end"):
+            value = getattr(self, name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"timeout {name} must be a positive number of seconds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ClientSettings:
+    """Where and how to connect. AUTH is used when both ``username`` and ``password`` are set.
+
+    ``ssl_context`` is required for STARTTLS and implicit TLS and should verify certificates
+    (``ssl.create_default_context()``); ``server_hostname`` is the name checked in the
+    certificate (default ``host``). Credentials with ``tls = NONE`` are refused.
+    """
+
+    host: str
+    port: int
+    tls: ClientTLSMode
+    ssl_context: ssl.SSLContext | None
+    server_hostname: str | None = None
+    helo_name: str
+    username: str | None = None
+    password: Secret | None = None
+    timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
+
+    def __post_init__(self) -> None:
+        if not self.host or has_control(self.host) or " " in self.host:
+            raise ValueError("host must be a host name or address")
+        if not 0 < self.port < 65536:
+            raise ValueError("port must be between 1 and 65535")
+        if self.tls is not ClientTLSMode.NONE and self.ssl_context is None:
+            raise ValueError(f"tls {self.tls.value} needs an ssl_context")
+        if self.tls is ClientTLSMode.NONE and (self.username or self.password):
+            raise ValueError("credentials are never sent without TLS")
+        if (self.username is None) != (self.password is None):
+            raise ValueError("username and password go together")
+        if self.password is not None and not self.password:
+            raise ValueError("password is empty")
+        if self.username is not None and (not self.username or has_control(self.username)):
+            raise ValueError("username must be non-empty without control characters")
+        if self.password is not None and "\0" in self.password.reveal():
+            raise ValueError("password contains NUL")
+        try:
+            parse_hello_domain(self.helo_name)
+        except GrammarError:
+            raise ValueError("helo_name must be a domain or address literal") from None
+
+
+class SMTPClientError(Exception):
+    """The attempt failed before or outside a transaction.
+
+    That is: connect, TLS, greeting, EHLO, AUTH, a dropped connection, a timeout, or a
+    protocol violation by the server. ``stage`` says where (``"connect"``, ``"tls"`` for the
+    handshake, ``"greeting"``, ``"ehlo"``, ``"starttls"``, ``"auth"``, ``"mail"``, ``"rcpt"``,
+    ``"data"``, ``"reset"`` or ``"protocol"``); ``reply`` is the server's reply or one made up
+    for the failure (``421 4.4.1`` connection refused or timed out, ``454 4.7.5`` certificate
+    did not verify, ``454 4.7.0`` STARTTLS not offered or the handshake failed, ``451 4.4.2``
+    connection lost or timed out, ``451 4.5.0`` malformed reply). ``str(exc)`` is one line;
+    it never holds a password.
+    """
+
+    def __init__(self, stage: str, reply: Reply) -> None:
+        self.stage = stage
+        self.reply = reply
+        super().__init__(f"{stage}: {reply}")
+
+    def __repr__(self) -> str:
+        return f"SMTPClientError({self.stage!r}, {str(self.reply)!r})"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TransactionResult:
+    """The final reply for every recipient address of one :meth:`SMTPClient.send`.
+
+    That is the RCPT refusal, else the DATA reply; a MAIL refusal is every recipient's
+    reply; capability failures (SIZE, 8BITMIME, SMTPUTF8) are synthesised 5xx replies.
+    """
+
+    replies: Mapping[str, Reply]
+
+
+def detail(text: object) -> str:
+    """Our own words plus an error description, made safe for a reply line and a log line."""
+    clean = "".join(c if c.isprintable() else "?" for c in str(text))
+    return clean[:200]
+
+
+def _cause(exc: BaseException) -> BaseException:
+    """The innermost cause: trio wraps socket and TLS errors in BrokenResourceError."""
+    seen = 0
+    while exc.__cause__ is not None and seen < 10:
+        exc, seen = exc.__cause__, seen + 1
+    return exc
+
+
+def connect_error(exc: OSError | trio.TooSlowError, where: str) -> SMTPClientError:
+    """The TCP connection to ``where`` could not be opened: ``421 4.4.1`` (RFC 3463)."""
+    if isinstance(exc, trio.TooSlowError):
+        return SMTPClientError("connect", Reply.make(421, "4.4.1",
+                                                     f"connection to {where} timed out"))
+    reason = detail(exc.strerror or exc)
+    return SMTPClientError("connect", Reply.make(421, "4.4.1",
+                                                 f"cannot connect to {where}: {reason}"))
+
+
+#: What :func:`transport_error` maps; anything else is a bug and propagates.
+TRANSPORT_ERRORS = (trio.TooSlowError, RemoteProtocolError, trio.BrokenResourceError,
+                    trio.ClosedResourceError, OSError)
+
+
+def transport_error(exc: BaseException, stage: str, action: str) -> SMTPClientError:
+    """The error for a failure of the connection during ``stage`` while ``action``.
+
+    A timeout or a connection lost is ``451 4.4.2``; a reply that breaks the framing is
+    stage ``protocol``. TLS errors are stage ``tls`` with ``454 4.7.5`` (certificate) or
+    ``454 4.7.0`` only during the handshake (``stage == "tls"``); after it, a TLS error, an
+    EOF without close_notify or a reset is the connection lost in the stage in progress.
+    """
+    if isinstance(exc, trio.TooSlowError):
+        return SMTPClientError(stage, Reply.make(451, "4.4.2", f"timed out {action}"))
+    if isinstance(exc, RemoteProtocolError):
+        return SMTPClientError("protocol" if exc.reply.status == "4.5.0" else stage, exc.reply)
+    cause = _cause(exc)
+    if stage == "tls" and isinstance(cause, ssl.SSLCertVerificationError):
+        reason = detail(cause.verify_message or cause.reason or cause)
+        return SMTPClientError("tls", Reply.make(454, "4.7.5",
+                                                 f"certificate did not verify: {reason}"))
+    if stage == "tls" and isinstance(cause, ssl.SSLError):
+        reason = detail(cause.reason or cause)
+        return SMTPClientError("tls", Reply.make(454, "4.7.0", f"TLS failed: {reason}"))
+    if isinstance(cause, ssl.SSLEOFError):
+        reason = "closed without TLS close_notify"
+    elif isinstance(cause, ssl.SSLError):
+        reason = f"TLS error {detail(cause.reason or cause)}"
+    else:
+        reason = detail(getattr(cause, "strerror", None) or cause or type(cause).__name__)
+    return SMTPClientError(stage, Reply.make(451, "4.4.2", f"connection lost {action}: {reason}"))
