@@ -7,6 +7,7 @@ durations. Every error names the dotted key, e.g. ``plugins.smarthost.route[1].h
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import logging
 import os
@@ -75,7 +76,9 @@ class Route:
     """Where mail from some senders goes: hosts tried in order, TLS and credentials.
 
     ``senders`` holds lower-case exact addresses, ``@domain`` entries and ``<>`` (bounces);
-    the default route has none and matches every sender.
+    the default route has none and matches every sender. ``fingerprint`` is a digest of how
+    the route reaches its hosts (TLS mode, certificate name, credentials, the contents of the
+    TLS files): a reload that changes it gives the route's hosts a fresh start (mark-down).
     """
 
     name: str
@@ -86,6 +89,7 @@ class Route:
     server_name: str | None = None
     username: str | None = None
     password: Secret | None = field(default=None, repr=False)
+    fingerprint: str = field(default="", repr=False, compare=False)
 
     def matches(self, sender: str) -> bool:
         """True if this route's ``senders`` list names ``sender`` ("" is ``<>``)."""
@@ -281,7 +285,25 @@ def _parse_route(table: _Table, name: str, *, senders: tuple[str, ...]) -> Route
     else:
         context = _ssl_context(table)
     return Route(name=name, senders=senders, hosts=hosts, tls=tls, ssl_context=context,
-                 server_name=server_name, username=username, password=password)
+                 server_name=server_name, username=username, password=password,
+                 fingerprint=_fingerprint(table, tls, server_name, username, password))
+
+
+def _fingerprint(table: _Table, tls: ClientTLSMode, server_name: str | None,
+                 username: str | None, password: Secret | None) -> str:
+    """A digest of the connection settings; it holds no secret a log line could reveal."""
+    digest = hashlib.sha256()
+    for part in (tls.value, server_name or "", username or "",
+                 password.reveal() if password is not None else ""):
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    for key in ("ca_file", "client_cert", "client_key"):
+        path = table.path(key)
+        try:
+            content = path.read_bytes() if path is not None else b""
+        except OSError:  # already reported by the TLS set-up; the path alone will do
+            content = b""
+        digest.update(f"{key}={path}".encode("utf-8", "surrogateescape") + b"\0" + content)
+    return digest.hexdigest()
 
 
 def _is_host(text: str) -> bool:

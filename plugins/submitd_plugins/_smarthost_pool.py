@@ -1,7 +1,9 @@
 """The smarthost plugin's run-time state: hosts marked down, and idle connections kept for reuse.
 
-Both live in the plugin's state on ``config.stash``: they last as long as one configuration
-(see the plugin's module docstring for what a reload does).
+The connection pool belongs to one configuration (a reload closes its idle connections). The
+record of failed hosts, :class:`MarkDownTable`, lives in ``config.server_stash`` and so
+survives a reload; :class:`MarkDown` reads it with the current configuration's
+``host_down_time`` and routes.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from submitd import logfmt
 
 from ._smarthost_config import HostAddress, Route
 
-__all__ = ["ConnectionPool", "Lease", "MarkDown"]
+__all__ = ["ConnectionPool", "Lease", "MarkDown", "MarkDownTable"]
 
 log = logging.getLogger("submitd.plugins.smarthost")
 
@@ -42,48 +44,83 @@ class Connection(Protocol):
 C = TypeVar("C", bound=Connection)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Failure:
+    """One host's last failure on one route: when (monotonic seconds), why, and with what."""
+
+    at: float
+    error: str
+    fingerprint: str  # the route's Route.fingerprint when it failed
+
+
+class MarkDownTable:
+    """Recent failures keyed by route name and host; kept for the server's lifetime.
+
+    Only the event loop writes it (:class:`MarkDown`), so a reload, which configures in a
+    worker thread, merely picks up the same table.
+    """
+
+    __slots__ = ("failures",)
+
+    def __init__(self) -> None:
+        self.failures: dict[tuple[str, HostAddress], Failure] = {}
+
+
 class MarkDown:
     """Hosts that failed recently, per route: skipped for ``down_time`` seconds.
 
     Keyed by route and host, since a refused login or a rejected client certificate is a
-    failure of that route's settings on that host, not of the host for every route.
-    ``down_time`` 0 turns mark-down off. ``clock`` returns monotonic seconds.
+    failure of that route's settings on that host, not of the host for every route. A mark
+    counts while the route of that name still reaches the host the same way (same
+    :attr:`Route.fingerprint`); the time it lasts is the current ``down_time``, so a reload
+    that shortens ``host_down_time`` shortens the marks already made. ``down_time`` 0 turns
+    mark-down off. ``clock`` returns monotonic seconds.
     """
 
-    def __init__(self, *, down_time: float, clock: Callable[[], float]) -> None:
+    def __init__(self, *, down_time: float, clock: Callable[[], float],
+                 table: MarkDownTable | None = None) -> None:
         self.down_time = down_time
         self._clock = clock
-        self._down: dict[tuple[str, HostAddress], tuple[float, str]] = {}
+        self.table = table if table is not None else MarkDownTable()
 
-    def mark(self, route: str, host: HostAddress, error: str) -> None:
+    def mark(self, route: Route, host: HostAddress, error: str) -> None:
         """Record that ``host`` failed on ``route`` with ``error`` (one readable line)."""
-        if self.down_time > 0:
-            self._down[route, host] = (self._clock() + self.down_time, error)
+        if self.down_time <= 0:
+            return
+        now, failures = self._clock(), self.table.failures
+        for key in [k for k, f in failures.items() if now >= f.at + self.down_time]:
+            del failures[key]  # expired, or left over from hosts no longer configured
+        failures[route.name, host] = Failure(at=now, error=error, fingerprint=route.fingerprint)
 
-    def clear(self, route: str, host: HostAddress) -> None:
+    def clear(self, route: Route, host: HostAddress) -> None:
         """Forget a mark (the host answered)."""
-        self._down.pop((route, host), None)
+        self.table.failures.pop((route.name, host), None)
 
-    def is_down(self, route: str, host: HostAddress) -> bool:
+    def is_down(self, route: Route, host: HostAddress) -> bool:
         """True while ``host`` is marked down on ``route``."""
-        entry = self._down.get((route, host))
-        if entry is None:
-            return False
-        if self._clock() >= entry[0]:
-            del self._down[route, host]
-            return False
-        return True
+        return self._current(route, host) is not None
 
     def all_down(self, route: Route) -> str | None:
         """The most recent error when every host of ``route`` is marked down, else None."""
-        latest: tuple[float, str] | None = None
+        latest: Failure | None = None
         for host in route.hosts:
-            if not self.is_down(route.name, host):
+            failure = self._current(route, host)
+            if failure is None:
                 return None
-            entry = self._down[route.name, host]
-            if latest is None or entry[0] > latest[0]:
-                latest = entry
-        return latest[1] if latest is not None else None
+            if latest is None or failure.at > latest.at:
+                latest = failure
+        return latest.error if latest is not None else None
+
+    def _current(self, route: Route, host: HostAddress) -> Failure | None:
+        key = (route.name, host)
+        failure = self.table.failures.get(key)
+        if failure is None:
+            return None
+        if (self._clock() >= failure.at + self.down_time
+                or failure.fingerprint != route.fingerprint):
+            del self.table.failures[key]
+            return None
+        return failure
 
 
 @dataclass(kw_only=True)

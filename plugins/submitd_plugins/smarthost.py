@@ -32,11 +32,14 @@ outcomes per recipient: 2xx delivered, 4xx temporary, 5xx permanent; a failure o
 is temporary for every recipient. A sender no route matches takes the default route; without
 one this plugin leaves the message to the next delivery plugin.
 
-State (idle connections, hosts marked down) lives on ``config.stash``, so it lasts as long
-as one configuration: a reload (SIGHUP) starts with a fresh pool and no host marked down,
-and ``submitd_unconfigure`` closes the old configuration's idle connections. Deliveries take
-as long as the SMTP dialogue: set ``hook_timeout`` in ``[plugins.smarthost]`` above the
-sum of the timeouts you expect to wait for.
+Idle connections belong to one configuration: ``submitd_unconfigure`` closes the old
+configuration's on reload (SIGHUP). Hosts marked down are remembered in
+``config.server_stash``, so a reload keeps them: a host stays skipped while the route of the
+same name still lists it and reaches it the same way (TLS mode and files, certificate name,
+credentials); changing those gives the route's hosts a fresh start.
+
+Deliveries take as long as the SMTP dialogue: set ``hook_timeout`` in ``[plugins.smarthost]``
+above the sum of the timeouts you expect to wait for.
 """
 
 from __future__ import annotations
@@ -61,9 +64,9 @@ from submitd import (
 from submitd.client import ClientSettings, SMTPClient, SMTPClientError, TransactionResult
 
 from ._smarthost_config import HostAddress, Route, SmarthostSettings, parse_settings
-from ._smarthost_pool import ConnectionPool, Lease, MarkDown, discard
+from ._smarthost_pool import ConnectionPool, Lease, MarkDown, MarkDownTable, discard
 
-__all__ = ["STATE", "SmarthostState", "submitd_configure", "submitd_deliver",
+__all__ = ["MARKDOWN", "STATE", "SmarthostState", "submitd_configure", "submitd_deliver",
            "submitd_unconfigure"]
 
 log = logging.getLogger("submitd.plugins.smarthost")
@@ -75,13 +78,17 @@ _BEFORE_DATA = frozenset({"mail", "rcpt", "reset"})
 
 
 class SmarthostState:
-    """What :func:`submitd_configure` keeps in ``config.stash``: settings, mark-down, pool."""
+    """What :func:`submitd_configure` keeps in ``config.stash``: settings, mark-down, pool.
+
+    ``markdown`` reads and writes ``table``, the server-lifetime record of failed hosts.
+    """
 
     __slots__ = ("markdown", "pool", "settings")
 
-    def __init__(self, settings: SmarthostSettings) -> None:
+    def __init__(self, settings: SmarthostSettings, table: MarkDownTable | None = None) -> None:
         self.settings = settings
-        self.markdown = MarkDown(down_time=settings.host_down_time, clock=trio.current_time)
+        self.markdown = MarkDown(down_time=settings.host_down_time, clock=trio.current_time,
+                                 table=table)
         self.pool: ConnectionPool[SMTPClient] = ConnectionPool(
             reuse_time=settings.reuse_time, max_messages=settings.max_messages_per_connection
         )
@@ -103,13 +110,16 @@ class SmarthostState:
 
 #: Where :func:`submitd_configure` keeps this plugin's state.
 STATE = StashKey[SmarthostState]()
+#: Where the record of failed hosts is kept in ``config.server_stash``, across reloads.
+MARKDOWN = StashKey[MarkDownTable]()
 
 
 @hookimpl
 def submitd_configure(config: Config) -> None:
     """Validate ``[plugins.smarthost]``, read the password, and build the TLS contexts."""
     settings = parse_settings(config)
-    config.stash[STATE] = SmarthostState(settings)
+    table = config.server_stash.setdefault(MARKDOWN, MarkDownTable())
+    config.stash[STATE] = SmarthostState(settings, table)
     routes = [*(r.name for r in settings.routes), *(["default"] if settings.default else [])]
     log.info(logfmt("smarthost_configured", routes=",".join(routes)))
 
@@ -212,7 +222,7 @@ class _Attempt:
     async def _connect(self) -> Lease[SMTPClient] | None:
         """Open a connection to the first host not marked down and not tried yet."""
         for host in self.route.hosts:
-            if host in self.tried or self.state.markdown.is_down(self.route.name, host):
+            if host in self.tried or self.state.markdown.is_down(self.route, host):
                 continue
             self.tried.add(host)
             log.info(logfmt("smarthost_connect", queue_id=self.envelope.queue_id,
@@ -222,7 +232,7 @@ class _Attempt:
             except SMTPClientError as exc:
                 self._mark_down(host, exc)
                 continue
-            self.state.markdown.clear(self.route.name, host)
+            self.state.markdown.clear(self.route, host)
             return Lease(route=self.route.name, host=host, client=client)
         return None
 
@@ -234,7 +244,7 @@ class _Attempt:
     def _mark_down(self, host: HostAddress, exc: SMTPClientError) -> None:
         self.tried.add(host)
         self.last = (host, exc)
-        self.state.markdown.mark(self.route.name, host, str(exc))
+        self.state.markdown.mark(self.route, host, str(exc))
         log.warning(logfmt("smarthost_host_down", queue_id=self.envelope.queue_id,
                            route=self.route.name, host=host, stage=exc.stage, error=exc,
                            reply=exc.reply, skipped_for=self.state.markdown.down_time))

@@ -249,6 +249,34 @@ async def test_first_host_down_delivers_through_the_second_and_skips_the_first_m
         "the dead host is tried once, then skipped while marked down"
 
 
+async def test_a_host_marked_down_stays_skipped_after_a_reload(
+    relay_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
+    secret_file: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    recorder = Recorder()
+    caplog.set_level(logging.INFO, logger=LOG)
+    dead = closed_port()
+    async with running_smarthost(ca=ca, username=RELAY_USER, password=RELAY_PASSWORD) as fake:
+        table = starttls_table(fake.port, ca, secret_file, reuse_time="0s")
+        del table["host"], table["port"]
+        table["hosts"] = [f"127.0.0.1:{dead}", fake.address]
+        async with running_server(relay_config(table), extra_plugins=[("recorder", recorder)]
+                                  ) as srv:
+            await submit(srv, client_tls)
+            await recorder.wait_for_outcomes(1)
+            before = srv.server.config
+            assert await srv.server.reload()
+            assert srv.server.config is not before
+            await submit(srv, client_tls, body=message(subject="after reload"))
+            outcomes = await recorder.wait_for_outcomes(2)
+    assert [o.kind for _, o in outcomes] == [OutcomeKind.DELIVERED] * 2
+    assert fake.connections == 2
+    tried = [r.message for r in caplog.records if "event=smarthost_connect" in r.message]
+    assert [f"127.0.0.1:{dead}" in m for m in tried] == [True, False, False], \
+        "the dead host is not tried again after the reload"
+    assert len([r for r in caplog.records if "event=smarthost_configured" in r.message]) == 2
+
+
 async def test_route_with_every_host_down_defers_at_once(
     relay_config: Callable[..., Path], client_tls: ssl.SSLContext,
     caplog: pytest.LogCaptureFixture,
