@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import math
+import os
 import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -150,9 +151,32 @@ def connect_error(exc: OSError | trio.TooSlowError, where: str) -> SMTPClientErr
     if isinstance(exc, trio.TooSlowError):
         return SMTPClientError("connect", Reply.make(421, "4.4.1",
                                                      f"connection to {where} timed out"))
-    reason = detail(exc.strerror or exc)
+    reason = detail(_connect_reason(exc))
     return SMTPClientError("connect", Reply.make(421, "4.4.1",
                                                  f"cannot connect to {where}: {reason}"))
+
+
+def _connect_reason(exc: OSError) -> str:
+    """Why connecting failed, in the system's words ("Connection refused").
+
+    trio reports "all attempts to connect ... failed" and keeps each address's error in an
+    exception group behind it; the operator needs those.
+    """
+    group = exc.__cause__
+    if isinstance(group, BaseExceptionGroup):
+        reasons = [
+            _errno_text(inner) for inner in group.exceptions if isinstance(inner, OSError)
+        ]
+        if reasons:
+            return ", ".join(dict.fromkeys(reasons))
+    return _errno_text(exc)
+
+
+def _errno_text(exc: OSError) -> str:
+    """The system's description of ``exc`` (``os.strerror``), else its message."""
+    if exc.errno is not None:
+        return os.strerror(exc.errno)
+    return str(exc.strerror or exc)
 
 
 #: What :func:`transport_error` maps; anything else is a bug and propagates.

@@ -34,12 +34,12 @@ import pytest
 
 from submitd.testing import TestCA
 from tests.external.postfix_support import (
-    _alive,
-    _master_pid,
-    _postfix,
-    _private_root,
-    _stop,
+    is_alive,
+    master_pid,
     need_postfix,
+    private_root,
+    run_postfix,
+    stop_instance,
 )
 
 SASLPASSWD2 = "/usr/sbin/saslpasswd2"
@@ -264,7 +264,7 @@ class PostfixSink:
     @property
     def running(self) -> bool:
         """True while the instance's master process runs."""
-        return self._pid is not None and _alive(self._pid)
+        return self._pid is not None and is_alive(self._pid)
 
     def setup(self) -> None:
         """Write the instance's directories, configuration, certificate and sasldb."""
@@ -306,9 +306,9 @@ class PostfixSink:
         """Start the instance; return once its listener accepts connections."""
         if self.running:
             return
-        started = _postfix(self.root, "start")
-        self._pid = _master_pid(self.root)
-        if started.returncode != 0 or self._pid is None or not _alive(self._pid):
+        started = run_postfix(self.root, "start")
+        self._pid = master_pid(self.root)
+        if started.returncode != 0 or self._pid is None or not is_alive(self._pid):
             raise RuntimeError(
                 f"postfix start failed ({started.returncode}):\n{started.stdout}"
                 f"{started.stderr}\n{self.log()}"
@@ -319,9 +319,9 @@ class PostfixSink:
 
     def stop(self) -> None:
         """Stop the instance (its listener closes: clients get "connection refused")."""
-        if self._pid is None and _master_pid(self.root) is None:
+        if self._pid is None and master_pid(self.root) is None:
             return
-        _stop(self.root, self._pid)
+        stop_instance(self.root, self._pid)
         self._pid = None
 
     def log(self) -> str:
@@ -369,7 +369,7 @@ def postfix_sink(
     need_postfix()
     if not Path(SASLPASSWD2).exists():  # .ci/run installs it; missing is a broken setup
         pytest.fail(f"{SASLPASSWD2} is not installed (apt-get install sasl2-bin)")
-    root = _private_root()
+    root = private_root()
     sink = PostfixSink(root=root, port=free_port(), ca=ca, options=options or SinkOptions())
     try:
         sink.setup()

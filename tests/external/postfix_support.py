@@ -180,14 +180,14 @@ class PostfixClient:
         return result.stdout
 
 
-def _master_pid(root: Path) -> int | None:
+def master_pid(root: Path) -> int | None:
     try:
         return int((root / "queue" / "pid" / "master.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         return None
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
     """True while ``pid`` runs; a zombie counts as gone (PID 1 in a container may not reap)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -196,7 +196,7 @@ def _alive(pid: int) -> bool:
     return stat.rpartition(")")[2].split()[0] != "Z"
 
 
-def _postfix(root: Path, command: str) -> subprocess.CompletedProcess[str]:
+def run_postfix(root: Path, command: str) -> subprocess.CompletedProcess[str]:
     # postfix-script reports some start errors only to a terminal: give it one with script(1).
     line = f"{POSTFIX} -c {root / 'etc'} {command}"
     return subprocess.run(
@@ -209,20 +209,20 @@ def _postfix(root: Path, command: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def _stop(root: Path, pid: int | None) -> None:
+def stop_instance(root: Path, pid: int | None) -> None:
     """Stop the instance; kill its own master (by its pid file) if it outlives ``stop``."""
-    _postfix(root, "stop")
-    pid = pid or _master_pid(root)
+    run_postfix(root, "stop")
+    pid = pid or master_pid(root)
     if pid is None:
         return
     deadline = time.monotonic() + 10
-    while _alive(pid) and time.monotonic() < deadline:
+    while is_alive(pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    if _alive(pid):
+    if is_alive(pid):
         os.kill(pid, signal.SIGKILL)
 
 
-def _private_root() -> Path:
+def private_root() -> Path:
     """A fresh directory the ``postfix`` user can reach.
 
     Postfix daemons drop to ``mail_owner`` and open ``data_directory`` by its full path, so every
@@ -250,7 +250,7 @@ def null_client(
     """Configure and start a null client; on exit stop it, copy its log to ``keep_log``, and
     remove its directory."""
     need_postfix()
-    root = _private_root()
+    root = private_root()
     try:
         with _started(
             root,
@@ -287,14 +287,14 @@ def _started(
     passwd.chmod(0o600)
     # Postfix verifies by DNS name; spell out that the relay must present "localhost".
     (etc / "tls_policy").write_text(f"{nexthop} secure match=localhost\n")
-    started = _postfix(root, "start")
-    pid = _master_pid(root)
+    started = run_postfix(root, "start")
+    pid = master_pid(root)
     try:
-        if started.returncode != 0 or pid is None or not _alive(pid):
+        if started.returncode != 0 or pid is None or not is_alive(pid):
             raise RuntimeError(
                 f"postfix start failed ({started.returncode}):\n{started.stdout}"
                 f"{started.stderr}\n{PostfixClient(root=root).log()}"
             )
         yield PostfixClient(root=root)
     finally:
-        _stop(root, pid)
+        stop_instance(root, pid)
