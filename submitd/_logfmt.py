@@ -15,7 +15,7 @@ def logfmt(event: str, **fields: object) -> str:
     """Format ``event=EVENT key=value ...``; values with spaces, quotes or controls are quoted.
 
     Quoting uses JSON string syntax with ``ensure_ascii``: control characters and non-ASCII
-    text from addresses or replies are escaped, so one event stays one line (SECURITY.md §1).
+    text from addresses or replies are escaped, so one event stays one line (docs/security.md §1).
     None values are left out.
     """
     parts = [f"event={event}"]

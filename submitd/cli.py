@@ -1,4 +1,4 @@
-"""The ``submitd`` command (DESIGN.md §6).
+"""The ``submitd`` command (README, "Command line").
 
 Exit codes: 0 success, 1 runtime failure (I/O errors), 2 usage or configuration error,
 130 interrupted. A user's mistake prints ``submitd: <message>`` on stderr, never a traceback.

@@ -2,7 +2,7 @@
 
 Call them from a worker thread (``trio.to_thread.run_sync``), never on the event loop.
 
-The rules (SECURITY.md §6): a file counts as stored only after ``fsync`` on its descriptor
+The rules (docs/security.md §6): a file counts as stored only after ``fsync`` on its descriptor
 and ``fsync`` on the directory that received its name. A failed ``fsync`` is never retried
 on the same descriptor: after an error the kernel may have dropped the dirty pages and a
 second ``fsync`` can report success for data that is gone (the 2018 "fsyncgate" finding).

@@ -30,7 +30,7 @@ def check_field(name: str, value: str | None = None) -> None:
     """Raise ValueError unless ``name: value`` is one safe header line (no CR, LF or NUL).
 
     Both the plugin-facing :meth:`MessageHandle.add_header` and the spool's commit use it,
-    so a plugin cannot inject a line break whichever way it edits (SECURITY.md §1).
+    so a plugin cannot inject a line break whichever way it edits (docs/security.md §1).
     """
     if not _FIELD_NAME_STR.match(name):
         raise ValueError(f"invalid header field name {name!r}")

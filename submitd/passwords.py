@@ -1,6 +1,7 @@
-"""The users file: argon2id credentials and the senders each login may use (DESIGN.md §7).
+"""The users file: argon2id credentials and the senders each login may use.
 
-One credential per line, ``#`` comments and blank lines allowed::
+One credential per line, ``#`` comments and blank lines allowed (``etc/users.example``
+describes the format)::
 
     # login  argon2id hash                      senders (addresses, @domains, <>)
     alice    $argon2id$v=19$m=65536,t=3,p=4$...  alice@example.com @example.org
@@ -98,7 +99,7 @@ class VerifyResult:
     """The outcome of :meth:`UsersFile.verify`.
 
     ``needs_rehash`` is true when the password matched a hash made with parameters older
-    than the current defaults: the caller should store a fresh hash (DESIGN.md §7).
+    than the current defaults: the caller should store a fresh hash.
     """
 
     ok: bool
@@ -234,7 +235,7 @@ class UsersFile:
         """Check a password; blocking (argon2), run it in a worker thread.
 
         An unknown login is verified against a dummy hash made with the current default
-        parameters, so that it costs about as much as a wrong password (SECURITY.md §3).
+        parameters, so that it costs about as much as a wrong password (docs/security.md §3).
         """
         hasher = self._hasher
         entry = self.lookup(login)

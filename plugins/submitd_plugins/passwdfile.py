@@ -8,9 +8,9 @@ Configuration::
     queue_timeout = "10s"   # longest wait for a verification slot before 454 4.7.0
 
 The file is re-read when it changes (no restart). A password hashed with outdated argon2
-parameters is rehashed on the next successful login (DESIGN.md §7). A login may use as
+parameters is rehashed on the next successful login (see etc/users.example). A login may use as
 envelope sender, and in the ``From:`` and ``Sender:`` header fields, only the addresses and
-``@domains`` listed for it (SECURITY.md §4).
+``@domains`` listed for it (docs/security.md §4).
 
 Uses only the public API: the names exported by :mod:`submitd` and :mod:`submitd.passwords`.
 """
@@ -179,7 +179,7 @@ async def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthRe
     """Check the login and password against the users file (off the event loop).
 
     At most ``max_parallel`` verifications run at once; a login that waits longer than
-    ``queue_timeout`` for a slot is refused with ``454 4.7.0`` (SECURITY.md §3).
+    ``queue_timeout`` for a slot is refused with ``454 4.7.0`` (docs/security.md §3).
     """
     state = session.config.stash[STATE]
     with trio.move_on_after(state.queue_timeout) as waiting:

@@ -35,7 +35,7 @@ def _ends_with_empty_line(head: bytes, body_offset: int) -> bool:
 
 def _check_prepend(edits: HeaderEdits) -> bytes:
     # MessageHandle.add_header validates, but ``edits.prepend`` is a plain list a plugin
-    # could append to: check again right before the bytes hit the disk (SECURITY.md §1).
+    # could append to: check again right before the bytes hit the disk (docs/security.md §1).
     for name, value in edits.prepend:
         check_field(name, value)
     return b"".join(

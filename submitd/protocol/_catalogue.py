@@ -138,7 +138,7 @@ AUTH_CANCELLED = Reply.make(501, "5.0.0", "Authentication cancelled")
 INVALID_BASE64 = Reply.make(501, "5.5.2", "Invalid base64")
 INVALID_PLAIN = Reply.make(501, "5.5.2", "Malformed PLAIN response")  # RFC 4616 §2
 CREDENTIALS_NOT_UTF8 = Reply.make(501, "5.5.2", "Credentials must be UTF-8")
-# SECURITY.md §1: controls in an address get 5.1.7 whichever command carried them.
+# docs/security.md §1: controls in an address get 5.1.7 whichever command carried them.
 CONTROL_IN_ADDRESS = Reply.make(501, "5.1.7", "Control characters are not allowed in addresses")
 NOT_IMPLEMENTED = Reply.make(502, "5.5.1", "Command not implemented")
 STARTTLS_UNAVAILABLE = Reply.make(502, "5.5.1", "STARTTLS not available")
@@ -185,10 +185,10 @@ def bad_sequence(detail: str) -> Reply:
 
 
 def relay_denied(reason: str) -> Reply:
-    """``554 5.7.1`` for a recipient that is a relay trick (SECURITY.md §4)."""
+    """``554 5.7.1`` for a recipient that is a relay trick (docs/security.md §4)."""
     return Reply.make(554, "5.7.1", f"Relay access denied: {reason}")
 
 
 def sender_rejected(reason: str) -> Reply:
-    """``553 5.7.1`` for a sender address that is a relay trick (SECURITY.md §4)."""
+    """``553 5.7.1`` for a sender address that is a relay trick (docs/security.md §4)."""
     return Reply.make(553, "5.7.1", f"Sender address rejected: {reason}")

@@ -2,7 +2,7 @@
 
 Parsing is separate from policy: :func:`parse_mailbox` answers "is this an RFC 5321 / RFC 6531
 mailbox?", :func:`relay_trick` answers "would this address route mail somewhere else?"
-(SECURITY.md §4). Neither ever returns text built from client input for a reply: error
+(docs/security.md §4). Neither ever returns text built from client input for a reply: error
 reasons are our own words.
 """
 
@@ -41,7 +41,7 @@ MAX_DOMAIN = 255
 #: RFC 5321 §4.5.3.1.3: a path is at most 256 octets, angle brackets included.
 MAX_PATH = 256
 
-# Controls are never part of an address or a parameter (SECURITY.md §1).
+# Controls are never part of an address or a parameter (docs/security.md §1).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # Lone surrogates stand for bytes that were not UTF-8 (decoded with "surrogateescape").
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
@@ -167,7 +167,7 @@ def parse_mailbox(text: str) -> Mailbox:
 
 
 def relay_trick(mailbox: Mailbox) -> str | None:
-    """Why ``mailbox`` could make a relay route mail elsewhere, or None (SECURITY.md §4).
+    """Why ``mailbox`` could make a relay route mail elsewhere, or None (docs/security.md §4).
 
     The ``%`` hack and UUCP ``!`` paths, ``@`` hidden in a quoted local part, address literals
     and unqualified or numeric domains are refused even though RFC 5321 allows some of them.

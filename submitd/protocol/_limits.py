@@ -9,7 +9,7 @@ __all__ = ["ProtocolLimits"]
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProtocolLimits:
-    """The slice of ``[limits]`` the protocol core needs (SECURITY.md §5).
+    """The slice of ``[limits]`` the protocol core needs (docs/security.md §5).
 
     ``max_message_size`` is advertised as ``SIZE n`` (RFC 1870) and checked on the unstuffed
     content; ``max_errors`` counts every 5xx reply of the session, the core's and the

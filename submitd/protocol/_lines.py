@@ -6,7 +6,7 @@ not end anything; the line runs on to the next LF and is refused as a whole, so
 ``NOOP\rMAIL FROM:<...>\r\n`` can never smuggle a second command.
 
 An over-long line is drained to its LF without being buffered: memory stays bounded by the
-largest allowed line (RFC 5321 §4.5.3.1.4, SECURITY.md §5).
+largest allowed line (RFC 5321 §4.5.3.1.4).
 """
 
 from __future__ import annotations

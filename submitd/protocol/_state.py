@@ -2,7 +2,7 @@
 
 A command's preconditions are checked in the order listed, *before* its arguments are parsed:
 so on a STARTTLS listener ``AUTH PLAIN <credentials>`` before TLS gets ``530`` without the
-credentials ever being decoded (SECURITY.md §2), and a MAIL without AUTH never reaches the
+credentials ever being decoded (RFC 3207 §4), and a MAIL without AUTH never reaches the
 address parser.
 """
 

@@ -1,4 +1,4 @@
-"""Connection caps and the failed-AUTH throttle (SECURITY.md §3, §5).
+"""Connection caps and the failed-AUTH throttle (docs/security.md §3, §5).
 
 Both are plain objects with an injectable clock and no I/O, so they are tested without sockets.
 """

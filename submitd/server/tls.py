@@ -1,4 +1,4 @@
-"""Server TLS: a hardened ``ssl.SSLContext``, reloadable on SIGHUP (SECURITY.md §2)."""
+"""Server TLS: a hardened ``ssl.SSLContext``, reloadable on SIGHUP (docs/security.md §2)."""
 
 from __future__ import annotations
 
