@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 
 from submitd.testing import TestCA
+from tests.external.postfix_support import MASTER_CF as CLIENT_MASTER_CF
 from tests.external.postfix_support import (
     is_alive,
     master_pid,
@@ -54,30 +55,9 @@ DEFERRED_LOCALPART = "later"
 REFUSAL = "550 5.1.1 Mailbox unknown at the sink"
 DEFERRAL = "450 4.2.0 Mailbox busy at the sink"
 
-# The smtpd listener is added per instance; chroot "n" everywhere because the queue is private.
-MASTER_CF = """\
-pickup    unix  n       -       n       60      1       pickup
-cleanup   unix  n       -       n       -       0       cleanup
-qmgr      unix  n       -       n       300     1       qmgr
-tlsmgr    unix  -       -       n       1000?   1       tlsmgr
-rewrite   unix  -       -       n       -       -       trivial-rewrite
-bounce    unix  -       -       n       -       0       bounce
-defer     unix  -       -       n       -       0       bounce
-trace     unix  -       -       n       -       0       bounce
-verify    unix  -       -       n       -       1       verify
-flush     unix  n       -       n       1000?   0       flush
-proxymap  unix  -       -       n       -       -       proxymap
-smtp      unix  -       -       n       -       -       smtp
-relay     unix  -       -       n       -       -       smtp
-showq     unix  n       -       n       -       -       showq
-error     unix  -       -       n       -       -       error
-retry     unix  -       -       n       -       -       error
-discard   unix  -       -       n       -       -       discard
-virtual   unix  -       n       n       -       -       virtual
-anvil     unix  -       -       n       -       1       anvil
-scache    unix  -       -       n       -       1       scache
-postlog   unix-dgram n  -       n       -       1       postlogd
-"""
+# The null client's services plus local delivery into the virtual mailbox; the smtpd listener
+# is added per instance.
+MASTER_CF = CLIENT_MASTER_CF + "virtual   unix  -       n       n       -       -       virtual\n"
 
 # virtual(8) delivers as this uid/gid (nobody/nogroup on Debian).
 MAIL_UID = 65534
