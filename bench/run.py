@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import ssl
 import sys
 import tempfile
 import time
@@ -83,25 +84,34 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def alternate_rounds(
+    servers: dict[str, ServerHandle], context: ssl.SSLContext, plan: Plan, label: str
+) -> dict[str, list[LoadResult]]:
+    """The same load against each server, ``plan.rounds`` times, alternating who goes first.
+
+    One untimed warm-up message each first (imports, the first TLS session, the first argon2
+    run); alternating the order lets drift on the shared machine hit every server alike.
+    """
+    for server in servers.values():
+        run_load(server, context, connections=1, messages=1, size=plan.message_size)
+    results: dict[str, list[LoadResult]] = {key: [] for key in servers}
+    keys = list(servers)
+    for n in range(plan.rounds):
+        for key in keys if n % 2 == 0 else keys[::-1]:
+            result = run_load(servers[key], context, connections=plan.connections,
+                              messages=plan.messages, size=plan.message_size)
+            results[key].append(result)
+            progress(f"{label} round {n + 1}/{plan.rounds} {key}: {result.msgs_per_s:.1f} msg/s")
+    return results
+
+
 def bench_throughput(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
     """Alternate rounds of the same load against both servers (one process each)."""
     context = ws.ca.client_context()
-    results: dict[str, list[LoadResult]] = {"submitd": [], "peer": []}
     with start_submitd(ws, work / "tp-submitd", max_size=MAX_SIZE) as sd, \
             start_peer(ws, work / "tp-peer", max_size=MAX_SIZE) as peer:
         servers: dict[str, ServerHandle] = {"submitd": sd, "peer": peer}
-        # One untimed warm-up message each: imports, first TLS session, first argon2 run.
-        for server in servers.values():
-            run_load(server, context, connections=1, messages=1, size=plan.message_size)
-        for n in range(plan.rounds):
-            # Alternate who goes first, so drift on the shared machine hits both alike.
-            order = ("submitd", "peer") if n % 2 == 0 else ("peer", "submitd")
-            for key in order:
-                result = run_load(servers[key], context, connections=plan.connections,
-                                  messages=plan.messages, size=plan.message_size)
-                results[key].append(result)
-                progress(f"throughput round {n + 1}/{plan.rounds} {servers[key].name}: "
-                         f"{result.msgs_per_s:.1f} msg/s")
+        results = alternate_rounds(servers, context, plan, "throughput")
     sd_sum, peer_sum = summarize(results["submitd"]), summarize(results["peer"])
     peer_sum["name"] = "aiosmtpd (bench/peer_aiosmtpd.py)"
     return {
@@ -175,7 +185,6 @@ def bench_backlog(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
     fill = fill_spool(full_dir / "spool", count=plan.backlog, body=body)
     fill["spool_mib"] = round(spool_bytes(full_dir / "spool") / MIB, 1)
     progress(f"backlog: spool filled in {fill['fill_s']} s; starting both servers")
-    results: dict[str, list[LoadResult]] = {"backlog": [], "empty": []}
     with start_submitd(ws, full_dir, max_size=MAX_SIZE,
                        start_timeout=BACKLOG_START_TIMEOUT) as full, \
             start_submitd(ws, work / "backlog-empty", max_size=MAX_SIZE) as empty:
@@ -183,16 +192,7 @@ def bench_backlog(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
         rss_start = {key: status_kib(srv.pid, "VmRSS") for key, srv in servers.items()}
         progress(f"backlog: submitd ready in {full.start_s:.1f} s with the full spool, "
                  f"{empty.start_s:.1f} s with the empty one")
-        for server in servers.values():
-            run_load(server, context, connections=1, messages=1, size=plan.message_size)
-        for n in range(plan.rounds):
-            order = ("backlog", "empty") if n % 2 == 0 else ("empty", "backlog")
-            for key in order:
-                result = run_load(servers[key], context, connections=plan.connections,
-                                  messages=plan.messages, size=plan.message_size)
-                results[key].append(result)
-                progress(f"backlog round {n + 1}/{plan.rounds} {key} spool: "
-                         f"{result.msgs_per_s:.1f} msg/s")
+        results = alternate_rounds(servers, context, plan, "backlog")
         rss_end = {key: status_kib(srv.pid, "VmRSS") for key, srv in servers.items()}
         sent = 1 + plan.rounds * plan.messages
         # Only what the load sent may reach the Maildir: the deferred messages must wait.
