@@ -38,8 +38,8 @@ configuration's on reload (SIGHUP). Hosts marked down are remembered in
 same name still lists it and reaches it the same way (TLS mode and files, certificate name,
 credentials); changing those gives the route's hosts a fresh start.
 
-Deliveries take as long as the SMTP dialogue: set ``hook_timeout`` in ``[plugins.smarthost]``
-above the sum of the timeouts you expect to wait for.
+A delivery attempt runs under ``[queue] delivery_timeout`` (15 minutes unless set), or under
+``hook_timeout`` when ``[plugins.smarthost]`` sets one.
 """
 
 from __future__ import annotations
