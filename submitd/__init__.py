@@ -8,7 +8,7 @@ from .config import Config
 from .errors import ConfigError, PluginError, Reject, SubmitdError
 from .hookspec import hookimpl
 from .message import MessageHandle
-from .protocol._events import BodyType, MailParams
+from .protocol._events import BodyType, DsnReturn, MailParams
 from .protocol._replies import Reply
 from .secret import Secret
 from .stash import Stash, StashKey
@@ -29,6 +29,7 @@ __all__ = [
     "ConfigError",
     "Credentials",
     "DeliveryOutcome",
+    "DsnReturn",
     "Envelope",
     "MailParams",
     "MessageHandle",

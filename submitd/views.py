@@ -149,14 +149,25 @@ class DeliveryOutcome:
     kind: OutcomeKind
     reply: Reply
     remote: str | None = None
+    dsn_passed_on: bool = False
 
     @classmethod
-    def delivered(cls, reply: Reply | None = None, *, remote: str | None = None) -> DeliveryOutcome:
-        """The recipient's mail is handed on (``250 2.0.0`` unless ``reply`` is given)."""
+    def delivered(
+        cls, reply: Reply | None = None, *, remote: str | None = None, dsn_passed_on: bool = False
+    ) -> DeliveryOutcome:
+        """The recipient's mail is handed on (``250 2.0.0`` unless ``reply`` is given).
+
+        ``remote`` names the next hop when the message was relayed rather than delivered
+        finally (a Maildir is final; a smarthost is a relay). ``dsn_passed_on`` says that the
+        next hop offered DSN and received the recipient's ``NOTIFY``/``ORCPT`` and the
+        message's ``RET``/``ENVID``: it reports success itself, so submitd sends no
+        ``relayed`` report of its own (RFC 3461 §4.1).
+        """
         return cls(
             kind=OutcomeKind.DELIVERED,
             reply=reply or Reply.make(250, "2.0.0", "Delivered"),
             remote=remote,
+            dsn_passed_on=dsn_passed_on,
         )
 
     @classmethod

@@ -49,18 +49,29 @@ class BodyType(enum.Enum):
     EIGHT_BIT_MIME = "8BITMIME"
 
 
+class DsnReturn(enum.Enum):
+    """The MAIL FROM ``RET=`` parameter (RFC 3461 §4.3): what a failure report returns."""
+
+    FULL = "FULL"  # the whole message
+    HDRS = "HDRS"  # only its header section
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MailParams:
     """Validated ESMTP parameters of MAIL FROM.
 
     ``auth`` is the client's ``AUTH=`` value, recorded verbatim and never trusted
-    (RFC 4954 §5): policy must not treat it as an identity.
+    (RFC 4954 §5): policy must not treat it as an identity. ``ret`` and ``envid`` are the
+    DSN parameters ``RET=`` and ``ENVID=`` (RFC 3461 §4.3, §4.4); ``envid`` is decoded from
+    xtext.
     """
 
     size: int | None = None
     body: BodyType = BodyType.SEVEN_BIT
     smtputf8: bool = False
     auth: str | None = None
+    ret: DsnReturn | None = None
+    envid: str | None = None
 
 
 class NeedsAnswer:
