@@ -220,7 +220,8 @@ class Session:
         who = event.username
         wait = self.ctx.throttle.blocked_for(ip, event.username)
         if wait > 0:
-            log.warning(logfmt("auth_throttled", session=self.sid, user=who, wait=round(wait)))
+            log.warning(logfmt("auth_throttled", session=self.sid, peer=ip, user=who,
+                               wait=round(wait)))
             self.conn.reject(R_AUTH_THROTTLED)
             return
         credentials = Credentials(
@@ -248,8 +249,8 @@ class Session:
         reply = (result.reply if result is not None else None) or R_AUTH_INVALID
         if reply.code == 535:
             self.ctx.throttle.failed(ip, event.username)
-        log.warning(logfmt("auth_failed", session=self.sid, user=who, mechanism=event.mechanism,
-                           reply=reply.code))
+        log.warning(logfmt("auth_failed", session=self.sid, peer=ip, user=who,
+                           mechanism=event.mechanism, reply=reply.code))
         self.conn.reject(reply)
 
     # -- transaction --------------------------------------------------------------------------
