@@ -10,6 +10,7 @@ buffered commands after each answer. :meth:`~ServerConnection.data_to_send` drai
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from . import _catalogue as R
 from ._answers import check_positive, check_refusal, ehlo_reply
@@ -48,9 +49,23 @@ from ._replies import Reply
 from ._sasl import Challenge, SaslExchange, SaslFailure, SaslStep
 from ._state import Facts, Greeting, ServerState, Transaction, check_sequence
 
-__all__ = ["ServerConnection"]
+__all__ = ["Refusal", "ServerConnection"]
 
 _Answerable = Hello | AuthRequest | MailFrom | RcptTo | DataStart | DataComplete
+_VERB_MAX = 10
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Refusal:
+    """A 4xx/5xx reply the core sent on its own, so that the driver can log it.
+
+    ``command`` is the verb of the line it answered, upper-cased ("" when the line did not
+    start with a word); nothing else of the client's line is kept, so no argument (an AUTH
+    initial response holds a password) can reach a log.
+    """
+
+    command: str
+    reply: Reply
 
 
 def _sasl_limit(prefix: bytes) -> int:
@@ -91,6 +106,8 @@ class ServerConnection:
         self._errors = 0
         self._auth_failures = 0
         self._transactions = 0
+        self._verb = ""
+        self._refusals: list[Refusal] = []
 
     # -- what the driver and session may look at ----------------------------------------------
 
@@ -122,7 +139,7 @@ class ServerConnection:
             raise LocalProtocolError("greet() was already called")
         if refusal is not None:
             check_refusal(refusal, status=False)  # greetings carry no status (RFC 2034 §3)
-            self._shut("refused at greeting", refusal)
+            self._shut("refused at greeting", refusal, own=False)
             return
         self._send(R.greeting(self._hostname))
         self._goto(ServerState.COMMAND)
@@ -138,6 +155,16 @@ class ServerConnection:
         if self._eof:
             raise LocalProtocolError("receive_data() after end of file")
         self._buf += data
+
+    def take_refusals(self) -> list[Refusal]:
+        """The refusals the core sent on its own since the last call (not :meth:`reject`'s).
+
+        Syntax and sequence errors (``530`` before STARTTLS or AUTH, ``503``), failed SASL
+        exchanges, limits (``452``, ``421``): the driver logs them; replies passed to
+        :meth:`reject`, :meth:`close` and :meth:`greet` are the caller's to log.
+        """
+        refusals, self._refusals = self._refusals, []
+        return refusals
 
     def data_to_send(self) -> bytes:
         """Take every reply queued so far, in order, as bytes for the wire."""
@@ -170,7 +197,7 @@ class ServerConnection:
             return
         if reply is not None:
             check_refusal(reply)
-        self._shut("closed by server", reply)
+        self._shut("closed by server", reply, own=False)
 
     # -- events -------------------------------------------------------------------------------
 
@@ -217,6 +244,9 @@ class ServerConnection:
         return self._on_sasl_line(line) if sasl else self._on_command_line(line)
 
     def _on_command_line(self, line: Line) -> Event | None:
+        word = line.text.split(b" ", 1)[0][: _VERB_MAX + 1]
+        short_word = word.isalpha() and len(word) <= _VERB_MAX  # bytes.isalpha: ASCII only
+        self._verb = word.decode("ascii").upper() if short_word else ""
         if is_cross_protocol(line.text):
             # ALPACA: say nothing a browser could take for an HTTP response.
             self._shut("cross-protocol request")
@@ -326,8 +356,8 @@ class ServerConnection:
             password=step.password,
         )
 
-    def _auth_failed(self, reply: Reply) -> None:
-        self._send(reply)
+    def _auth_failed(self, reply: Reply, *, own: bool = True) -> None:
+        self._send(reply, own=own)
         self._auth_failures += 1
         if self._auth_failures >= self._limits.max_auth_failures:
             self._shut("too many authentication failures", R.TOO_MANY_AUTH_FAILURES)
@@ -404,9 +434,9 @@ class ServerConnection:
         elif isinstance(event, DataComplete):
             self._end_transaction()
         if isinstance(event, AuthRequest):
-            self._auth_failed(reply)
+            self._auth_failed(reply, own=False)
         else:
-            self._send(reply)
+            self._send(reply, own=False)
         if reply.code == 421:  # RFC 5321 §3.8: 421 means the server closes the channel
             self._shut("closed after a 421 reply")
 
@@ -435,21 +465,28 @@ class ServerConnection:
         if self._state is not ServerState.CLOSED:
             self._state = state
 
-    def _send(self, reply: Reply) -> None:
+    def _send(self, reply: Reply, *, own: bool = True) -> None:
         if self._state is ServerState.CLOSED:
             return
         self._out += reply.to_bytes()
+        if own and reply.code >= 400:
+            self._refusals.append(Refusal(command=self._verb, reply=reply))
         if reply.code >= 500:
             self._errors += 1
             if self._errors >= self._limits.max_errors:
                 self._shut("too many errors", R.TOO_MANY_ERRORS)
 
-    def _shut(self, reason: str, reply: Reply | None = None, *, client_done: bool = False) -> None:
+    def _shut(
+        self, reason: str, reply: Reply | None = None, *, client_done: bool = False,
+        own: bool = True,
+    ) -> None:
         if self._state is ServerState.CLOSED:
             return
         self._client_done = client_done
         if reply is not None:
             self._out += reply.to_bytes()
+            if own:
+                self._refusals.append(Refusal(command=self._verb, reply=reply))
         self._state = ServerState.CLOSED
         self._close_reason = reason
         self._pending = None
