@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from .mailqueue import QueueRecord, RecipientRecord, RecipientState
+from .protocol._grammar import encode_xtext
 from .protocol._replies import Reply
 
 __all__ = ["as_json", "details", "format_sender", "printable", "summary", "totals"]
@@ -32,6 +33,8 @@ def as_json(record: QueueRecord, now: float) -> dict[str, Any]:
         "username": record.username,
         "origin": record.origin.value,
         "held": record.held,
+        "ret": None if record.params.ret is None else record.params.ret.value,
+        "envid": record.params.envid,
         "next_attempt": record.next_attempt if record.pending else None,
         "recipients": [
             {
@@ -132,6 +135,10 @@ def details(record: QueueRecord, now: float) -> list[str]:
         params.append("SMTPUTF8")
     if record.params.size is not None:
         params.append(f"SIZE={record.params.size}")
+    if record.params.ret is not None:
+        params.append(f"RET={record.params.ret.value}")
+    if record.params.envid is not None:  # as on the wire (RFC 3461 §4.4)
+        params.append(f"ENVID={encode_xtext(record.params.envid)}")
     session = " ".join(f"{k}={v}" for k, v in record.session.items())
     if not record.pending:
         next_attempt = "none (nothing pending)"

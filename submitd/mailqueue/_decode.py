@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NoReturn
 
-from ..protocol._events import BodyType, MailParams
+from ..protocol._events import BodyType, DsnReturn, MailParams
+from ..protocol._grammar import check_envid, check_orcpt, parse_notify
 from ..protocol._replies import Reply
 from ..views import RecipientParams
 from ._records import (
@@ -114,13 +115,27 @@ def _reply(value: Any, what: str) -> Reply:
     return reply
 
 
+# The DSN recipient parameters as the server stores them (RFC 3461 §4.1, §4.2).
+_RCPT_CHECKS: Mapping[str, Callable[[str | None], str]] = {
+    "NOTIFY": parse_notify,
+    "ORCPT": check_orcpt,
+}
+
+
 def _params(value: Any) -> RecipientParams:
     out: list[tuple[str, str | None]] = []
     for pair in _list(value, "recipient params"):
         if not isinstance(pair, list) or len(pair) != 2:
             raise ValueError("recipient params must be [name, value] pairs")
         name = _text(pair[0], "a recipient parameter name", empty=False)
-        out.append((name, _optional_text(pair[1], f"recipient parameter {name}")))
+        value = _optional_text(pair[1], f"recipient parameter {name}")
+        check = _RCPT_CHECKS.get(name)
+        if check is not None:
+            try:
+                check(value)
+            except ValueError as exc:  # GrammarError
+                raise ValueError(f"recipient parameter {name}: {exc}") from None
+        out.append((name, value))
     return tuple(out)
 
 
@@ -160,7 +175,18 @@ def _mail_params(value: Any) -> MailParams:
         body=BodyType(_get(obj, "body")),
         smtputf8=_boolean(obj, "smtputf8"),
         auth=_optional_text(obj.get("auth"), "params.auth"),
+        ret=None if obj.get("ret") is None else DsnReturn(obj["ret"]),
+        envid=_envid(obj.get("envid")),
     )
+
+
+def _envid(value: Any) -> str | None:
+    if value is None:
+        return None
+    try:
+        return check_envid(_text(value, "params.envid"))
+    except ValueError as exc:
+        raise ValueError(f"params.envid: {exc}") from None
 
 
 def decode_record(data: bytes, *, queue_id: str) -> QueueRecord:

@@ -6,7 +6,8 @@ Version 2 (written now; version 1 is still read, the new fields taking their def
     {"version": 2, "id": "...", "created": 1700000000.0, "size": 1234,
      "sender": "a@example.org", "username": "alice", "origin": "smtp",
      "held": false, "delay_warned": false,
-     "params": {"size": null, "body": "8BITMIME", "smtputf8": false, "auth": null},
+     "params": {"size": null, "body": "8BITMIME", "smtputf8": false, "auth": null,
+                "ret": "HDRS", "envid": "QQ314159"},
      "session": {"session_id": "...", "peer": "...", "tls": "TLSv1.3"},
      "next_attempt": 1700000060.0,
      "recipients": [{"address": "b@example.net", "params": [["NOTIFY", "FAILURE"]],
@@ -17,10 +18,13 @@ Version 2 (written now; version 1 is still read, the new fields taking their def
                      "history": [{"at": 1700000000.5, "remote": "smtp.example.net",
                                   "reply": {...}}]}]}
 
-``last_reply.lines`` keeps a multi-line reply exact; ``text`` is the same joined for people
-reading the file. ``history`` keeps the last :data:`MAX_HISTORY` attempts per recipient.
-Decoding (:mod:`._decode`) checks every field; anything unexpected makes the record unreadable
-and the spool moves it aside.
+``params.ret`` and ``params.envid`` are DSN's ``RET`` and ``ENVID`` (RFC 3461 §4.3, §4.4;
+the identifier decoded from xtext), ``null`` when the client gave none; a sidecar written
+before they existed loads without them. Recipient ``params`` hold ``NOTIFY`` (normalised) and
+``ORCPT`` (still xtext). ``last_reply.lines`` keeps a multi-line reply exact; ``text`` is the
+same joined for people reading the file. ``history`` keeps the last :data:`MAX_HISTORY`
+attempts per recipient. Decoding (:mod:`._decode`) checks every field; anything unexpected
+makes the record unreadable and the spool moves it aside.
 """
 
 from __future__ import annotations
@@ -192,6 +196,8 @@ def encode_record(record: QueueRecord) -> bytes:
             "body": record.params.body.value,
             "smtputf8": record.params.smtputf8,
             "auth": record.params.auth,
+            "ret": None if record.params.ret is None else record.params.ret.value,
+            "envid": record.params.envid,
         },
         "session": dict(record.session),
         "next_attempt": record.next_attempt,

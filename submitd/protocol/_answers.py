@@ -58,7 +58,10 @@ def ehlo_reply(
     tls_available: bool,
     keywords: Sequence[str],
 ) -> Reply:
-    """The multi-line EHLO answer: the core's extensions, then the session's ``keywords``."""
+    """The multi-line EHLO answer: the core's extensions, then the session's ``keywords``.
+
+    A session keyword naming an extension the core already lists is left out.
+    """
     if isinstance(keywords, str):
         raise LocalProtocolError("keywords must be a sequence of strings, not one string")
     for keyword in keywords:
@@ -70,12 +73,16 @@ def ehlo_reply(
         "8BITMIME",  # RFC 6152
         "ENHANCEDSTATUSCODES",  # RFC 2034
         "SMTPUTF8",  # RFC 6531
+        "DSN",  # RFC 3461
     ]
     if tls_active:
         lines.append("AUTH PLAIN LOGIN")  # RFC 4954, and only inside TLS (RFC 6409 §4.3)
     elif tls_available:
         lines.append("STARTTLS")  # RFC 3207; never once TLS is active (§4.2)
+    # A session keyword the core already announces (a plugin adding "DSN") is said once.
+    core = {line.split(" ")[0].upper() for line in lines}
+    extra = [keyword for keyword in keywords if keyword.split(" ")[0].upper() not in core]
     try:
-        return R.ehlo(hostname, [*lines, *keywords])
+        return R.ehlo(hostname, [*lines, *extra])
     except ValueError as exc:
         raise LocalProtocolError(f"EHLO answer: {exc}") from None

@@ -9,23 +9,29 @@ from __future__ import annotations
 
 import enum
 import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import _catalogue as R
 from ._errors import RemoteProtocolError
-from ._events import BodyType, MailParams
+from ._events import BodyType, DsnReturn, MailParams
 from ._grammar import (
     MAX_PATH,
     AddressError,
     AddressProblem,
     GrammarError,
     Mailbox,
+    check_envid,
+    check_orcpt,
+    decode_envid,
+    encode_xtext,
     format_path,
     has_control,
     is_xtext,
     parse_esmtp_params,
     parse_hello_domain,
     parse_mailbox,
+    parse_notify,
     relay_trick,
     split_path,
 )
@@ -216,21 +222,46 @@ def _split(rest: str) -> tuple[str, list[str]]:
 
 _SIZE = re.compile(r"[0-9]{1,20}\Z")
 
+#: ESMTP parameters of one RCPT TO, as ``(NAME, value)`` pairs (``None`` for a bare keyword).
+RcptParams = tuple[tuple[str, str | None], ...]
 
-def _mail_params(words: list[str]) -> MailParams:
+
+def _pairs(words: list[str]) -> Iterator[tuple[str, str | None]]:
+    """The ``keyword[=value]`` words in order; a repeated keyword is refused when reached."""
     try:
         pairs = parse_esmtp_params(words)
     except GrammarError as exc:
         raise RemoteProtocolError(R.syntax_error(str(exc))) from None
     seen: set[str] = set()
-    size: int | None = None
-    body = BodyType.SEVEN_BIT
-    smtputf8 = False
-    auth: str | None = None
     for keyword, value in pairs:
         if keyword in seen:
             raise RemoteProtocolError(R.syntax_error("duplicate parameter"))
         seen.add(keyword)
+        yield keyword, value
+
+
+def _checked(check: Callable[[str | None], str], value: str | None) -> str:
+    """``check(value)``, with its :class:`GrammarError` turned into ``501 5.5.4``."""
+    try:
+        return check(value)
+    except GrammarError as exc:
+        raise RemoteProtocolError(R.syntax_error(str(exc))) from None
+
+
+def _dsn_return(value: str | None) -> str:
+    if value is None or value.upper() not in DsnReturn.__members__:
+        raise GrammarError("RET must be FULL or HDRS")
+    return value.upper()
+
+
+def _mail_params(words: list[str]) -> MailParams:
+    size: int | None = None
+    body = BodyType.SEVEN_BIT
+    smtputf8 = False
+    auth: str | None = None
+    ret: DsnReturn | None = None
+    envid: str | None = None
+    for keyword, value in _pairs(words):
         if keyword == "SIZE":  # RFC 1870 §6
             if value is None or not _SIZE.match(value):
                 raise RemoteProtocolError(R.syntax_error("SIZE needs a number"))
@@ -248,9 +279,13 @@ def _mail_params(words: list[str]) -> MailParams:
             if value is None or not (value == "<>" or is_xtext(value)):
                 raise RemoteProtocolError(R.syntax_error("AUTH needs xtext or <>"))
             auth = value
+        elif keyword == "RET":  # RFC 3461 §4.3
+            ret = DsnReturn[_checked(_dsn_return, value)]
+        elif keyword == "ENVID":  # RFC 3461 §4.4: stored decoded
+            envid = _checked(decode_envid, value)
         else:
             raise RemoteProtocolError(R.UNKNOWN_PARAMETER)
-    return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth)
+    return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth, ret=ret, envid=envid)
 
 
 def parse_mail(argument: str, *, max_size: int) -> tuple[str, MailParams]:
@@ -266,21 +301,37 @@ def parse_mail(argument: str, *, max_size: int) -> tuple[str, MailParams]:
     return ("" if mailbox is None else mailbox.address), params
 
 
-def parse_rcpt(argument: str, *, smtputf8: bool) -> str:
-    """``RCPT TO:<forward-path>`` → the recipient; no RCPT parameter is supported."""
+#: The RCPT parameters the server accepts (DSN, RFC 3461 §4.1, §4.2), in the order kept.
+_RCPT_CHECKS: dict[str, Callable[[str | None], str]] = {
+    "NOTIFY": parse_notify,
+    "ORCPT": check_orcpt,
+}
+
+
+def _rcpt_params(words: list[str]) -> RcptParams:
+    found: dict[str, str] = {}
+    for keyword, value in _pairs(words):
+        check = _RCPT_CHECKS.get(keyword)
+        if check is None:
+            raise RemoteProtocolError(R.UNKNOWN_PARAMETER)
+        found[keyword] = _checked(check, value)
+    return tuple((name, found[name]) for name in _RCPT_CHECKS if name in found)
+
+
+def parse_rcpt(argument: str, *, smtputf8: bool) -> tuple[str, RcptParams]:
+    """``RCPT TO:<forward-path> [params]`` → (recipient, params).
+
+    The parameters are DSN's ``NOTIFY`` (normalised upper-case, ``SUCCESS,FAILURE,DELAY``
+    order) and ``ORCPT`` (as given, still xtext), NOTIFY first.
+    """
     rest = _strip_keyword(argument, "TO:", "RCPT TO:<address>")
     path, words = _split(rest)
     mailbox = _path(path, sender=False)
     assert mailbox is not None  # _path refuses <> for recipients
-    if words:
-        try:
-            parse_esmtp_params(words)
-        except GrammarError as exc:
-            raise RemoteProtocolError(R.syntax_error(str(exc))) from None
-        raise RemoteProtocolError(R.UNKNOWN_PARAMETER)
+    params = _rcpt_params(words)
     if not mailbox.is_ascii and not smtputf8:
         raise RemoteProtocolError(R.NEEDS_SMTPUTF8)
-    return mailbox.address
+    return mailbox.address, params
 
 
 # -- the client role ---------------------------------------------------------------------------
@@ -295,10 +346,11 @@ def render_command(verb: Verb, argument: str = "") -> bytes:
 
 
 def render_mail_from(sender: str, params: MailParams) -> bytes:
-    """``MAIL FROM:<sender>`` with SIZE, BODY and SMTPUTF8 as given.
+    """``MAIL FROM:<sender>`` with SIZE, BODY, SMTPUTF8, RET and ENVID as given.
 
-    ``params.auth`` is deliberately not sent on: it came from a client and is not trusted
-    (RFC 4954 §5).
+    ``ENVID`` is xtext-encoded (RFC 3461 §4.4); an identifier that is not printable US-ASCII
+    of at most 100 characters raises ``ValueError``. ``params.auth`` is deliberately not sent
+    on: it came from a client and is not trusted (RFC 4954 §5).
     """
     words = [f"FROM:{format_path(sender)}"]
     if params.size is not None:
@@ -307,11 +359,11 @@ def render_mail_from(sender: str, params: MailParams) -> bytes:
         words.append(f"BODY={params.body.value}")
     if params.smtputf8:
         words.append("SMTPUTF8")
+    if params.ret is not None:
+        words.append(f"RET={params.ret.value}")
+    if params.envid is not None:
+        words.append(f"ENVID={encode_xtext(check_envid(params.envid))}")
     return render_command(Verb.MAIL, " ".join(words))
-
-
-#: ESMTP parameters of one RCPT TO, as ``(NAME, value)`` pairs (``None`` for a bare keyword).
-RcptParams = tuple[tuple[str, str | None], ...]
 
 
 def _render_params(params: RcptParams) -> list[str]:

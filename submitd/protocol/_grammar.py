@@ -16,12 +16,17 @@ from dataclasses import dataclass
 
 __all__ = [
     "MAX_DOMAIN",
+    "MAX_ENVID",
     "MAX_LOCAL_PART",
+    "MAX_ORCPT",
     "MAX_PATH",
     "AddressError",
     "AddressProblem",
     "GrammarError",
     "Mailbox",
+    "check_envid",
+    "check_orcpt",
+    "decode_envid",
     "decode_xtext",
     "encode_xtext",
     "format_path",
@@ -30,6 +35,7 @@ __all__ = [
     "parse_esmtp_params",
     "parse_hello_domain",
     "parse_mailbox",
+    "parse_notify",
     "relay_trick",
     "split_path",
 ]
@@ -40,6 +46,10 @@ MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 #: RFC 5321 §4.5.3.1.3: a path is at most 256 octets, angle brackets included.
 MAX_PATH = 256
+#: RFC 3461 §4.4: an envelope identifier is at most 100 characters.
+MAX_ENVID = 100
+#: RFC 3461 §4.2: the ORCPT value is at most 500 characters.
+MAX_ORCPT = 500
 
 # Controls are never part of an address or a parameter (docs/security.md §1).
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -62,6 +72,12 @@ _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
 _ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+\Z")
 # RFC 3461 §4: xtext = *( xchar / hexchar ).
 _XTEXT = re.compile(r"(?:[\x21-\x2a\x2c-\x3c\x3e-\x7e]|\+[0-9A-F]{2})*\Z")
+# RFC 3461 §4.2: addr-type = atom (RFC 5322 §3.2.3), e.g. "rfc822" or "utf-8" (RFC 6533).
+_ADDR_TYPE = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+\Z")
+# RFC 3461 §4.4: an ENVID is printable US-ASCII once decoded.
+_PRINTABLE_ASCII = re.compile(r"[\x20-\x7e]*\Z")
+# RFC 3461 §4.1: the NOTIFY keywords, in the order they are stored.
+_NOTIFY_ORDER = ("SUCCESS", "FAILURE", "DELAY")
 
 
 class GrammarError(ValueError):
@@ -272,6 +288,59 @@ def decode_xtext(value: str) -> str:
         raise GrammarError("bad xtext")
     raw = re.sub(r"\+([0-9A-F]{2})", lambda m: chr(int(m.group(1), 16)), value)
     return raw.encode("latin-1").decode("utf-8", "replace")
+
+
+def parse_notify(value: str | None) -> str:
+    """Validate a ``NOTIFY=`` value (RFC 3461 §4.1) and return it normalised.
+
+    ``NEVER`` alone, or a comma list of ``SUCCESS``, ``FAILURE`` and ``DELAY`` (any case, no
+    repeats), which comes back upper-case in that order: ``delay,success`` → ``SUCCESS,DELAY``.
+    Raises :class:`GrammarError`.
+    """
+    if not value or not value.isascii():
+        raise GrammarError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+    items = value.upper().split(",")
+    if items == ["NEVER"]:
+        return "NEVER"
+    if "NEVER" in items:
+        raise GrammarError("NOTIFY=NEVER cannot be combined with other values")
+    if not all(item in _NOTIFY_ORDER for item in items):
+        raise GrammarError("NOTIFY must be NEVER or a list of SUCCESS, FAILURE, DELAY")
+    if len(set(items)) != len(items):
+        raise GrammarError("NOTIFY lists a value twice")
+    return ",".join(item for item in _NOTIFY_ORDER if item in items)
+
+
+def check_orcpt(value: str | None) -> str:
+    """Validate an ``ORCPT=`` value, ``addr-type;xtext`` (RFC 3461 §4.2); returned unchanged.
+
+    The address stays xtext-encoded. Raises :class:`GrammarError`.
+    """
+    if value is not None and len(value) > MAX_ORCPT:
+        raise GrammarError(f"ORCPT is longer than {MAX_ORCPT} characters")
+    addr_type, semicolon, address = (value or "").partition(";")
+    if not (semicolon and address and _ADDR_TYPE.match(addr_type) and is_xtext(address)):
+        raise GrammarError("ORCPT must be addr-type;xtext")
+    return value or ""
+
+
+def check_envid(text: str) -> str:
+    """Validate a decoded envelope identifier (RFC 3461 §4.4); returned unchanged.
+
+    Printable US-ASCII, at most :data:`MAX_ENVID` characters. Raises :class:`GrammarError`.
+    """
+    if not _PRINTABLE_ASCII.match(text):
+        raise GrammarError("ENVID must be printable US-ASCII")
+    if len(text) > MAX_ENVID:
+        raise GrammarError(f"ENVID is longer than {MAX_ENVID} characters")
+    return text
+
+
+def decode_envid(value: str | None) -> str:
+    """Decode and validate an ``ENVID=`` value (xtext, RFC 3461 §4.4)."""
+    if not value or not is_xtext(value):
+        raise GrammarError("ENVID must be xtext")
+    return check_envid(decode_xtext(value))
 
 
 def format_path(address: str) -> str:

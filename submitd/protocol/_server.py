@@ -286,7 +286,8 @@ class ServerConnection:
         if verb is Verb.RCPT:
             if self._recipients >= self._limits.max_recipients:
                 raise RemoteProtocolError(R.TOO_MANY_RECIPIENTS)
-            return RcptTo(recipient=parse_rcpt(argument, smtputf8=self._smtputf8))
+            recipient, rcpt_params = parse_rcpt(argument, smtputf8=self._smtputf8)
+            return RcptTo(recipient=recipient, params=rcpt_params)
         if verb is Verb.DATA:
             require_no_argument(command)
             return DataStart()

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from submitd import Envelope, MailParams, Recipient, cli
+from submitd import DsnReturn, Envelope, MailParams, Recipient, cli
 from submitd.mailqueue import (
     Attempt,
     Origin,
@@ -73,11 +73,15 @@ async def enqueue(
     sender: str = "alice@example.org",
     data: bytes = MESSAGE,
     created: float | None = None,
+    params: MailParams | None = None,
+    rcpt_params: tuple[tuple[str, str | None], ...] = (),
 ) -> str:
     envelope = Envelope(
         sender=sender,
-        recipients=tuple(Recipient(address=a) for a in recipients or ("bob@example.net",)),
-        params=MailParams(size=len(data)),
+        recipients=tuple(
+            Recipient(address=a, params=rcpt_params) for a in recipients or ("bob@example.net",)
+        ),
+        params=MailParams(size=len(data)) if params is None else params,
         username="alice",
         received_at=time.time() - AGE if created is None else created,
     )
@@ -175,6 +179,8 @@ def test_list_json_is_a_stable_machine_format(
                 "username": "alice",
                 "origin": "smtp",
                 "held": False,
+                "ret": None,
+                "envid": None,
                 "next_attempt": record.next_attempt,
                 "recipients": [
                     {
@@ -247,6 +253,27 @@ def test_show_prints_envelope_header_section_and_history_but_never_the_body(
         "  Subject: quarterly \\x1b[2Jfigures",  # no terminal escapes reach the operator
     ]
     assert "never shown" not in out
+
+
+def test_show_and_list_json_give_the_dsn_parameters(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    dsn = MailParams(size=len(MESSAGE), ret=DsnReturn.HDRS, envid="batch 7+1")
+    notify = (("NOTIFY", "SUCCESS,FAILURE"), ("ORCPT", "rfc822;bob+2B1@example.net"))
+    (queue_id,) = build(config, partial(enqueue, params=dsn, rcpt_params=notify))
+    assert queue(config, "show", queue_id) == 0
+    out = capsys.readouterr().out
+    # RFC 3461 §4.4: the identifier is shown as it travels, in xtext.
+    assert f"Parameters:   BODY=7BIT SIZE={len(MESSAGE)} RET=HDRS ENVID=batch+207+2B1\n" in out
+    assert "    parameters: NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;bob+2B1@example.net\n" in out
+    assert queue(config, "list", "--json") == 0
+    (message,) = json.loads(capsys.readouterr().out)["messages"]
+    assert (message["ret"], message["envid"]) == ("HDRS", "batch 7+1")
+    # A message without them shows neither.
+    (plain,) = build(config, enqueue)
+    assert queue(config, "show", plain) == 0
+    out = capsys.readouterr().out
+    assert "RET=" not in out and "ENVID=" not in out and "parameters:" not in out
 
 
 def test_show_reads_at_most_max_header_size_of_the_message(

@@ -202,8 +202,19 @@ def test_session_keywords_are_appended_to_the_ehlo_answer() -> None:
     conn = make()
     conn.receive_data(b"EHLO c.example\r\n")
     conn.next_event()
-    conn.accept(keywords=["DSN", "X-EXAMPLE a=b"])
-    assert conn.data_to_send().endswith(b"250-AUTH PLAIN LOGIN\r\n250-DSN\r\n250 X-EXAMPLE a=b\r\n")
+    conn.accept(keywords=["X-ONE", "X-EXAMPLE a=b"])
+    out = conn.data_to_send()
+    assert out.endswith(b"250-AUTH PLAIN LOGIN\r\n250-X-ONE\r\n250 X-EXAMPLE a=b\r\n")
+
+
+def test_a_session_keyword_the_core_already_offers_is_listed_once() -> None:
+    conn = make()
+    conn.receive_data(b"EHLO c.example\r\n")
+    conn.next_event()
+    conn.accept(keywords=["dsn", "X-EXAMPLE"])
+    out = conn.data_to_send()
+    assert out.upper().count(b"DSN") == 1
+    assert out.endswith(b"250-DSN\r\n250-AUTH PLAIN LOGIN\r\n250 X-EXAMPLE\r\n")
 
 
 def test_recipient_limit_gives_452_and_keeps_the_accepted_ones() -> None:

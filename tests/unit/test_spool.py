@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from submitd import Envelope, MailParams, MessageHandle, Recipient
+from submitd import DsnReturn, Envelope, MailParams, MessageHandle, Recipient
 from submitd.errors import SpoolError
 from submitd.mailqueue import (
     FORMAT_VERSION,
@@ -140,7 +140,10 @@ async def test_sidecar_is_versioned_json_naming_the_message(spool: Spool) -> Non
     assert sidecar["sender"] == "alice@example.org"
     assert sidecar["username"] == "alice"
     assert (sidecar["origin"], sidecar["held"], sidecar["delay_warned"]) == ("smtp", False, False)
-    assert sidecar["params"] == {"size": 1234, "body": "8BITMIME", "smtputf8": False, "auth": "<>"}
+    assert sidecar["params"] == {
+        "size": 1234, "body": "8BITMIME", "smtputf8": False, "auth": "<>", "ret": None,
+        "envid": None,
+    }
     assert sidecar["recipients"] == [
         {
             "address": "bob@example.net",
@@ -469,12 +472,42 @@ async def test_version_1_sidecar_from_an_older_release_still_loads(spool: Spool)
     assert await Spool(spool.directory).recover() == [queue_id]
     record = await spool.load_record(queue_id)
     assert (record.held, record.delay_warned, record.origin) == (False, False, Origin.SMTP)
+    assert (record.params.ret, record.params.envid) == (None, None)
     (rcpt,) = record.recipients
     assert (rcpt.attempts, rcpt.params, rcpt.history) == (1, (), ())
     assert rcpt.last_reply == Reply.make(451, "4.4.1", "later")
     await spool.save(record)  # rewritten as the current version
     sidecar = json.loads((spool.directory / "env" / f"{queue_id}.json").read_bytes())
     assert sidecar["version"] == FORMAT_VERSION
+
+
+DSN_PARAMS = MailParams(size=1234, ret=DsnReturn.HDRS, envid="batch 7+1=x")
+NOTIFY = (("NOTIFY", "SUCCESS,DELAY"), ("ORCPT", "rfc822;bob+2Bold@example.net"))
+
+
+async def test_dsn_parameters_survive_a_restart_and_recovery(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "spool")
+    await spool.recover()
+    incoming, handle = await receive(spool, MESSAGE)
+    sent = replace(
+        envelope(), params=DSN_PARAMS,
+        recipients=(Recipient(address="bob@example.net", params=NOTIFY),
+                    Recipient(address="carol@example.com", params=(("NOTIFY", "NEVER"),))),
+    )
+    queue_id = await incoming.commit(sent, handle, session_info=SESSION)
+    sidecar = json.loads((spool.directory / "env" / f"{queue_id}.json").read_bytes())
+    assert (sidecar["params"]["ret"], sidecar["params"]["envid"]) == ("HDRS", "batch 7+1=x")
+    restarted = Spool(tmp_path / "spool")
+    assert await restarted.recover() == [queue_id]
+    record = await restarted.load_record(queue_id)
+    assert record.params == DSN_PARAMS
+    assert [r.params for r in record.recipients] == [NOTIFY, (("NOTIFY", "NEVER"),)]
+    queued = await restarted.load(queue_id)
+    assert queued.envelope.params.ret is DsnReturn.HDRS
+    assert queued.envelope.recipients[0].param("NOTIFY") == "SUCCESS,DELAY"
+    # Saving the record after an attempt keeps them.
+    await restarted.save(replace(record, delay_warned=True))
+    assert (await Spool(tmp_path / "spool").load_record(queue_id)).params == DSN_PARAMS
 
 
 async def test_history_keeps_the_last_attempts_with_the_remote_host(spool: Spool) -> None:
@@ -528,6 +561,15 @@ NAN, INF = float("nan"), float("inf")
         (_set("origin", "spam"), "spam"),
         (_set("size", 2.5), "size"),
         (_set("params.body", "9BIT"), "9BIT"),
+        (_set("params.ret", "NONE"), "NONE"),
+        (_set("params.ret", 1), "DsnReturn"),
+        (_set("params.envid", 7), "envid"),
+        (_set("params.envid", "a\r\nb"), "envid"),
+        (_set("params.envid", "x" * 101), "longer than 100"),
+        (_set("params.envid", "caf\u00e9"), "printable"),
+        (_set("recipients.0.params", [["NOTIFY", "NEVER,SUCCESS"]]), "NOTIFY"),
+        (_set("recipients.0.params", [["NOTIFY", None]]), "NOTIFY"),
+        (_set("recipients.0.params", [["ORCPT", "bob@example.net"]]), "ORCPT"),
         (_set("recipients", []), "no recipients"),
     ],
 )
