@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import getpass
+import os
 import re
+import shlex
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -17,12 +18,11 @@ from typing import Any
 
 from . import __version__
 from ._cli_queue import add_queue_commands
-from .certs import CertificateInfo, inspect_certificate, write_selfsigned
+from ._cli_users import add_user_commands, help_handler
+from .certs import CertificateInfo, TLSFileError, inspect_certificate, write_selfsigned
 from .config import Config, default_config_path, format_duration, load_config
 from .errors import ConfigError, SubmitdError, UsageError
-from .passwords import UsersFile, validate_login, validate_sender
-from .quickstart import quickstart
-from .secret import Secret
+from .quickstart import quickstart, submitd_executable
 
 __all__ = ["build_parser", "main"]
 
@@ -42,6 +42,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed help or the usage error
         return exc.code if isinstance(exc.code, int) else EXIT_USAGE
     handler: Handler = args.handler
+    missing = _missing_config(args)
+    if missing is not None:
+        _error(missing)
+        return EXIT_USAGE
     try:
         return handler(args)
     except KeyboardInterrupt:
@@ -59,9 +63,38 @@ def _error(message: str) -> None:
     print(f"submitd: {message}", file=sys.stderr)
 
 
+def _warn(message: str) -> None:
+    print(f"submitd: warning: {message}", file=sys.stderr)
+
+
 def _describe_os_error(exc: OSError) -> str:
     text = exc.strerror or str(exc)
     return f"{exc.filename}: {text}" if exc.filename else text
+
+
+def _missing_config(args: argparse.Namespace) -> str | None:
+    """Say how to give or make a configuration when the command needs one that is not there."""
+    if "config" not in args or getattr(args, "file", None) is not None:
+        return None  # the command reads no configuration, or `user ... --file` needs none
+    given: Path | None = args.config
+    path = given if given is not None else default_config_path()
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        pass
+    except OSError:
+        return None  # unreadable for another reason: the loader says which
+    else:
+        return None
+    if given is not None:
+        source = "given with -c"
+    elif os.environ.get("SUBMITD_CONFIG"):
+        source = "from $SUBMITD_CONFIG"
+    else:
+        source = "the default"
+    make = f"{shlex.quote(submitd_executable())} quickstart DIR"
+    return (f"no configuration file at {path} ({source}); give one with -c FILE or "
+            f"$SUBMITD_CONFIG, or make a local test setup with `{make}`")
 
 
 # --- the parser -----------------------------------------------------------------------------
@@ -73,7 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="submitd", description="An authenticated SMTP submission server (RFC 6409)."
     )
     parser.add_argument("--version", action="version", version=f"submitd {__version__}")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.set_defaults(handler=help_handler(parser))  # `submitd` alone lists the commands
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = commands.add_parser("serve", help="run the server in the foreground")
     _config_option(p)
@@ -87,36 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", metavar="DIR", type=Path)
     p.set_defaults(handler=cmd_quickstart)
 
-    user = commands.add_parser("user", help="manage the users file").add_subparsers(
-        dest="user_command", metavar="ACTION", required=True
-    )
-    p = user.add_parser("add", help="add a login")
-    _users_file_options(p)
-    p.add_argument("login", metavar="USER")
-    p.add_argument(
-        "--sender", action="append", default=[], metavar="ADDR",
-        help="an address or @domain the user may send as (repeatable); <> for bounces",
-    )
-    _password_option(p)
-    p.set_defaults(handler=cmd_user_add)
-    p = user.add_parser("passwd", help="set a login's password")
-    _users_file_options(p)
-    p.add_argument("login", metavar="USER")
-    _password_option(p)
-    p.set_defaults(handler=cmd_user_passwd)
-    p = user.add_parser("del", help="remove a login")
-    _users_file_options(p)
-    p.add_argument("login", metavar="USER")
-    p.set_defaults(handler=cmd_user_del)
-    p = user.add_parser("list", help="list logins and their senders")
-    _users_file_options(p)
-    p.set_defaults(handler=cmd_user_list)
-
+    add_user_commands(commands)
     add_queue_commands(commands, _config_option)
 
-    cert = commands.add_parser("cert", help="certificate helpers").add_subparsers(
-        dest="cert_command", metavar="ACTION", required=True
-    )
+    cert_parser = commands.add_parser("cert", help="certificate helpers")
+    cert_parser.set_defaults(handler=help_handler(cert_parser))
+    cert = cert_parser.add_subparsers(dest="cert_command", metavar="ACTION")
     p = cert.add_parser("selfsigned", help="write a self-signed ECDSA P-256 certificate")
     p.add_argument("--host", action="append", required=True, metavar="NAME",
                    help="a DNS name or IP address for the certificate (repeatable)")
@@ -131,18 +141,6 @@ def _config_option(p: argparse.ArgumentParser) -> None:
         "-c", "--config", type=Path, metavar="FILE",
         help="configuration file (default: $SUBMITD_CONFIG, else /etc/submitd/submitd.toml)",
     )
-
-
-def _users_file_options(p: argparse.ArgumentParser) -> None:
-    group = p.add_mutually_exclusive_group()
-    group.add_argument("-c", "--config", type=Path, metavar="FILE",
-                       help="use the users file named in [plugins.passwdfile] of this config")
-    group.add_argument("--file", type=Path, metavar="USERSFILE", help="the users file itself")
-
-
-def _password_option(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--password-stdin", action="store_true",
-                   help="read the password from the first line of stdin")
 
 
 def _load(args: argparse.Namespace) -> Config:
@@ -162,7 +160,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    """``submitd check-config``: the start-up validation, then the effective configuration."""
+    """``submitd check-config``: the start-up validation, then the effective configuration.
+
+    Setups that start but silently fail are reported on stderr as ``submitd: warning: ...``
+    lines; they do not change the exit code.
+    """
     config = _load(args)
     cert = _check_certificate(config)
     from .plugin_manager import configure_plugins, create_plugin_manager
@@ -170,9 +172,52 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     pm = create_plugin_manager(config)
     configure_plugins(pm, config)
     print(render_config(config, cert), end="")
-    if cert.expired:
-        _error(f"warning: the certificate {cert.subject} has expired")
+    delivers = [impl.plugin_name for impl in pm.hook.submitd_deliver.get_hookimpls()]
+    for warning in config_warnings(config, cert, delivers):
+        _warn(warning)
     return EXIT_OK
+
+
+#: check-config warns about a certificate that ends within this period.
+EXPIRY_WARNING = dt.timedelta(days=14)
+
+
+def config_warnings(
+    config: Config, cert: CertificateInfo, delivery_plugins: Sequence[str]
+) -> list[str]:
+    """What would let the server start but fail quietly: each a sentence for an operator."""
+    warnings = []
+    if not delivery_plugins:
+        warnings.append(
+            "no enabled plugin delivers mail (none implements submitd_deliver): every message "
+            f"would wait in the queue for [queue] max_age ({format_duration(config.queue.max_age)})"
+            " and then bounce; enable one in [plugins] enable, e.g. maildir or smarthost"
+        )
+    if not cert.covers(config.hostname):
+        names = ", ".join(cert.names) or "none: it has no subjectAltName"
+        warnings.append(
+            f"hostname {config.hostname} is not among the certificate's names ({names}); "
+            "clients that verify the certificate against it will refuse to connect "
+            "(RFC 6125 §6.4)"
+        )
+    until = f"{cert.not_after:%Y-%m-%d %H:%M} UTC"
+    if cert.expired:
+        warnings.append(
+            f"the certificate expired on {until}; clients that verify it refuse to connect"
+        )
+    elif cert.expires_within(EXPIRY_WARNING):
+        left = cert.not_after - dt.datetime.now(dt.UTC)
+        warnings.append(
+            f"the certificate expires on {until} (in {_days(left)}); renew it and send "
+            "SIGHUP to reload"
+        )
+    return warnings
+
+
+def _days(left: dt.timedelta) -> str:
+    if left.days < 1:
+        return "less than a day"
+    return f"{left.days} day" + ("s" if left.days != 1 else "")
 
 
 def _check_certificate(config: Config) -> CertificateInfo:
@@ -181,16 +226,15 @@ def _check_certificate(config: Config) -> CertificateInfo:
         raise ConfigError(config.path, "tls", "a [tls] table is required to serve")
     try:
         return inspect_certificate(config.tls.cert, config.tls.key)
-    except OSError as exc:
-        key = "tls.key" if exc.filename and Path(exc.filename) == config.tls.key else "tls.cert"
-        raise ConfigError(config.path, key, _describe_os_error(exc)) from None
-    except ValueError as exc:
-        raise ConfigError(config.path, "tls", str(exc)) from None
+    except TLSFileError as exc:
+        raise ConfigError(config.path, exc.setting, exc.message) from None
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """``submitd quickstart DIR``."""
+    """``submitd quickstart DIR``: every command it prints works when pasted as is."""
     result = quickstart(args.dir)
+    exe = shlex.quote(submitd_executable())
+    config = shlex.quote(str(result.config_path))
     print(f"Wrote a local submitd setup to {result.directory}")
     print(f"  configuration: {result.config_path}")
     print(f"  users file:    {result.users_path}")
@@ -198,10 +242,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     print()
     print(f"Login:    {result.login} (may send as {result.sender})")
     print(f"Password: {result.password.reveal()}")
-    print("The password is shown only now; change it with `submitd user passwd`.")
+    print("The password is shown only now; change it with:")
+    print(f"  {exe} user passwd -c {config} {result.login}")
     print()
-    print(f"Start the server:  submitd serve -c {result.config_path}")
-    print("Send a test message:")
+    print("Start the server:")
+    print(f"  {exe} serve -c {config}")
+    print("Send a test message (in another terminal, while the server runs):")
     print(f"  {result.swaks_command()}")
     return EXIT_OK
 
@@ -218,90 +264,6 @@ def cmd_cert_selfsigned(args: argparse.Namespace) -> int:
         ) from None
     print(f"certificate: {cert}")
     print(f"key:         {key}")
-    return EXIT_OK
-
-
-# --- user -----------------------------------------------------------------------------------
-
-
-def _users_path(args: argparse.Namespace) -> Path:
-    """The users file: ``--file``, else ``[plugins.passwdfile] path`` of the config."""
-    if args.file is not None:
-        path: Path = args.file
-        return path
-    config = _load(args)
-    raw = config.plugin_table("passwdfile").get("path")
-    if not isinstance(raw, str) or not raw:
-        raise ConfigError(
-            config.path, "plugins.passwdfile.path", "not set; name the users file with --file"
-        )
-    return config.resolve(raw)
-
-
-def _read_password(args: argparse.Namespace) -> Secret:
-    if args.password_stdin:
-        line = sys.stdin.readline().removesuffix("\n").removesuffix("\r")
-        if not line:
-            raise UsageError("no password on stdin")
-        return Secret(line)
-    if not sys.stdin.isatty():
-        raise UsageError("stdin is not a terminal; pipe the password in with --password-stdin")
-    first = Secret(getpass.getpass("Password: "))
-    if not first:
-        raise UsageError("empty password")
-    if Secret(getpass.getpass("Repeat password: ")) != first:
-        raise UsageError("the passwords do not match")
-    return first
-
-
-def _checked(check: Callable[[str], str], value: str) -> str:
-    try:
-        return check(value)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def cmd_user_add(args: argparse.Namespace) -> int:
-    """``submitd user add USER [--sender ADDR ...] [--password-stdin]``."""
-    path = _users_path(args)
-    login = _checked(validate_login, args.login)
-    senders = [_checked(validate_sender, s) for s in args.sender]
-    users = UsersFile.load(path, missing_ok=True)
-    if login in users:  # say so before asking for a password (add re-checks under the lock)
-        raise UsageError(f"user {login!r} already exists in {path}")
-    users.add_user(login, _read_password(args), senders)
-    note = "" if senders else " (no --sender: it can log in but not send)"
-    print(f"added {login} to {path}{note}")
-    return EXIT_OK
-
-
-def cmd_user_passwd(args: argparse.Namespace) -> int:
-    """``submitd user passwd USER [--password-stdin]``."""
-    path = _users_path(args)
-    users = UsersFile.load(path)
-    if args.login not in users:
-        raise UsageError(f"no user {args.login!r} in {path}")
-    users.set_password(args.login, _read_password(args))
-    print(f"changed the password of {args.login}")
-    return EXIT_OK
-
-
-def cmd_user_del(args: argparse.Namespace) -> int:
-    """``submitd user del USER``."""
-    path = _users_path(args)
-    UsersFile.load(path).delete_user(args.login)
-    print(f"removed {args.login} from {path}")
-    return EXIT_OK
-
-
-def cmd_user_list(args: argparse.Namespace) -> int:
-    """``submitd user list``: logins and their senders, never hashes."""
-    users = UsersFile.load(_users_path(args))
-    entries = users.entries
-    width = max((len(e.login) for e in entries), default=0)
-    for e in entries:
-        senders = " ".join(e.senders) if e.senders else "(may not send)"
-        print(f"{e.login:<{width}}  {senders}")
     return EXIT_OK
 
 

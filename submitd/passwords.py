@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +34,7 @@ from .errors import SubmitdError
 from .secret import Secret
 
 __all__ = [
+    "DEFAULT_MIN_PASSWORD_LENGTH",
     "NO_SENDER",
     "NoSuchUserError",
     "UserEntry",
@@ -41,14 +42,21 @@ __all__ = [
     "UsersFile",
     "UsersFileError",
     "VerifyResult",
+    "check_password_length",
     "file_signature",
     "hash_password",
+    "min_password_length",
     "validate_login",
     "validate_sender",
 ]
 
 #: How the null reverse path ``<>`` (bounces) is written in a sender list.
 NO_SENDER = "<>"
+
+#: The shortest password ``submitd user add`` and ``user passwd`` accept, unless
+#: ``[plugins.passwdfile] min_password_length`` says otherwise (NIST SP 800-63B §3.1.1.2
+#: asks for at least 8; 12 leaves a margin for passwords people choose).
+DEFAULT_MIN_PASSWORD_LENGTH = 12
 
 # Logins are matched byte-for-byte against the SASL username: printable, no spaces.
 _LOGIN = re.compile(r"\A[^\s#\x00-\x1f\x7f][^\s\x00-\x1f\x7f]{0,254}\Z")
@@ -78,7 +86,7 @@ class UserExistsError(UsersFileError):
 
 
 class NoSuchUserError(UsersFileError):
-    """``passwd`` or ``del`` of a login that is not in the file."""
+    """``passwd``, ``del`` or a senders change of a login that is not in the file."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -127,6 +135,27 @@ def validate_sender(pattern: str) -> str:
     if not at or not _DOMAIN.match(domain) or (local and not _LOCAL.match(local)):
         raise ValueError(f"invalid sender {pattern!r}: use user@example.com, @example.com or <>")
     return f"{local}@{domain.lower()}"
+
+
+def min_password_length(table: Mapping[str, object]) -> int:
+    """Return ``min_password_length`` of a ``[plugins.passwdfile]`` table (default 12).
+
+    Raise ValueError unless it is a positive integer.
+    """
+    value = table.get("min_password_length", DEFAULT_MIN_PASSWORD_LENGTH)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"must be a positive integer, got {value!r}")
+    return value
+
+
+def check_password_length(password: Secret, minimum: int) -> None:
+    """Raise ValueError if ``password`` has fewer than ``minimum`` characters.
+
+    Characters are Unicode code points, as typed. Only new passwords are checked: a login
+    whose password predates the rule keeps working.
+    """
+    if len(password.reveal()) < minimum:
+        raise ValueError(f"the password is too short: at least {minimum} characters")
 
 
 def hash_password(password: Secret, hasher: argon2.PasswordHasher | None = None) -> str:
@@ -298,6 +327,37 @@ class UsersFile:
         new_hash = hash_password(password, self._hasher)
         return self._edit(lambda cur: _replace_hash(cur, login, new_hash, old_hash))
 
+    def set_senders(self, login: str, senders: Iterable[str]) -> UsersFile:
+        """Replace the senders of ``login`` (an empty list: it may log in but not send). Blocking.
+
+        The password hash stays as it is.
+        """
+        wanted = tuple(dict.fromkeys(validate_sender(s) for s in senders))
+        return self._edit(lambda cur: _replace_senders(cur, login, lambda _old: wanted))
+
+    def change_senders(
+        self, login: str, *, add: Iterable[str] = (), remove: Iterable[str] = ()
+    ) -> UsersFile:
+        """Remove then add senders of ``login``, keeping the others in order. Blocking.
+
+        Adding a sender already listed changes nothing; removing one that is not listed raises
+        UsersFileError and leaves the file alone.
+        """
+        adding = [validate_sender(s) for s in add]
+        removing = [validate_sender(s) for s in remove]
+
+        def edit(old: tuple[str, ...]) -> tuple[str, ...]:
+            for sender in removing:
+                if sender not in old:
+                    listed = " ".join(old) or "none"
+                    raise UsersFileError(
+                        self.path, f"user {login!r} has no sender {sender!r} (senders: {listed})"
+                    )
+            kept = tuple(s for s in old if s not in removing)
+            return tuple(dict.fromkeys((*kept, *adding)))
+
+        return self._edit(lambda cur: _replace_senders(cur, login, edit))
+
     def delete_user(self, login: str) -> UsersFile:
         """Remove ``login``. Blocking."""
 
@@ -374,6 +434,16 @@ def _replace_hash(
     if expect is not None and entry.hash != expect:
         return None  # changed meanwhile: keep what is there
     updated = UserEntry(login=login, hash=new_hash, senders=entry.senders)
+    return tuple(updated if _is_login(e, login) else e for e in current.lines)
+
+
+def _replace_senders(
+    current: UsersFile, login: str, edit: Callable[[tuple[str, ...]], tuple[str, ...]]
+) -> tuple[UserEntry | str, ...]:
+    entry = current.lookup(login)
+    if entry is None:
+        raise NoSuchUserError(current.path, f"no user {login!r}")
+    updated = UserEntry(login=login, hash=entry.hash, senders=edit(entry.senders))
     return tuple(updated if _is_login(e, login) else e for e in current.lines)
 
 

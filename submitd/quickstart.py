@@ -13,6 +13,8 @@ import contextlib
 import os
 import secrets
 import shlex
+import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +25,7 @@ from .errors import UsageError
 from .passwords import UsersFile
 from .secret import Secret
 
-__all__ = ["DEMO_LOGIN", "DEMO_SENDER", "QuickstartResult", "quickstart"]
+__all__ = ["DEMO_LOGIN", "DEMO_SENDER", "QuickstartResult", "quickstart", "submitd_executable"]
 
 DEMO_LOGIN = "demo"
 DEMO_SENDER = "demo@example.com"
@@ -106,6 +108,22 @@ class QuickstartResult:
             "--auth-password", self.password.reveal(),
             "--from", self.sender, "--to", "someone@example.com",
         ])
+
+
+def submitd_executable() -> str:
+    """The absolute path of the ``submitd`` command running now, for commands to paste.
+
+    ``submitd`` is usually not on ``$PATH`` (it lives in a virtual environment's ``bin``):
+    the script being run (``sys.argv[0]``), else the one next to this Python, else whatever
+    ``$PATH`` finds, else the bare name.
+    """
+    script = Path(sys.argv[0]) if sys.argv and sys.argv[0] else None
+    if script is not None and script.name == "submitd" and script.is_file():
+        return os.path.abspath(script)
+    beside = Path(sys.executable).with_name("submitd")  # not resolved: the venv's bin
+    if sys.executable and beside.is_file():
+        return os.path.abspath(beside)
+    return shutil.which("submitd") or "submitd"
 
 
 def _new_password() -> Secret:

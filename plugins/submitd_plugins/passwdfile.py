@@ -6,6 +6,7 @@ Configuration::
     path = "users"          # required; relative to the config file (see etc/users.example)
     max_parallel = 4        # concurrent argon2 verifications (default: number of CPUs)
     queue_timeout = "10s"   # longest wait for a verification slot before 454 4.7.0
+    min_password_length = 12  # `submitd user add|passwd` refuse shorter new passwords
 
 The file is re-read when it changes (no restart). A password hashed with outdated argon2
 parameters is rehashed on the next successful login (see etc/users.example). A login may use as
@@ -40,7 +41,7 @@ from submitd import (
     hookimpl,
     logfmt,
 )
-from submitd.passwords import UsersFile, UsersFileError, file_signature
+from submitd.passwords import UsersFile, UsersFileError, file_signature, min_password_length
 
 __all__ = [
     "STATE",
@@ -52,7 +53,7 @@ __all__ = [
 ]
 
 NAME = "passwdfile"
-_KEYS = ("path", "max_parallel", "queue_timeout")
+_KEYS = ("path", "max_parallel", "queue_timeout", "min_password_length")
 _DEFAULT_QUEUE_TIMEOUT = "10s"
 
 log = logging.getLogger("submitd.plugins.passwdfile")
@@ -153,6 +154,10 @@ def submitd_configure(config: Config) -> None:
         raise ConfigError(config.path, key("queue_timeout"), str(exc)) from None
     if queue_timeout <= 0:
         raise ConfigError(config.path, key("queue_timeout"), "must be longer than zero")
+    try:
+        min_password_length(table)  # used by `submitd user`; checked here so start-up says so
+    except ValueError as exc:
+        raise ConfigError(config.path, key("min_password_length"), str(exc)) from None
     path = config.resolve(raw_path)
     try:
         users = UsersFile.load(path)

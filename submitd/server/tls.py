@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ssl
 
+from ..certs import TLSFileError, load_server_files
 from ..config import TLSConfig
 from ..errors import ConfigError
 
@@ -24,7 +25,11 @@ CIPHERS_TLS12 = ":".join(
 
 
 def make_server_context(tls: TLSConfig) -> ssl.SSLContext:
-    """Build the server context: TLS 1.2+, ECDHE + AEAD, no renegotiation, tickets, compression."""
+    """Build the server context: TLS 1.2+, ECDHE + AEAD, no renegotiation, tickets, compression.
+
+    A certificate or key that cannot be used raises ConfigError naming ``tls.cert`` or
+    ``tls.key`` with the reason in plain words (see :func:`submitd.certs.load_server_files`).
+    """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.set_ciphers(CIPHERS_TLS12)
@@ -38,12 +43,9 @@ def make_server_context(tls: TLSConfig) -> ssl.SSLContext:
         | ssl.OP_NO_TICKET
     )
     try:
-        ctx.load_cert_chain(certfile=str(tls.cert), keyfile=str(tls.key))
-    except FileNotFoundError as exc:
-        raise ConfigError(None, "tls", f"cannot read certificate or key: {exc.filename}") from exc
-    except (ssl.SSLError, OSError) as exc:
-        raise ConfigError(None, "tls", f"cannot load certificate {tls.cert} / key {tls.key}: "
-                          f"{exc}") from exc
+        load_server_files(ctx, tls.cert, tls.key)  # errors in plain words, not OpenSSL codes
+    except TLSFileError as exc:
+        raise ConfigError(None, exc.setting, exc.message) from None
     return ctx
 
 

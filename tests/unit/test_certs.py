@@ -10,9 +10,13 @@ from pathlib import Path
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from submitd.certs import inspect_certificate, write_selfsigned
+from submitd.certs import CertificateInfo, TLSFileError, inspect_certificate, write_selfsigned
+from submitd.config import TLSConfig
+from submitd.errors import ConfigError
+from submitd.server.tls import make_server_context
 
 
 def handshake(cert: Path, key: Path, server_hostname: str) -> str:
@@ -100,15 +104,93 @@ def test_inspect_describes_a_matching_pair(tmp_path: Path) -> None:
     assert not info.expired
 
 
-def test_inspect_refuses_a_key_from_another_certificate(tmp_path: Path) -> None:
-    cert, _ = write_selfsigned(tmp_path / "a", ["localhost"])
-    _, other_key = write_selfsigned(tmp_path / "b", ["localhost"])
-    with pytest.raises(ValueError, match="cannot load"):
-        inspect_certificate(cert, other_key)
+def encrypted_key(path: Path) -> Path:
+    key = ec.generate_private_key(ec.SECP256R1())
+    path.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"passphrase"),
+    ))
+    return path
 
 
-def test_inspect_names_a_missing_file(tmp_path: Path) -> None:
-    cert, _ = write_selfsigned(tmp_path, ["localhost"])
-    with pytest.raises(FileNotFoundError) as info:
-        inspect_certificate(cert, tmp_path / "absent.pem")
-    assert info.value.filename == str(tmp_path / "absent.pem")
+@pytest.mark.parametrize(
+    ("cert_name", "key_name", "setting", "message"),
+    [
+        ("a/cert.pem", "b/key.pem", "tls.key", "the key does not belong to this certificate"),
+        ("a/key.pem", "a/key.pem", "tls.cert", "the file holds no certificate"),
+        ("garbage.txt", "a/key.pem", "tls.cert", "the file holds no certificate"),
+        ("a/cert.pem", "a/cert.pem", "tls.key", "the file holds no private key"),
+        ("a/cert.pem", "garbage.txt", "tls.key", "the file holds no private key"),
+        ("a/cert.pem", "encrypted.pem", "tls.key",
+         "the private key is encrypted with a passphrase, which submitd cannot ask for"),
+        ("absent.pem", "a/key.pem", "tls.cert",
+         "the certificate file cannot be read: No such file or directory"),
+        ("a/cert.pem", "absent.pem", "tls.key",
+         "the key file cannot be read: No such file or directory"),
+        ("a", "a/key.pem", "tls.cert", "the certificate file cannot be read: Is a directory"),
+    ],
+)
+def test_unusable_files_are_explained_in_plain_words_by_check_and_start_up(
+    tmp_path: Path, cert_name: str, key_name: str, setting: str, message: str
+) -> None:
+    write_selfsigned(tmp_path / "a", ["localhost"])
+    write_selfsigned(tmp_path / "b", ["localhost"])
+    (tmp_path / "garbage.txt").write_text("not a PEM file\n")
+    encrypted_key(tmp_path / "encrypted.pem")
+    cert, key = tmp_path / cert_name, tmp_path / key_name
+    named = key if setting == "tls.key" else cert
+
+    with pytest.raises(TLSFileError) as info:
+        inspect_certificate(cert, key)
+    assert info.value.setting == setting
+    assert str(info.value).startswith(message)
+    assert str(named) in str(info.value)
+    assert "PEM lib" not in str(info.value) and "_ssl.c" not in str(info.value)
+
+    with pytest.raises(ConfigError) as started:  # what `submitd serve` reports
+        make_server_context(TLSConfig(cert=cert, key=key))
+    assert started.value.key == setting
+    assert started.value.message == info.value.message
+
+
+def test_a_file_holding_both_certificate_and_key_serves(tmp_path: Path) -> None:
+    cert, key = write_selfsigned(tmp_path, ["localhost"])
+    both = tmp_path / "both.pem"
+    both.write_bytes(cert.read_bytes() + key.read_bytes())
+    assert inspect_certificate(both, both).names == ("localhost",)
+    make_server_context(TLSConfig(cert=both, key=both))
+
+
+@pytest.mark.parametrize(
+    ("names", "hostname", "covered"),
+    [
+        (["mail.example.org"], "mail.example.org", True),
+        (["mail.example.org"], "MAIL.Example.ORG", True),
+        (["mail.example.org"], "smtp.example.org", False),
+        (["*.example.org"], "mail.example.org", True),
+        (["*.example.org"], "example.org", False),  # the wildcard stands for one label
+        (["*.example.org"], "a.mail.example.org", False),  # ... exactly one
+        (["localhost", "192.0.2.1"], "192.0.2.1", True),
+        (["192.0.2.1"], "192.0.2.2", False),
+        (["localhost"], "localhost", True),
+    ],
+)
+def test_covers_follows_rfc_6125_name_matching(
+    tmp_path: Path, names: list[str], hostname: str, covered: bool
+) -> None:
+    cert, key = write_selfsigned(tmp_path, names)
+    assert inspect_certificate(cert, key).covers(hostname) is covered
+
+
+def test_a_wildcard_directly_under_a_top_level_domain_covers_nothing() -> None:
+    info = CertificateInfo(subject="CN=x", names=("*.org",), dns_names=("*.org",),
+                           not_after=dt.datetime.now(dt.UTC))
+    assert not info.covers("example.org")
+
+
+def test_expiry_is_reported_ahead(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("submitd.certs.VALIDITY", dt.timedelta(days=10))
+    info = inspect_certificate(*write_selfsigned(tmp_path, ["localhost"]))
+    assert not info.expired
+    assert info.expires_within(dt.timedelta(days=14))
+    assert not info.expires_within(dt.timedelta(days=7))
