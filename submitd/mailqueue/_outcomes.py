@@ -40,11 +40,16 @@ def expired_reply(last: Reply) -> Reply:
 
 @dataclass(frozen=True, kw_only=True)
 class AttemptResult:
-    """The record after an attempt, what to tell the observers, and who failed just now."""
+    """The record after an attempt, what to tell the observers, and its report material.
+
+    ``failed`` and ``delivered`` are the recipients that failed or were delivered in this
+    attempt: the ones its failure and success reports are about.
+    """
 
     record: QueueRecord
     results: tuple[tuple[Recipient, DeliveryOutcome], ...]
     failed: tuple[tuple[RecipientRecord, DeliveryOutcome], ...]
+    delivered: tuple[tuple[RecipientRecord, DeliveryOutcome], ...] = ()
 
 
 def apply_outcomes(
@@ -57,6 +62,7 @@ def apply_outcomes(
     updated: list[RecipientRecord] = []
     results: dict[str, tuple[Recipient, DeliveryOutcome]] = {}
     failed: list[tuple[RecipientRecord, DeliveryOutcome]] = []
+    delivered: list[tuple[RecipientRecord, DeliveryOutcome]] = []
     for rcpt in record.recipients:
         if rcpt.state is not RecipientState.PENDING:
             updated.append(rcpt)
@@ -67,10 +73,13 @@ def apply_outcomes(
         results.setdefault(rcpt.address, (new.view(), final))
         if new.state is RecipientState.FAILED:
             failed.append((new, final))
+        elif new.state is RecipientState.DELIVERED:
+            delivered.append((new, final))
     pending = [r.next_attempt for r in updated if r.state is RecipientState.PENDING]
     next_attempt = min(pending) if pending else now
     new_record = replace(record, recipients=tuple(updated), next_attempt=next_attempt)
-    return AttemptResult(record=new_record, results=tuple(results.values()), failed=tuple(failed))
+    return AttemptResult(record=new_record, results=tuple(results.values()), failed=tuple(failed),
+                         delivered=tuple(delivered))
 
 
 def _advance(

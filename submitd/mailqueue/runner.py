@@ -3,7 +3,9 @@
 One attempt on a message: load it, call ``deliver`` with the recipients still pending, then
 record each outcome (:mod:`._outcomes`). Recipients that failed in the attempt are reported
 to the sender in one bounce, queued durably *before* the message's own state is updated, so
-a crash in between repeats the bounce rather than losing it (at-least-once). The new state is
+a crash in between repeats the bounce rather than losing it (at-least-once); those delivered
+and asking for it (``NOTIFY=SUCCESS``) in one success report, the same way. Each recipient's
+``NOTIFY`` decides which reports list it (:mod:`._reports`). The new state is
 written atomically, or the message is removed once nothing is pending, and only then are the
 ``delivery_result`` observers told. Delivery is at-least-once: a crash between ``deliver`` and
 the state update repeats that one attempt.
@@ -239,7 +241,8 @@ class QueueRunner:
                 queued = await self._spool.load(queue_id)
                 failed = [(r, DeliveryOutcome.permanent(DELETED_REPLY)) for r in record.pending]
                 report_id = await self._reporter.bounce(
-                    record, queued.header_section, failed, self._clock()
+                    record, queued.header_section, failed, self._clock(),
+                    message=queued.message,
                 )
             await self._spool.remove(queue_id)
         log.info(logfmt("deleted", queue_id=queue_id, report_id=report_id))
@@ -391,16 +394,17 @@ class QueueRunner:
 
     async def _report(self, queued: QueuedMessage, result: AttemptResult,
                       now: float) -> AttemptResult:
-        """Queue the bounce and the delay warning this attempt calls for, before its state.
+        """Queue the reports this attempt calls for (failure, success, delay), before its state.
 
         If a bounce cannot be queued, its recipients stay pending (retried soon, and
-        reported then): the sender is never left untold.
+        reported then): the sender is never left untold. A success report that cannot be
+        queued is logged and dropped (delivering again to report it would duplicate mail).
         """
         record = result.record
         if result.failed:
             try:
                 report_id = await self._reporter.bounce(
-                    record, queued.header_section, result.failed, now
+                    record, queued.header_section, result.failed, now, message=queued.message
                 )
             except SpoolError as exc:
                 log.error(logfmt("report_failed", queue_id=record.queue_id, error=exc))
@@ -413,6 +417,16 @@ class QueueRunner:
                 )
                 record = replace(record, recipients=recipients)
                 record = replace(record, next_attempt=min(r.next_attempt for r in record.pending))
+            else:
+                if report_id is not None:
+                    self.notify(report_id)
+        if result.delivered:
+            try:
+                report_id = await self._reporter.success(
+                    record, queued.header_section, result.delivered, now
+                )
+            except SpoolError as exc:
+                log.error(logfmt("report_failed", queue_id=record.queue_id, error=exc))
             else:
                 if report_id is not None:
                     self.notify(report_id)

@@ -10,7 +10,17 @@ from email.message import EmailMessage, Message
 
 import pytest
 
-from submitd.mailqueue.dsn import Action, RecipientStatus, Report, build_report, report_envelope
+from submitd import Recipient
+from submitd.mailqueue.dsn import (
+    Action,
+    Notify,
+    RecipientStatus,
+    Report,
+    build_report,
+    notify_conditions,
+    report_envelope,
+    returnable,
+)
 from submitd.protocol._events import BodyType
 from submitd.protocol._replies import Reply
 
@@ -27,7 +37,8 @@ class ParsedReport:
     text: str
     per_message: Message
     recipients: list[Message]
-    headers: str
+    headers: str  # the text/rfc822-headers part ("" when the whole message is returned)
+    returned: EmailMessage | None = None  # the message/rfc822 (or message/global) part
 
 
 def parse_report(data: bytes) -> ParsedReport:
@@ -36,18 +47,30 @@ def parse_report(data: bytes) -> ParsedReport:
     assert isinstance(message, EmailMessage)
     assert message.get_content_type() == "multipart/report"
     assert message.get_param("report-type") == "delivery-status"
-    human, status, headers = message.iter_parts()
+    human, status, original = message.iter_parts()
     assert human.get_content_type() == "text/plain"
     assert status.get_content_type() == "message/delivery-status"
-    assert headers.get_content_type() == "text/rfc822-headers"
-    blocks = status.get_payload()
-    assert isinstance(blocks, list) and len(blocks) >= 2
+    payload = status.get_payload()
+    assert isinstance(payload, list) and len(payload) >= 2
+    blocks = [b for b in payload if isinstance(b, Message)]
+    assert len(blocks) == len(payload)
+    headers, returned = "", None
+    if original.get_content_type() == "text/rfc822-headers":
+        headers = original.get_content()
+    else:
+        assert original.get_content_type() in ("message/rfc822", "message/global")
+        content = original.get_content()
+        if isinstance(content, bytes):  # message/global: the email package hands out bytes
+            content = email.message_from_bytes(content, policy=email.policy.default)
+        assert isinstance(content, EmailMessage)
+        returned = content
     return ParsedReport(
         message=message,
         text=human.get_content(),
         per_message=blocks[0],
         recipients=blocks[1:],
-        headers=headers.get_content(),
+        headers=headers,
+        returned=returned,
     )
 
 
@@ -173,3 +196,118 @@ def test_report_goes_from_the_null_sender_to_the_original_sender_only() -> None:
     assert not envelope.params.smtputf8
     with pytest.raises(ValueError, match="null sender"):
         report_envelope(report(failed(), sender=""), received_at=T0)
+
+
+# --- DSN requests (RFC 3461): NOTIFY, RET, ENVID, ORCPT ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("notify", "conditions"),
+    [
+        (None, {Notify.FAILURE, Notify.DELAY}),  # absent: submitd's choice (RFC 3461 §4.1)
+        ("NEVER", set()),
+        ("SUCCESS", {Notify.SUCCESS}),
+        ("SUCCESS,FAILURE", {Notify.SUCCESS, Notify.FAILURE}),
+        ("failure,delay", {Notify.FAILURE, Notify.DELAY}),
+    ],
+)
+def test_notify_parameter_decides_which_reports_a_recipient_gets(
+    notify: str | None, conditions: set[Notify]
+) -> None:
+    params = () if notify is None else (("NOTIFY", notify),)
+    assert notify_conditions(Recipient(address="b@example.net", params=params)) == conditions
+
+
+def test_success_report_says_delivered_or_relayed_with_a_2xx_status() -> None:
+    delivered = RecipientStatus(address="bob@example.net", action=Action.DELIVERED,
+                                reply=Reply.make(250, "2.0.0", "Delivered"), last_attempt=T0)
+    relayed = RecipientStatus(address="carol@example.com", action=Action.RELAYED,
+                              reply=Reply.make(250, "", "Ok queued"), remote="smtp.example.net",
+                              last_attempt=T0)
+    data = build_report(report(delivered, relayed))
+    assert_wire_safe(data)
+    parsed = parse_report(data)
+    assert parsed.message["Subject"] == "Relayed Mail Report (no further notice will follow)"
+    assert [(r["Action"], r["Status"], r["Remote-MTA"]) for r in parsed.recipients] == [
+        ("delivered", "2.0.0", None),
+        ("relayed", "2.0.0", "dns; smtp.example.net"),  # no enhanced code: 2.0.0
+    ]
+    text = " ".join(parsed.text.split())
+    assert "does not send delivery status notifications" in text
+    assert "<carol@example.com>: 250 Ok queued (relayed to smtp.example.net)" in text
+    assert "Subject: lunch" in parsed.headers  # success reports return the header section
+    only_delivered = parse_report(build_report(report(delivered)))
+    assert only_delivered.message["Subject"] == "Successful Mail Delivery Report"
+    assert "was delivered" in " ".join(only_delivered.text.split())
+
+
+def test_envid_is_xtext_encoded_and_orcpt_decoded_into_original_recipient() -> None:
+    def with_orcpt(orcpt: str) -> RecipientStatus:
+        return RecipientStatus(address="bob@example.net", action=Action.FAILED, reply=REFUSED,
+                               original_recipient=orcpt)
+
+    parsed = parse_report(build_report(report(
+        with_orcpt("rfc822;a+2Bb@example.org"),
+        with_orcpt("RFC822;j+C3+B6rg@example.org"),  # UTF-8 in xtext
+        with_orcpt("no type here"),                 # not addr-type;xtext: left out
+        failed(),                                   # no ORCPT: no Original-Recipient
+        envelope_id="order 42+x=y",
+    )))
+    # RFC 3464 §2.2.1 with the xtext of RFC 3461 §4: what the client sent as ENVID.
+    assert parsed.per_message["Original-Envelope-Id"] == "order+2042+2Bx+3Dy"
+    assert [r["Original-Recipient"] for r in parsed.recipients] == [
+        "rfc822; a+b@example.org",
+        "utf-8; j\\x{F6}rg@example.org",
+        None,
+        None,
+    ]
+    assert all(r["Final-Recipient"] == "rfc822; bob@example.net" for r in parsed.recipients)
+
+
+def original_message(body: bytes = b"The body of the message.\r\n") -> bytes:
+    return HEADERS + body
+
+
+def test_ret_full_returns_the_whole_message_as_message_rfc822() -> None:
+    data = build_report(report(failed(), original=original_message()))
+    assert_wire_safe(data)
+    parsed = parse_report(data)
+    assert parsed.returned is not None
+    assert parsed.returned["Subject"] == "lunch"
+    assert parsed.returned.get_content().splitlines() == ["The body of the message."]
+    assert "It is attached below." in " ".join(parsed.text.split())
+    assert report_envelope(report(failed(), original=original_message()),
+                           received_at=T0).params.body is BodyType.SEVEN_BIT
+
+
+def test_ret_full_with_8bit_content_is_sent_as_8bitmime() -> None:
+    eight_bit = (b"Subject: hi\r\nMIME-Version: 1.0\r\n"
+                 b"Content-Type: text/plain; charset=utf-8\r\n"
+                 b"Content-Transfer-Encoding: 8bit\r\n\r\n" + "Grüße\r\n".encode())
+    parsed = parse_report(build_report(report(failed(), original=eight_bit)))
+    assert parsed.returned is not None
+    assert parsed.returned.get_content().splitlines() == ["Grüße"]
+    (_, _, part) = parsed.message.iter_parts()
+    assert part["Content-Transfer-Encoding"] == "8bit"
+    envelope = report_envelope(report(failed(), original=eight_bit), received_at=T0)
+    assert envelope.params.body is BodyType.EIGHT_BIT_MIME and not envelope.params.smtputf8
+    # UTF-8 in the returned header section: message/global (RFC 6532 §3.7).
+    utf8_headers = b"Subject: caf\xc3\xa9\r\n\r\nbody\r\n"
+    data = build_report(report(failed(), original=utf8_headers))
+    assert b"Content-Type: message/global\r\n" in data
+    returned = parse_report(data).returned
+    assert returned is not None and returned["Subject"] == "café"
+
+
+def test_headers_only_report_explains_why_when_full_return_was_refused() -> None:
+    note = "The message is larger than 10 MiB (20971520 bytes), so only its header section..."
+    parsed = parse_report(build_report(report(failed(), return_note=note)))
+    assert parsed.returned is None and "Subject: lunch" in parsed.headers
+    assert "larger than 10 MiB" in " ".join(parsed.text.split())
+
+
+def test_only_messages_a_message_rfc822_part_can_carry_are_returned_whole() -> None:
+    assert returnable(original_message())
+    assert not returnable(HEADERS + b"x" * 999 + b"\r\n")  # RFC 5322 §2.1.1
+    assert not returnable(HEADERS + b"bare\nLF\r\n")
+    assert not returnable(HEADERS + b"NUL\0\r\n")
