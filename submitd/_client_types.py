@@ -127,9 +127,15 @@ class TransactionResult:
 
     That is the RCPT refusal, else the DATA reply; a MAIL refusal is every recipient's
     reply; capability failures (SIZE, 8BITMIME, SMTPUTF8) are synthesised 5xx replies.
+
+    ``dsn_passed_on`` is True when the server offered DSN, so the message's ``RET`` and
+    ``ENVID`` went with MAIL and each recipient's ``NOTIFY`` and ``ORCPT`` with its RCPT
+    (RFC 3461 §4): the server now reports on them. False when it did not offer DSN and none
+    of them was sent (RFC 3461 §4.1 then leaves the reports to us).
     """
 
     replies: Mapping[str, Reply]
+    dsn_passed_on: bool = False
 
 
 def detail(text: object) -> str:

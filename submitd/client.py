@@ -18,6 +18,7 @@ import logging
 import types
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from functools import partial
 
 import trio
 
@@ -252,20 +253,23 @@ class SMTPClient:
 
         ``params`` are the original MAIL parameters; SIZE, BODY and SMTPUTF8 are worked out
         again from the stored message and what the server offers, and ``params.auth`` is never
-        passed on. Raises :class:`SMTPClientError` if the connection breaks.
+        passed on. RET and ENVID (and the recipients' NOTIFY and ORCPT) are sent only when
+        the server offers DSN (RFC 3461 §4); ``TransactionResult.dsn_passed_on`` says whether
+        they were. Raises :class:`SMTPClientError` if the connection breaks.
         """
         if not self.usable:
             reply = Reply.make(451, "4.4.2", "the connection is no longer usable")
             raise SMTPClientError("mail", reply)
         try:
-            return await self._transaction(sender, list(recipients), message)
+            return await self._transaction(sender, list(recipients), message, params)
         except BaseException:
             self._usable = False
             await self._abort()
             raise
 
     async def _transaction(
-        self, sender: str, recipients: list[Recipient], message: MessageHandle
+        self, sender: str, recipients: list[Recipient], message: MessageHandle,
+        params: MailParams,
     ) -> TransactionResult:
         """Plan from the extensions and the content, then MAIL/RCPT, DATA and the body."""
         with self._local_file():
@@ -274,26 +278,28 @@ class SMTPClient:
             extensions=self.extensions, sender=sender,
             recipients=[(r.address, r.params) for r in recipients], size=message.size,
             eight_bit=content.eight_bit, utf8_headers=content.utf8_headers,
+            ret=params.ret, envid=params.envid,
         )
         replies = dict(plan.refused)
+        done = partial(TransactionResult, replies=replies, dsn_passed_on=plan.dsn)
         if not plan.recipients:
-            return TransactionResult(replies=replies)
+            return done()
         accepted = await self._envelope(sender, plan, replies)
         if not accepted:
             await self._reset_after_failure()
-            return TransactionResult(replies=replies)
+            return done()
         t = self._timeouts
         reply = await self._command(self._conn.send_data(), "data", t.data_init, "DATA")
         if reply.code != 354:
             replies.update((address, reply) for address in accepted)
             await self._reset_after_failure()
-            return TransactionResult(replies=replies)
+            return done()
         await self._body(message)
         reply = await self._read("data", t.data_end)
         replies.update((address, reply) for address in accepted)
         _log.debug(logfmt("smtp_client_sent", remote=self.remote, size=message.size,
-                          accepted=len(accepted), reply=str(reply)))
-        return TransactionResult(replies=replies)
+                          accepted=len(accepted), reply=str(reply), dsn=plan.dsn))
+        return done()
 
     async def _envelope(
         self, sender: str, plan: TransactionPlan, replies: dict[str, Reply]

@@ -272,7 +272,9 @@ class _Attempt:
                     Reply.make(451, "4.3.0", "The smarthost gave no reply for this recipient"),
                     remote=remote)
             elif reply.code < 400:
-                outcomes[recipient.address] = DeliveryOutcome.delivered(reply, remote=remote)
+                # RFC 3461 §4.1: a next hop that took NOTIFY/ORCPT/RET/ENVID reports itself.
+                outcomes[recipient.address] = DeliveryOutcome.delivered(
+                    reply, remote=remote, dsn_passed_on=result.dsn_passed_on)
             elif reply.code < 500:
                 outcomes[recipient.address] = DeliveryOutcome.temporary(reply, remote=remote)
             else:

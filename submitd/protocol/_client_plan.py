@@ -12,8 +12,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from ._commands import RcptParams, render_rcpt_to
-from ._events import BodyType, MailParams
-from ._grammar import format_path
+from ._events import BodyType, DsnReturn, MailParams
+from ._grammar import GrammarError, check_envid, format_path
 from ._replies import Reply
 
 __all__ = ["ContentScanner", "TransactionPlan", "plan_transaction", "size_limit"]
@@ -59,6 +59,8 @@ class TransactionPlan:
     recipients: tuple[str, ...]
     recipient_params: tuple[RcptParams, ...]
     refused: Mapping[str, Reply]
+    #: The server offers DSN, so RET, ENVID, NOTIFY and ORCPT go with MAIL and RCPT.
+    dsn: bool = False
 
 
 def size_limit(extensions: Mapping[str, str]) -> int | None:
@@ -86,12 +88,15 @@ def plan_transaction(
     size: int,
     eight_bit: bool,
     utf8_headers: bool,
+    ret: DsnReturn | None = None,
+    envid: str | None = None,
 ) -> TransactionPlan:
     """Decide MAIL's parameters and which recipients to try; see the module docstring.
 
     ``recipients`` pairs each address with its RCPT parameters; only DSN's are passed on, and
-    only to a server offering DSN. An invalid sender or recipient address is refused (``553``)
-    rather than rendered.
+    only to a server offering DSN, like MAIL's ``ret`` and ``envid`` (RFC 3461 §4: a client
+    must not send them to a server that did not offer the extension). An invalid sender or
+    recipient address is refused (``553``) rather than rendered.
     """
 
     def refuse_all(code: int, status: str, text: str) -> TransactionPlan:
@@ -110,11 +115,12 @@ def plan_transaction(
         return refuse_all(553, "5.6.7", "message needs SMTPUTF8, the server does not offer it")
     if not _valid(sender):
         return refuse_all(553, "5.1.7", "invalid sender address")
+    offered = "DSN" in extensions
     refused: dict[str, Reply] = {}
     send: list[tuple[str, RcptParams]] = []
     for address, rcpt_params in recipients:
         dsn = tuple((n, v) for n, v in rcpt_params if n.upper() in _DSN_PARAMS)
-        if "DSN" not in extensions or not _valid(address, dsn):
+        if not offered or not _valid(address, dsn):
             dsn = ()
         if not address.isascii() and not utf8_offered:
             refused[address] = Reply.make(553, "5.6.7", "address needs SMTPUTF8, the server "
@@ -130,6 +136,20 @@ def plan_transaction(
         size=size if "SIZE" in extensions else None,
         body=BodyType.EIGHT_BIT_MIME if eight_bit else BodyType.SEVEN_BIT,
         smtputf8=smtputf8,
+        ret=ret if offered else None,
+        envid=envid if offered and _valid_envid(envid) else None,
     )
     return TransactionPlan(params=params, recipients=tuple(a for a, _ in send),
-                           recipient_params=tuple(p for _, p in send), refused=refused)
+                           recipient_params=tuple(p for _, p in send), refused=refused,
+                           dsn=offered)
+
+
+def _valid_envid(envid: str | None) -> bool:
+    """An ENVID the server stored is always valid; anything else is dropped, not sent."""
+    if envid is None:
+        return False
+    try:
+        check_envid(envid)
+    except GrammarError:
+        return False
+    return True

@@ -54,6 +54,8 @@ class ReceivedMessage:
     username: str | None  # the login, when the client authenticated
     tls: bool  # the message came inside TLS
     client_names: tuple[str, ...]  # DNS names of the client certificate, when one was required
+    # The RCPT TO parameters of each accepted recipient, in order, e.g. (("NOTIFY=NEVER",), ())
+    recipient_params: tuple[tuple[str, ...], ...] = ()
 
 
 class _Closed(Exception):
@@ -70,7 +72,9 @@ class FakeSmarthost:
     (``mechanisms``) is offered and required for MAIL. ``recipient_replies`` answers RCPT TO
     per address (case-insensitive); ``mail_reply`` answers every MAIL FROM (e.g. a ``451`` for
     "try again later"); ``data_reply`` answers every message body; ``client_ca`` demands a
-    client certificate signed by that CA.
+    client certificate signed by that CA. ``offer_dsn`` announces DSN (RFC 3461) as Postfix
+    does; without it, MAIL with ``RET``/``ENVID`` and RCPT with ``NOTIFY``/``ORCPT`` are
+    refused with ``555 5.5.4``, like a server that does not know the extension.
     """
 
     def __init__(
@@ -89,6 +93,7 @@ class FakeSmarthost:
         client_ca: Path | None = None,
         hostname: str = "smarthost.test",
         max_size: int = 10 * 1024 * 1024,
+        offer_dsn: bool = False,
     ) -> None:
         if tls not in ("starttls", "implicit", "none"):
             raise ValueError(f"tls must be starttls, implicit or none, not {tls!r}")
@@ -105,6 +110,7 @@ class FakeSmarthost:
         self.data_reply = data_reply
         self.hostname = hostname
         self.max_size = max_size
+        self.offer_dsn = offer_dsn
         self.port = 0
         self.messages: list[ReceivedMessage] = []
         self.transcripts: list[list[str]] = []
@@ -209,6 +215,7 @@ class _Dialogue:
         self.sender: str | None = None
         self.params: tuple[str, ...] = ()
         self.recipients: list[str] = []
+        self.recipient_params: list[tuple[str, ...]] = []
         self.handlers: dict[str, Callable[[str], Awaitable[bool]]] = {
             "EHLO": self.do_ehlo, "HELO": self.do_helo, "STARTTLS": self.do_starttls,
             "AUTH": self.do_auth, "MAIL": self.do_mail, "RCPT": self.do_rcpt,
@@ -254,6 +261,8 @@ class _Dialogue:
         fake = self.fake
         lines = [fake.hostname, "PIPELINING", f"SIZE {fake.max_size}", "8BITMIME",
                  "ENHANCEDSTATUSCODES", "SMTPUTF8"]
+        if fake.offer_dsn:
+            lines.append("DSN")
         if fake.offer_starttls and not self.in_tls:
             lines.append("STARTTLS")
         if fake.username is not None and (self.in_tls or not fake.require_tls):
@@ -341,6 +350,8 @@ class _Dialogue:
             await self.reply(503, "5.5.1", "Nested MAIL command")
         elif path is None:
             await self.reply(501, "5.5.4", "Syntax: MAIL FROM:<address>")
+        elif self._unoffered(params, ("RET", "ENVID")):
+            await self.reply(555, "5.5.4", "Unsupported option")
         elif self.fake.mail_reply is not None and self.fake.mail_reply.code >= 400:
             await self.send(self.fake.mail_reply)
         else:
@@ -349,17 +360,26 @@ class _Dialogue:
         return False
 
     async def do_rcpt(self, argument: str) -> bool:
-        path, _ = _path(argument, "TO:")
+        path, params = _path(argument, "TO:")
         if self.sender is None:
             await self.reply(503, "5.5.1", "Need MAIL command")
         elif not path:
             await self.reply(501, "5.5.4", "Syntax: RCPT TO:<address>")
+        elif self._unoffered(params, ("NOTIFY", "ORCPT")):
+            await self.reply(555, "5.5.4", "Unsupported option")
         else:
             answer = self.fake.recipient_replies.get(path.lower())
             if answer is None or answer.code < 400:
                 self.recipients.append(path)
+                self.recipient_params.append(params)
             await self.send(answer or Reply.make(250, "2.1.5", "Recipient ok"))
         return False
+
+    def _unoffered(self, params: tuple[str, ...], dsn: tuple[str, ...]) -> bool:
+        """A DSN parameter sent although DSN was not offered (RFC 3461 §4)."""
+        return not self.fake.offer_dsn and any(
+            p.partition("=")[0].upper() in dsn for p in params
+        )
 
     async def do_data(self, argument: str) -> bool:
         if self.sender is None or not self.recipients:
@@ -377,7 +397,8 @@ class _Dialogue:
             self.fake.messages.append(ReceivedMessage(
                 sender=self.sender, recipients=tuple(self.recipients), mail_params=self.params,
                 data=bytes(content), connection=self.number, username=self.user,
-                tls=self.in_tls, client_names=self._client_names()))
+                tls=self.in_tls, client_names=self._client_names(),
+                recipient_params=tuple(self.recipient_params)))
             self.fake._notify()
         self.reset()
         await self.send(answer)
@@ -395,6 +416,7 @@ class _Dialogue:
         self.sender = None
         self.params = ()
         self.recipients = []
+        self.recipient_params = []
 
     async def do_rset(self, argument: str) -> bool:
         self.reset()

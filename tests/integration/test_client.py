@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 
-from submitd import MailParams, Secret
+from submitd import DsnReturn, MailParams, Recipient, Secret
 from submitd.client import (
     ClientSettings,
     ClientTimeouts,
@@ -287,6 +287,43 @@ async def test_smtputf8_only_when_needed_and_offered(ca: TestCA, tmp_path: Path)
         got = await send_one(port, ca, tmp_path, MESSAGE, "jürgen@example.net")
     assert got == {"jürgen@example.net": (250, "2.0.0")}
     assert any(c.endswith(" SMTPUTF8") and c.startswith("MAIL") for c in offered.commands)
+
+
+DSN_PARAMS = MailParams(ret=DsnReturn.HDRS, envid="batch 7+1")
+DSN_RECIPIENTS = [
+    Recipient(address="a@example.net",
+              params=(("NOTIFY", "SUCCESS,FAILURE"), ("ORCPT", "rfc822;old+2Ba@example.net"))),
+    Recipient(address="b@example.net", params=(("NOTIFY", "NEVER"),)),
+]
+
+
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_dsn_parameters_are_sent_exactly_when_the_server_offers_dsn(
+    ca: TestCA, tmp_path: Path, pipelining: bool
+) -> None:
+    base = EXTENSIONS if pipelining else tuple(e for e in EXTENSIONS if e != "PIPELINING")
+    results = {}
+    for offered in (True, False):
+        script = Script(extensions=(*base, "DSN") if offered else base)
+        async with serve(script, ca) as port:
+            client = await SMTPClient.connect(settings(port, ca))
+            result = await client.send(sender=SENDER, recipients=DSN_RECIPIENTS,
+                                       message=stored(tmp_path, MESSAGE), params=DSN_PARAMS)
+            await client.aclose()
+        assert {r.code for r in result.replies.values()} == {250}
+        envelope = [c for c in script.commands if c.startswith(("MAIL", "RCPT"))]
+        results[offered] = (envelope, result.dsn_passed_on)
+    size = f"SIZE={len(MESSAGE)}"
+    assert results[True] == ([
+        f"MAIL FROM:<{SENDER}> {size} RET=HDRS ENVID=batch+207+2B1",
+        "RCPT TO:<a@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;old+2Ba@example.net",
+        "RCPT TO:<b@example.net> NOTIFY=NEVER",
+    ], True)
+    assert results[False] == ([
+        f"MAIL FROM:<{SENDER}> {size}",
+        "RCPT TO:<a@example.net>",
+        "RCPT TO:<b@example.net>",
+    ], False)
 
 
 async def test_plaintext_mode_never_sends_starttls_or_auth(ca: TestCA, tmp_path: Path) -> None:

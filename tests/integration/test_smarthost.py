@@ -14,7 +14,7 @@ import pytest
 import trio
 import trustme
 
-from submitd import DeliveryOutcome, OutcomeKind, Reply, hookimpl
+from submitd import DeliveryOutcome, DsnReturn, MailParams, OutcomeKind, Reply, hookimpl
 from submitd.testing import (
     RawSMTPClient,
     RunningServer,
@@ -22,6 +22,7 @@ from submitd.testing import (
     running_server,
     running_smarthost,
 )
+from submitd.views import RecipientParams
 from tests.support import PASSWORD, RECIPIENT, SENDER, USER
 
 RELAY_USER = "relay-user"
@@ -42,12 +43,14 @@ class Recorder:
 
     def __init__(self) -> None:
         self.stored: list[bytes] = []
+        self.envelopes: list[tuple[MailParams, tuple[RecipientParams, ...]]] = []
         self.outcomes: list[tuple[str, DeliveryOutcome]] = []
         self._changed = trio.Event()
 
     @hookimpl
     async def submitd_deliver(self, envelope, message, recipients):  # type: ignore[no-untyped-def]
         self.stored.append(await trio.to_thread.run_sync(message.path.read_bytes))
+        self.envelopes.append((envelope.params, tuple(r.params for r in recipients)))
 
     @hookimpl
     def submitd_delivery_result(self, envelope, recipient, outcome):  # type: ignore[no-untyped-def]
@@ -100,15 +103,20 @@ def closed_port() -> int:
 
 
 async def submit(srv: RunningServer, tls: ssl.SSLContext, *, sender: str = SENDER,
-                 recipients: tuple[str, ...] = (RECIPIENT,), body: bytes | None = None) -> str:
-    """Submit one message over implicit TLS with AUTH; return the queue id."""
+                 recipients: tuple[str, ...] = (RECIPIENT,), body: bytes | None = None,
+                 mail_params: str = "", rcpt_params: dict[str, str] | None = None) -> str:
+    """Submit one message over implicit TLS with AUTH; return the queue id.
+
+    ``mail_params`` follows MAIL FROM, ``rcpt_params[address]`` that address's RCPT TO.
+    """
     async with await RawSMTPClient.connect("127.0.0.1", srv.port("implicit"), tls=tls) as c:
         assert (await c.reply()).code == 220
         assert (await c.command("EHLO client.example")).code == 250
         assert (await c.command(f"AUTH PLAIN {PLAIN}")).code == 235
-        assert (await c.command(f"MAIL FROM:<{sender}>")).code == 250
+        assert (await c.command(f"MAIL FROM:<{sender}>{mail_params}")).code == 250
         for rcpt in recipients:
-            assert (await c.command(f"RCPT TO:<{rcpt}>")).code == 250
+            more = (rcpt_params or {}).get(rcpt, "")
+            assert (await c.command(f"RCPT TO:<{rcpt}>{more}")).code == 250
         assert (await c.command("DATA")).code == 354
         await c.send((body or message(sender)) + b".\r\n")
         reply = await c.reply()
@@ -149,6 +157,49 @@ async def test_message_is_relayed_byte_exact_with_starttls_and_auth(
     assert "event=smarthost_result" in caplog.text and "delivered=2" in caplog.text
     for secret in (RELAY_PASSWORD, base64.b64encode(RELAY_PASSWORD.encode()).decode()):
         assert secret not in caplog.text
+
+
+SECOND = "second@example.net"
+DSN_RCPT = {RECIPIENT: " NOTIFY=failure,success ORCPT=rfc822;old+2Bbox@example.net",
+            SECOND: " NOTIFY=NEVER"}
+
+
+@pytest.mark.parametrize("offer_dsn", [True, False])
+async def test_dsn_parameters_reach_a_smarthost_offering_dsn_and_only_then(
+    relay_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
+    secret_file: Path, offer_dsn: bool,
+) -> None:
+    recorder = Recorder()
+    async with running_smarthost(ca=ca, username=RELAY_USER, password=RELAY_PASSWORD,
+                                 offer_dsn=offer_dsn) as fake:
+        config = relay_config(starttls_table(fake.port, ca, secret_file))
+        async with running_server(config, extra_plugins=[("recorder", recorder)]) as srv:
+            await submit(srv, client_tls, recipients=(RECIPIENT, SECOND),
+                         mail_params=" RET=hdrs ENVID=batch+207", rcpt_params=DSN_RCPT)
+            outcomes = await recorder.wait_for(RECIPIENT, SECOND)
+            await fake.wait_until(lambda: any(m.sender == SENDER for m in fake.messages))
+    # What the client asked for went through the session and the spool to the delivery.
+    params, recipient_params = recorder.envelopes[0]
+    assert (params.ret, params.envid) == (DsnReturn.HDRS, "batch 7")
+    assert recipient_params == (
+        (("NOTIFY", "SUCCESS,FAILURE"), ("ORCPT", "rfc822;old+2Bbox@example.net")),
+        (("NOTIFY", "NEVER"),),
+    )
+    (received,) = [m for m in fake.messages if m.sender == SENDER]
+    assert received.recipients == (RECIPIENT, SECOND)
+    assert received.mail_params[0].startswith("SIZE=")
+    if offer_dsn:  # passed on unchanged (RFC 3461 §4), ENVID in xtext again
+        assert received.mail_params[1:] == ("RET=HDRS", "ENVID=batch+207")
+        assert received.recipient_params == (
+            ("NOTIFY=SUCCESS,FAILURE", "ORCPT=rfc822;old+2Bbox@example.net"),
+            ("NOTIFY=NEVER",),
+        )
+    else:  # the fake refuses them with 555 when not offered: none was sent
+        assert received.mail_params[1:] == ()
+        assert received.recipient_params == ((), ())
+    assert {a: (o.kind, o.dsn_passed_on) for a, o in outcomes.items()} == {
+        RECIPIENT: (OutcomeKind.DELIVERED, offer_dsn), SECOND: (OutcomeKind.DELIVERED, offer_dsn),
+    }
 
 
 async def test_refused_recipient_is_permanent_while_the_others_are_delivered(

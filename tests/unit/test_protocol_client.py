@@ -22,6 +22,7 @@ from submitd.protocol import (
     ClientState,
     ContentScanner,
     DataEncoder,
+    DsnReturn,
     LocalProtocolError,
     MailParams,
     Mechanism,
@@ -494,6 +495,48 @@ def test_plan_picks_parameters_from_what_the_server_offers() -> None:
     assert (plain.refused["ü@example.net"].code, plain.refused["ü@example.net"].status) == (
         553, "5.6.7")
     assert plain.refused["x\n@example.net"].status == "5.1.3"
+
+
+DSN_RCPT = (("NOTIFY", "SUCCESS,FAILURE"), ("ORCPT", "rfc822;b+2Bx@example.net"))
+
+
+def dsn_plan(extensions: dict[str, str], envid: str = "batch 7") -> TransactionPlan:
+    return plan_transaction(
+        extensions=extensions, sender="a@example.org",
+        recipients=[("b@example.net", DSN_RCPT), ("c@example.net", ())],
+        size=100, eight_bit=False, utf8_headers=False, ret=DsnReturn.HDRS, envid=envid,
+    )
+
+
+def test_dsn_parameters_go_only_to_a_server_that_offers_dsn() -> None:
+    offered = dsn_plan({"PIPELINING": "", "DSN": ""})
+    assert offered.dsn
+    assert (offered.params.ret, offered.params.envid) == (DsnReturn.HDRS, "batch 7")
+    assert offered.recipient_params == (DSN_RCPT, ())
+    data = greeted().send_envelope("a@example.org", offered.params, offered.recipients,
+                                   offered.recipient_params)
+    assert data == (
+        b"MAIL FROM:<a@example.org> RET=HDRS ENVID=batch+207\r\n"
+        b"RCPT TO:<b@example.net> NOTIFY=SUCCESS,FAILURE ORCPT=rfc822;b+2Bx@example.net\r\n"
+        b"RCPT TO:<c@example.net>\r\n"
+    )
+    # RFC 3461 §4: none of them to a server without DSN.
+    silent = dsn_plan({"PIPELINING": ""})
+    assert not silent.dsn
+    assert silent.params == MailParams()
+    assert silent.recipient_params == ((), ())
+    data = greeted().send_envelope("a@example.org", silent.params, silent.recipients,
+                                   silent.recipient_params)
+    assert data == (
+        b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nRCPT TO:<c@example.net>\r\n"
+    )
+
+
+@pytest.mark.parametrize("envid", ["x" * 101, "line\r\nbreak", "caf\u00e9"])
+def test_an_envid_that_cannot_be_sent_is_dropped_not_the_message(envid: str) -> None:
+    result = dsn_plan({"DSN": ""}, envid=envid)
+    assert result.recipients == ("b@example.net", "c@example.net")
+    assert (result.params.ret, result.params.envid) == (DsnReturn.HDRS, None)
 
 
 def test_content_scanner_finds_8bit_in_headers_and_body() -> None:
