@@ -274,7 +274,11 @@ class ClientConnection:
         return self._command(ReplyTo.AUTH, response + b"\r\n")
 
     def send_mail(self, sender: str, params: MailParams) -> bytes:
-        """``MAIL FROM:<sender>`` with SIZE, BODY and SMTPUTF8; ``params.auth`` is never sent."""
+        """``MAIL FROM:<sender>`` with SIZE, BODY, SMTPUTF8, RET and ENVID as ``params`` holds.
+
+        ``params.auth`` is never sent; leaving RET and ENVID out for a server without DSN is
+        the plan's job (``plan_transaction``).
+        """
         return self.send_envelope(sender, params, ())
 
     def send_rcpt(self, recipient: str, params: RcptParams = ()) -> bytes:
