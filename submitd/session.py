@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from .mailqueue.spool import IncomingMessage, Spool
     from .server.limits import AuthThrottle
 
-__all__ = ["ServerContext", "Session"]
+__all__ = ["ServerContext", "Session", "refusal_reason"]
 
 log = logging.getLogger("submitd.session")
 
@@ -107,6 +107,11 @@ def _any_reply(value: object) -> Reply:
     return reply
 
 
+def refusal_reason(reply: Reply) -> str:
+    """A refusal's text for a log line's ``reason=`` (our words or a plugin's, never a secret)."""
+    return " ".join(reply.lines)
+
+
 def _auth_result(value: object) -> AuthResult:
     if not isinstance(value, AuthResult):
         raise TypeError(f"expected an AuthResult, got {type(value).__name__}")
@@ -150,7 +155,8 @@ class Session:
             return False
         if answer is not None:
             plugin, reply = answer
-            log.info(logfmt("connect_refused", session=self.sid, plugin=plugin, reply=reply.code))
+            log.info(logfmt("connect_refused", session=self.sid, peer=self.info.peer_host,
+                            plugin=plugin, reply=reply.code, reason=refusal_reason(reply)))
             self.conn.greet(reply)
             return False
         self.conn.greet()
@@ -248,9 +254,15 @@ class Session:
             return
         reply = (result.reply if result is not None else None) or R_AUTH_INVALID
         if reply.code == 535:
+            # One WARNING line per failed login, fields in this order: the fail2ban filter in
+            # deploy/fail2ban/ matches it (peer= is the address to ban).
             self.ctx.throttle.failed(ip, event.username)
-        log.warning(logfmt("auth_failed", session=self.sid, peer=ip, user=who,
-                           mechanism=event.mechanism, reply=reply.code))
+            log.warning(logfmt("auth_failed", session=self.sid, peer=ip, user=who,
+                               mechanism=event.mechanism, reply=reply.code))
+        else:  # a temporary failure (454) or a plugin's other refusal: not a wrong password
+            log.info(logfmt("auth_refused", session=self.sid, peer=ip, user=who,
+                            mechanism=event.mechanism, reply=reply.code,
+                            reason=refusal_reason(reply)))
         self.conn.reject(reply)
 
     # -- transaction --------------------------------------------------------------------------
@@ -281,8 +293,10 @@ class Session:
             self.conn.reject(R_PLUGIN_FAILED)
             return
         if answer is not None:
-            log.info(logfmt("mail_refused", session=self.sid, sender=f"<{event.sender}>",
-                            plugin=answer[0], reply=answer[1].code))
+            log.info(logfmt("mail_refused", session=self.sid, peer=self.info.peer_host,
+                            user=self.info.username, sender=f"<{event.sender}>",
+                            plugin=answer[0], reply=answer[1].code,
+                            reason=refusal_reason(answer[1])))
             self.conn.reject(answer[1])
             return
         self._sender = event.sender
@@ -300,8 +314,10 @@ class Session:
             self.conn.reject(R_PLUGIN_FAILED)
             return
         if answer is not None and answer[1].code >= 400:
-            log.info(logfmt("rcpt_refused", session=self.sid, rcpt=f"<{event.recipient}>",
-                            plugin=answer[0], reply=answer[1].code))
+            log.info(logfmt("rcpt_refused", session=self.sid, peer=self.info.peer_host,
+                            user=self.info.username, rcpt=f"<{event.recipient}>",
+                            plugin=answer[0], reply=answer[1].code,
+                            reason=refusal_reason(answer[1])))
             self.conn.reject(answer[1])
             return
         self._recipients.append(recipient)
@@ -331,8 +347,9 @@ class Session:
     async def _data_complete(self, event: DataComplete) -> None:
         self.data_deadline = None
         if event.error is not None:
-            log.info(logfmt("data_refused", session=self.sid, reply=event.error.code,
-                            size=event.size))
+            log.info(logfmt("data_refused", session=self.sid, peer=self.info.peer_host,
+                            reply=event.error.code, size=event.size,
+                            reason=refusal_reason(event.error)))
             await self._discard_incoming()
             self.conn.reject(event.error)
             self._reset_transaction()
@@ -378,8 +395,9 @@ class Session:
             except PluginError:
                 return R_PLUGIN_FAILED
             if answer is not None:
-                log.info(logfmt("message_refused", session=self.sid, plugin=answer[0],
-                                reply=answer[1].code))
+                log.info(logfmt("message_refused", session=self.sid, peer=self.info.peer_host,
+                                plugin=answer[0], reply=answer[1].code,
+                                reason=refusal_reason(answer[1])))
                 return answer[1]
             message.freeze()
             # Once the commit starts it finishes: a half-done commit helps nobody.

@@ -5,7 +5,9 @@ The queue runner takes the spool's lock before anything touches the spool: a sec
 the same spool stops with :class:`~submitd.mailqueue.SpoolLocked` before it listens.
 SIGTERM (``request_shutdown``) stops accepting, lets sessions and delivery attempts in flight
 finish within ``limits.shutdown_grace`` (attempts record their outcome), then ends the rest:
-sessions with ``421 4.3.2``, attempts as abandoned (tried again after a restart). SIGHUP
+sessions with ``421 4.3.2``, attempts as abandoned (tried again after a restart). A second
+SIGTERM or Ctrl-C (``request_shutdown(now=True)``) ends the rest at once. Committed messages
+stay in the spool either way. SIGHUP
 (``reload``) re-reads the configuration, the certificate and (through the plugins) the users
 file without dropping sessions; a bad new configuration is logged and the old one stays.
 """
@@ -77,6 +79,11 @@ class Server:
         )
         self.bound: list[BoundListener] = []
         self._shutdown = trio.Event()
+        self._force = False
+        self._drain_scope: trio.CancelScope | None = None
+        self._drained = False
+        self._runner_scope = trio.CancelScope()
+        self._runner_done = trio.Event()
         self._handlers: list[ConnectionHandler] = []
 
     @property
@@ -89,7 +96,7 @@ class Server:
         """Run until :meth:`request_shutdown`; ``task_status.started`` gets the bound listeners."""
         try:
             async with trio.open_nursery() as root:
-                await root.start(self.runner.run)
+                await root.start(self._run_runner)
                 # The runner holds the spool lock now: operator commands (`submitd queue ...`)
                 # reach it through the control socket in the spool directory.
                 control = await root.start(
@@ -103,9 +110,6 @@ class Server:
                     task_status.started(list(self.bound))
                     await self._shutdown.wait()
                     control.cancel()  # operator commands end with the server
-                    active = sum(len(h.active) for h in self._handlers)
-                    log.info(logfmt("shutdown_started", sessions=active,
-                                    deliveries=len(self.runner.in_flight)))
                     # Both the sessions and the deliveries in flight get the same grace.
                     self.runner.stop(self._config.limits.shutdown_grace)
                     for scope in accept_scopes:
@@ -149,17 +153,68 @@ class Server:
         with scope, contextlib.suppress(trio.ClosedResourceError):
             await trio.serve_listeners(handler, [tcp], handler_nursery=sessions)
 
+    async def _run_runner(self, *, task_status: trio.TaskStatus[None]
+                          = trio.TASK_STATUS_IGNORED) -> None:
+        """The queue runner, under a scope a forced shutdown cancels (attempts abandoned)."""
+        try:
+            with self._runner_scope:
+                await self.runner.run(task_status=task_status)
+        finally:
+            self._runner_done.set()
+
+    def _sessions(self) -> int:
+        return sum(len(h.active) for h in self._handlers)
+
     async def _drain(self) -> None:
+        """Wait for sessions and deliveries to end, at most the grace, then end the rest."""
         grace = self._config.limits.shutdown_grace
-        with trio.move_on_after(grace):
+        sessions, deliveries = self._sessions(), len(self.runner.in_flight)
+        started = trio.current_time()
+        waiting = bool(sessions or deliveries)
+        if waiting:
+            log.info(logfmt("shutdown_waiting", sessions=sessions, deliveries=deliveries,
+                            grace=f"{grace:g}s",
+                            hint="send SIGTERM (or press Ctrl-C) again to stop at once"))
+        else:
+            log.info(logfmt("shutdown_started", sessions=0, deliveries=0))
+        with trio.move_on_after(grace) as self._drain_scope:
+            if self._force:
+                self._drain_scope.cancel()
             for handler in self._handlers:
                 await handler.idle.wait()
+            await self._runner_done.wait()
+        self._drain_scope = None
+        sessions, deliveries = self._sessions(), len(self.runner.in_flight)
+        if sessions or deliveries or self._force:
+            outcome = "forced" if self._force else "grace_expired"
+            # Sessions get 421 4.3.2; deliveries still running are logged attempt_abandoned
+            # and tried again after a restart; committed messages stay in the spool.
+            log.warning(logfmt("shutdown_wait_over", outcome=outcome, closing_sessions=sessions,
+                               abandoning_deliveries=deliveries,
+                               waited=f"{trio.current_time() - started:.1f}s"))
+        elif waiting:
+            log.info(logfmt("shutdown_wait_over", outcome="drained",
+                            waited=f"{trio.current_time() - started:.1f}s"))
+        self._drained = True
+        if self._force:
+            self._runner_scope.cancel()
         for handler in self._handlers:
             for scope in list(handler.active):
                 scope.cancel()  # each session then sends 421 4.3.2 and closes
 
-    def request_shutdown(self) -> None:
-        """Stop accepting and drain (what SIGTERM does)."""
+    def request_shutdown(self, *, now: bool = False) -> None:
+        """Stop accepting and drain (what SIGTERM does); ``now``: end everything at once.
+
+        ``now`` (a second SIGTERM or Ctrl-C) ends the grace period, or skips it: open sessions
+        get ``421 4.3.2`` at once and delivery attempts in flight are abandoned (their messages
+        stay queued). Without ``now``, calling again changes nothing.
+        """
+        if now:
+            self._force = True
+            if self._drain_scope is not None:
+                self._drain_scope.cancel()  # _drain counts what is left, then ends it
+            elif self._drained:
+                self._runner_scope.cancel()
         self._shutdown.set()
 
     def _prepare_reload(self) -> tuple[Config, ssl.SSLContext]:

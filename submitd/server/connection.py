@@ -30,12 +30,13 @@ from ..protocol import (
     ServerConnection,
     StartTLS,
 )
-from ..session import ServerContext, Session
+from ..protocol import catalogue as R
+from ..session import ServerContext, Session, refusal_reason
 from ..views import SessionInfo
 from .limits import ConnectionLimiter
 from .tls import TLSContextHolder
 
-__all__ = ["ConnectionHandler", "protocol_limits"]
+__all__ = ["ConnectionHandler", "explain_tls_failure", "protocol_limits"]
 
 log = logging.getLogger("submitd.connection")
 
@@ -54,6 +55,8 @@ _CLOSING_REPLY_TIMEOUT = 5.0
 # A 250 for a committed message is a few dozen bytes: its send blocks only when the client
 # stopped reading long ago, so a short deadline is enough and keeps a shutdown short.
 _ACK_TIMEOUT = 15.0
+_HEAD = 16  # bytes of a failed handshake kept to tell what the client spoke
+_USE_TLS_RIGHT = "use STARTTLS on the submission port, or TLS from the first byte here"
 _session_counter = itertools.count(1)
 _session_prefix = os.urandom(3).hex()
 
@@ -118,7 +121,8 @@ class ConnectionHandler:
         host, port = _peer(stream)
         sid = _new_session_id()
         if not self._limiter.try_acquire(host):
-            log.warning(logfmt("connection_refused", session=sid, peer=host, reason="limit"))
+            log.info(logfmt("connection_refused", session=sid, peer=host, reply=R_TOO_MANY.code,
+                            reason=self._limiter.why_refused(host)))
             await self._refuse(stream)
             return
         scope = trio.CancelScope()
@@ -179,10 +183,12 @@ class ConnectionHandler:
             with scope:
                 await driver.run(implicit)
             if scope.cancelled_caught:
+                log.info(logfmt("shutdown_closed", session=sid, peer=host, reply=R_SHUTDOWN.code,
+                                reason="the server is shutting down"))
                 conn.close(R_SHUTDOWN)
                 await driver.flush_quietly()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info(logfmt("disconnect", session=sid, reason=type(exc).__name__))
+            log.info(logfmt("disconnect", session=sid, peer=host, reason=type(exc).__name__))
         except Exception:
             # The last line of defence: log with the session id, tell the client if we can.
             log.exception(logfmt("connection_error", session=sid))
@@ -213,6 +219,8 @@ class _Driver:
         self.limits = ctx.config.limits
         self.handshake_timeout = ctx.config.tls.handshake_timeout if ctx.config.tls else 30.0
         self.sid = session.info.session_id
+        self.peer = session.info.peer_host
+        self.implicit = session.info.listener.mode is ListenMode.IMPLICIT
         self.eof = False
 
     async def run(self, implicit: bool) -> None:
@@ -225,6 +233,7 @@ class _Driver:
             # Replies are flushed only when we are about to wait for the client, so a
             # pipelined batch of commands gets one batch of replies (RFC 2920 §3.2).
             event = self.conn.next_event()
+            self._log_refusals()
             if event is NEED_DATA:
                 await self.flush()
                 if not await self._receive():
@@ -247,8 +256,35 @@ class _Driver:
                 return
             else:
                 await self.session.handle(event)
+                self._log_refusals()  # a refused AUTH can reach the core's failure limit
                 if self.session.unacknowledged is not None and not await self._acknowledge():
                     return
+
+    def _log_refusals(self) -> None:
+        """One INFO line per refusal the protocol core sent on its own (530, 503, 421, ...)."""
+        for refusal in self.conn.take_refusals():
+            log.info(logfmt("command_refused", session=self.sid, peer=self.peer,
+                            command=refusal.command or None, reply=refusal.reply.code,
+                            reason=self._explain(refusal.command, refusal.reply)))
+
+    def _explain(self, command: str, reply: Reply) -> str:
+        """The reason for a core refusal in plain words (the reply text when it says enough)."""
+        lim = self.limits
+        what = command or "a command"
+        reasons = {
+            R.STARTTLS_REQUIRED: f"the client sent {what} before STARTTLS (TLS is required first)",
+            R.AUTH_REQUIRED: f"the client sent {what} without logging in (AUTH is required)",
+            R.TOO_MANY_ERRORS: f"too many errors in one session (limit {lim.max_errors})",
+            R.TOO_MANY_AUTH_FAILURES:
+                f"too many failed logins in one session (limit {lim.max_auth_failures})",
+            R.TOO_MANY_TRANSACTIONS:
+                f"too many messages in one session (limit {lim.max_transactions})",
+            R.TOO_MANY_RECIPIENTS:
+                f"too many recipients for one message (limit {lim.max_recipients})",
+            R.AUTH_FAILED: "malformed login: empty user name or password, or an authorization "
+                           "identity other than the user name",
+        }
+        return reasons.get(reply) or refusal_reason(reply)
 
     async def flush(self) -> None:
         """Send every queued reply within ``_SEND_TIMEOUT`` (``TooSlowError`` otherwise)."""
@@ -320,22 +356,33 @@ class _Driver:
             self.eof = not data
             self.conn.receive_data(bytes(data))
             return True
-        phase = "data" if deadline is not None else "command"
-        log.info(logfmt("timeout", session=self.sid, phase=phase))
+        if deadline is not None and timeout < self.limits.command_timeout:
+            phase = "data"
+            why = (f"the message did not arrive within limits.data_timeout "
+                   f"({self.limits.data_timeout:g}s)")
+        else:
+            phase = "data" if deadline is not None else "command"
+            why = f"the client sent nothing for {timeout:g}s (limits.command_timeout)"
+        log.info(logfmt("timeout", session=self.sid, peer=self.peer, phase=phase,
+                        reply=R_TIMEOUT.code, reason=why))
         self.conn.close(R_TIMEOUT)
         return False
 
     async def _handshake(self) -> bool:
         """Wrap the stream in TLS and finish the handshake under its deadline."""
-        tls_stream = trio.SSLStream(self.stream, self.tls.context, server_side=True)
+        first = _FirstBytes(self.stream)
+        tls_stream = trio.SSLStream(first, self.tls.context, server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):
                 await tls_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # A failed handshake ends only this connection.
-            reason = "timeout" if isinstance(exc, trio.TooSlowError) else _tls_reason(exc)
-            log.info(logfmt("tls_failed", session=self.sid, reason=reason))
+            error = None if isinstance(exc, trio.TooSlowError) else _tls_error(exc)
+            log.info(logfmt("tls_failed", session=self.sid, peer=self.peer, error=error,
+                            reason=explain_tls_failure(first.head, error, implicit=self.implicit,
+                                                       timeout=self.handshake_timeout)))
             return False
+        first.stop()
         self.stream = tls_stream
         # SSLStream forwards version() and cipher() to its SSLObject.
         version: str | None = tls_stream.version()
@@ -344,6 +391,45 @@ class _Driver:
         self.session.tls_started(version, cipher_name)
         log.info(logfmt("tls", session=self.sid, version=version, cipher=cipher_name))
         return True
+
+
+_TLS_ERRORS = {
+    "NO_SHARED_CIPHER": "the client offers no cipher this server accepts",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the client offers only TLS versions older than 1.2",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the server's certificate (its CA)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client does not accept the server's certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client does not accept the server's certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client says the server's certificate has expired",
+    "BrokenResourceError": "the client closed the connection during the TLS handshake",
+    "ClosedResourceError": "the client closed the connection during the TLS handshake",
+}
+
+
+def explain_tls_failure(
+    head: bytes, error: str | None, *, implicit: bool, timeout: float
+) -> str:
+    """Why a TLS handshake failed, in plain words.
+
+    ``head`` is what the client sent first, ``error`` OpenSSL's code (None: the handshake
+    timed out). A TLS client starts with a handshake record (byte 0x16); anything else tells
+    what the client spoke instead.
+    """
+    if error is None:
+        if not head and implicit:
+            return (f"the client sent nothing for {timeout:g}s (tls.handshake_timeout): a plain "
+                    f"SMTP or STARTTLS client waits for a greeting on the implicit-TLS port "
+                    f"({_USE_TLS_RIGHT})")
+        return f"the TLS handshake did not finish within {timeout:g}s (tls.handshake_timeout)"
+    if head and head[0] != 0x16:
+        if error == "HTTP_REQUEST" or head.startswith((b"GET ", b"POST ", b"HEAD ", b"PUT ")):
+            return "the client spoke HTTP, not SMTP over TLS"
+        if head[:4].isalpha() and implicit:
+            return f"the client spoke plain SMTP on the implicit-TLS port ({_USE_TLS_RIGHT})"
+        if head[:4].isalpha():
+            return "the client went on in plain text after STARTTLS instead of starting TLS"
+        return "the client sent something other than a TLS handshake"
+    return _TLS_ERRORS.get(error, f"the TLS handshake failed ({error})")
 
 
 async def _close(stream: trio.abc.Stream) -> None:
@@ -360,8 +446,42 @@ async def _close(stream: trio.abc.Stream) -> None:
     await trio.aclose_forcefully(stream)
 
 
-def _tls_reason(exc: BaseException) -> str:
+def _tls_error(exc: BaseException) -> str:
+    """OpenSSL's code for a failed handshake (``WRONG_VERSION_NUMBER``), for the log."""
     cause = exc.__cause__
     if isinstance(cause, ssl.SSLError):
         return cause.reason or type(cause).__name__
     return type(exc).__name__
+
+
+class _FirstBytes(trio.abc.Stream):
+    """A transport that remembers the first bytes the client sent during a TLS handshake.
+
+    They tell a failed handshake's cause: plain SMTP on the implicit-TLS port, HTTP, ...
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.head = b""
+        self._recording = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        data = await self.stream.receive_some(max_bytes)
+        if self._recording:
+            self.head = (self.head + data)[:_HEAD]
+            self._recording = len(self.head) < _HEAD
+        return data
+
+    async def aclose(self) -> None:
+        await self.stream.aclose()
+
+    def stop(self) -> None:
+        """The handshake is done: stop recording."""
+        self._recording = False
+        self.head = b""

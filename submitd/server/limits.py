@@ -29,6 +29,12 @@ class ConnectionLimiter:
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return True
 
+    def why_refused(self, ip: str) -> str:
+        """In plain words, which cap :meth:`try_acquire` hit for ``ip`` (for the log)."""
+        if self.total >= self.max_total:
+            return f"server full (limit {self.max_total})"
+        return f"too many connections from this address (limit {self.max_per_ip})"
+
     def release(self, ip: str) -> None:
         """Give back the slot taken for ``ip``."""
         self.total -= 1

@@ -49,7 +49,7 @@ def test_sigterm_drains_then_says_421_and_exits_0(
                               timeout=30) as idle:
             idle.login(USER, PASSWORD)
             server.proc.send_signal(signal.SIGTERM)
-            server.wait_for_log("event=shutdown_started")
+            server.wait_for_log("event=shutdown_waiting sessions=1 deliveries=0 grace=1s")
             # After the grace period the idle session is told why it is being closed.
             code, text = idle.getreply()
             assert (code, text[:5]) == (421, b"4.3.2")
