@@ -270,7 +270,8 @@ def cmd_cert_selfsigned(args: argparse.Namespace) -> int:
 # --- the effective configuration, as TOML ---------------------------------------------------
 
 _BARE_KEY = re.compile(r"\A[A-Za-z0-9_-]+\Z")
-# Plugin settings that look like credentials are masked; *_file and *_path name files.
+# Plugin settings that look like credentials are masked; *_file and *_path name files, and
+# numbers are limits, not secrets.
 _SECRET_KEY = re.compile(r"password|secret|token|passphrase", re.IGNORECASE)
 
 
@@ -319,6 +320,8 @@ def render_config(config: Config, cert: CertificateInfo | None = None) -> str:
 def _masked(key: str, value: Any) -> Any:
     if isinstance(value, Mapping):
         return {k: _masked(k, v) for k, v in value.items()}
+    if isinstance(value, bool | int | float):  # a number is a setting (min_password_length)
+        return value
     if _SECRET_KEY.search(key) and not key.endswith(("_file", "_path")):
         return "***"
     return value

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 import os
+import shlex
 import subprocess
 import sys
 import types
@@ -11,12 +13,14 @@ from pathlib import Path
 
 import argon2
 import pytest
+from cryptography import x509
 
 from submitd import cli
 from submitd.certs import write_selfsigned
-from submitd.config import Config, load_config
+from submitd.config import Config, TLSConfig, load_config
 from submitd.passwords import UsersFile
 from submitd.secret import Secret
+from submitd.server.tls import make_server_context
 
 SUBMITD = Path(sys.executable).with_name("submitd")
 CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
@@ -430,3 +434,346 @@ def test_check_config_shows_and_round_trips_the_queue_settings(
     again.write_text(out)
     assert load_config(again).queue.delay_warning == 4 * 3600
     assert load_config(again).queue == load_config(setup).queue
+
+
+# --- commands that work as printed (issue 10, item 2) ----------------------------------------
+
+
+def missing_config_line(path: Path, source: str) -> str:
+    return (f"submitd: no configuration file at {path} ({source}); give one with -c FILE or "
+            f"$SUBMITD_CONFIG, or make a local test setup with `{SUBMITD} quickstart DIR`\n")
+
+
+@pytest.mark.parametrize(
+    "argv", [["serve"], ["check-config"], ["user", "list"], ["user", "add", "bob"],
+             ["queue", "list"]],
+)
+def test_a_missing_config_says_how_to_give_or_make_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+) -> None:
+    default = tmp_path / "etc" / "submitd.toml"
+    monkeypatch.setattr("submitd.config.DEFAULT_CONFIG_PATH", default)
+    monkeypatch.delenv("SUBMITD_CONFIG", raising=False)
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == missing_config_line(default, "the default")
+
+    from_env = tmp_path / "env.toml"
+    monkeypatch.setenv("SUBMITD_CONFIG", str(from_env))
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == missing_config_line(from_env, "from $SUBMITD_CONFIG")
+
+    given = tmp_path / "given.toml"
+    assert cli.main([*argv[:-1], argv[-1], "-c", str(given)]) == 2
+    assert capsys.readouterr().err == missing_config_line(given, "given with -c")
+
+
+def test_user_commands_with_file_need_no_config(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("SUBMITD_CONFIG", str(tmp_path / "absent.toml"))
+    assert cli.main(["user", "list", "--file", str(tmp_path / "users")]) == 2
+    assert capsys.readouterr().err == f"submitd: {tmp_path / 'users'}: no such file\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "listed"),
+    [([], ["serve", "check-config", "quickstart", "user", "queue", "cert"]),
+     (["user"], ["add", "passwd", "senders", "del", "list"]),
+     (["cert"], ["selfsigned"])],
+)
+def test_a_command_without_its_action_lists_the_actions_and_exits_2(
+    argv: list[str], listed: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(argv) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert "error:" not in captured.err
+    for name in listed:
+        assert any(f"\n    {name}{end}" in captured.err for end in " \n")
+
+
+def test_console_script_without_arguments_prints_help(tmp_path: Path) -> None:
+    result = run()
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert result.stderr.startswith("usage: submitd")
+    assert "check-config" in result.stderr and "quickstart" in result.stderr
+
+
+def printed_command(out: str, after: str) -> list[str]:
+    """The command line printed on the line after the one starting with ``after``."""
+    lines = out.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith(after))
+    return shlex.split(lines[index + 1])
+
+
+def test_quickstart_prints_commands_that_run_when_pasted(tmp_path: Path) -> None:
+    target = tmp_path / "var"
+    # As `make run` does: the script by a relative path, from the project directory.
+    made = subprocess.run(
+        ["./submitd", "quickstart", str(target)], cwd=SUBMITD.parent, capture_output=True,
+        text=True, timeout=60, stdin=subprocess.DEVNULL,
+    )
+    assert made.returncode == 0, made.stderr
+    config = str(target / "submitd.toml")
+    elsewhere = {"cwd": "/", "env": {k: v for k, v in os.environ.items()
+                                     if k not in ("SUBMITD_CONFIG", "PATH")}}
+
+    serve = printed_command(made.stdout, "Start the server:")
+    assert serve == [str(SUBMITD), "serve", "-c", config]
+    version = subprocess.run([serve[0], "--version"], capture_output=True, text=True,
+                             timeout=60, stdin=subprocess.DEVNULL, **elsewhere)  # type: ignore[call-overload]
+    assert version.returncode == 0 and version.stdout.startswith("submitd ")
+
+    passwd = printed_command(made.stdout, "The password is shown only now")
+    assert passwd == [str(SUBMITD), "user", "passwd", "-c", config, "demo"]
+    changed = subprocess.run([*passwd, "--password-stdin"], input="a new long password\n",
+                             capture_output=True, text=True, timeout=60, **elsewhere)  # type: ignore[call-overload]
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout == "changed the password of demo\n"
+    users = UsersFile.load(target / "users")
+    assert users.verify("demo", Secret("a new long password")).ok
+
+
+def test_quickstart_in_process_names_the_venv_script(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["quickstart", str(tmp_path)]) == 0  # sys.argv[0] is pytest here
+    out = capsys.readouterr().out
+    assert f"  {SUBMITD} serve -c {tmp_path / 'submitd.toml'}\n" in out
+    assert f"  {SUBMITD} user passwd -c {tmp_path / 'submitd.toml'} demo\n" in out
+    assert "submitd serve -c" not in out.replace(f"{SUBMITD} serve", "")
+
+
+# --- users: senders, password length, listing (item 3) -----------------------------------------
+
+
+def senders_of(setup: Path, login: str = "alice") -> tuple[str, ...]:
+    entry = UsersFile.load(setup.parent / "users").lookup(login)
+    assert entry is not None
+    return entry.senders
+
+
+def test_user_senders_shows_replaces_and_edits_keeping_the_password(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    users = setup.parent / "users"
+    old_hash = UsersFile.load(users).entries[0].hash
+    c = ["-c", str(setup)]
+    assert cli.main(["user", "senders", *c, "alice"]) == 0
+    assert capsys.readouterr().out == "alice@example.com\n"
+
+    assert cli.main(["user", "senders", *c, "alice", "--sender", "a@Example.ORG",
+                     "--sender", "@lists.example.org"]) == 0
+    assert capsys.readouterr().out == "senders of alice: a@example.org @lists.example.org\n"
+    assert senders_of(setup) == ("a@example.org", "@lists.example.org")
+
+    assert cli.main(["user", "senders", *c, "alice", "--add-sender", "<>",
+                     "--remove-sender", "@lists.example.org", "--add-sender", "a@example.org"]) == 0
+    assert capsys.readouterr().out == "senders of alice: a@example.org <>\n"
+
+    assert cli.main(["user", "senders", *c, "alice", "--no-senders"]) == 0
+    assert capsys.readouterr().out == "senders of alice: (may not send)\n"
+    assert senders_of(setup) == ()
+    assert UsersFile.load(users).entries[0].hash == old_hash
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["alice", "--remove-sender", "bob@example.com"],
+         "user 'alice' has no sender 'bob@example.com' (senders: alice@example.com)"),
+        (["alice", "--sender", "a@example.com", "--add-sender", "b@example.com"],
+         "--sender and --no-senders replace the whole list; "
+         "use them without --add-sender/--remove-sender"),
+        (["alice", "--add-sender", "x@example.com", "--remove-sender", "x@example.com"],
+         "both added and removed: x@example.com"),
+        (["alice", "--add-sender", "x@localhost"], "invalid sender 'x@localhost'"),
+        (["nobody", "--sender", "x@example.com"], "no user 'nobody'"),
+    ],
+)
+def test_user_senders_mistakes_change_nothing(
+    setup: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    before = (setup.parent / "users").read_bytes()
+    assert cli.main(["user", "senders", "-c", str(setup), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("submitd: ") and message in err and err.count("\n") == 1
+    assert (setup.parent / "users").read_bytes() == before
+
+
+def test_user_list_shows_each_logins_senders(
+    setup: Path, stdin: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    stdin.write("a long enough password\n")
+    stdin.seek(0)
+    assert cli.main(["user", "add", "-c", str(setup), "robot", "--password-stdin"]) == 0
+    capsys.readouterr()
+    assert cli.main(["user", "list", "-c", str(setup)]) == 0
+    assert capsys.readouterr().out == "alice  alice@example.com\nrobot  (may not send)\n"
+
+
+TOO_SHORT = "submitd: the password is too short: at least 12 characters\n"
+
+
+@pytest.mark.parametrize("action", [["add", "bob"], ["passwd", "alice"]])
+def test_a_short_password_is_refused(
+    setup: Path, stdin: io.StringIO, capsys: pytest.CaptureFixture[str], action: list[str]
+) -> None:
+    before = (setup.parent / "users").read_bytes()
+    stdin.write("elevenchars\n")
+    stdin.seek(0)
+    assert cli.main(["user", action[0], "-c", str(setup), action[1], "--password-stdin"]) == 2
+    assert capsys.readouterr().err == TOO_SHORT
+    assert (setup.parent / "users").read_bytes() == before
+    stdin.seek(0)
+    stdin.truncate()
+    stdin.write("twelve chars\n")
+    stdin.seek(0)
+    assert cli.main(["user", action[0], "-c", str(setup), action[1], "--password-stdin"]) == 0
+
+
+def test_the_minimum_length_comes_from_the_passwdfile_table(
+    setup: Path, stdin: io.StringIO, capsys: pytest.CaptureFixture[str]
+) -> None:
+    setup.write_text(setup.read_text() + "min_password_length = 20\n")
+    stdin.write("nineteen characters\n")
+    stdin.seek(0)
+    assert cli.main(["user", "passwd", "-c", str(setup), "alice", "--password-stdin"]) == 2
+    assert capsys.readouterr().err == (
+        "submitd: the password is too short: at least 20 characters\n"
+    )
+    assert cli.main(["check-config", "-c", str(setup)]) == 0
+    assert "min_password_length = 20" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("value", ["0", "-1", '"12"', "true", "1.5"])
+def test_a_bad_minimum_length_is_a_config_error(
+    setup: Path, capsys: pytest.CaptureFixture[str], value: str
+) -> None:
+    setup.write_text(setup.read_text() + f"min_password_length = {value}\n")
+    expected = f"submitd: {setup}: plugins.passwdfile.min_password_length: must be a positive"
+    assert cli.main(["user", "list", "-c", str(setup)]) == 2
+    assert capsys.readouterr().err.startswith(expected)
+    assert cli.main(["check-config", "-c", str(setup)]) == 2
+    assert capsys.readouterr().err.startswith(expected)
+
+
+def test_a_short_password_at_the_prompt_is_refused_before_asking_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompts: list[str] = []
+
+    def fake_getpass(prompt: str = "") -> str:
+        prompts.append(prompt)
+        return "short"
+
+    monkeypatch.setattr(sys, "stdin", FakeTTY())
+    monkeypatch.setattr("getpass.getpass", fake_getpass)
+    assert cli.main(["user", "add", "--file", str(tmp_path / "users"), "bob"]) == 2
+    assert capsys.readouterr().err == TOO_SHORT
+    assert prompts == ["Password: "]
+
+
+def test_console_script_refuses_a_short_password_from_stdin(tmp_path: Path) -> None:
+    result = run("user", "add", "--file", str(tmp_path / "users"), "bob",
+                 "--password-stdin", stdin="short\n")
+    assert (result.returncode, result.stdout, result.stderr) == (2, "", TOO_SHORT)
+    assert not (tmp_path / "users").exists()
+
+
+# --- check-config warnings (item 4) ------------------------------------------------------------
+
+
+NO_DELIVERY = (
+    "submitd: warning: no enabled plugin delivers mail (none implements submitd_deliver): "
+    "every message would wait in the queue for [queue] max_age (5d) and then bounce; "
+    "enable one in [plugins] enable, e.g. maildir or smarthost\n"
+)
+
+
+def with_maildir(setup: Path) -> None:
+    text = setup.read_text().replace('["passwdfile"]', '["passwdfile", "maildir"]')
+    setup.write_text(text.replace('hostname = "mail.example.org"', 'hostname = "localhost"')
+                     + '[plugins.maildir]\npath = "mail"\n')
+
+
+def test_check_config_warns_about_setups_that_silently_fail(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["check-config", "-c", str(setup)]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("# effective configuration")
+    assert captured.err == NO_DELIVERY + (
+        "submitd: warning: hostname mail.example.org is not among the certificate's names "
+        "(localhost); clients that verify the certificate against it will refuse to connect "
+        "(RFC 6125 §6.4)\n"
+    )
+
+
+def test_check_config_is_quiet_about_a_sound_setup(
+    setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with_maildir(setup)
+    assert cli.main(["check-config", "-c", str(setup)]) == 0
+    assert capsys.readouterr().err == ""
+    assert cli.main(["quickstart", str(tmp_path / "qs")]) == 0
+    capsys.readouterr()
+    assert cli.main(["check-config", "-c", str(tmp_path / "qs" / "submitd.toml")]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_check_config_accepts_a_wildcard_certificate_for_the_hostname(
+    setup: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with_maildir(setup)
+    setup.write_text(setup.read_text().replace('hostname = "localhost"',
+                                               'hostname = "mail.example.org"'))
+    write_selfsigned(setup.parent / "tls", ["*.example.org"], overwrite=True)
+    assert cli.main(["check-config", "-c", str(setup)]) == 0
+    assert capsys.readouterr().err == ""
+    write_selfsigned(setup.parent / "tls", ["*.mail.example.org", "example.org"], overwrite=True)
+    assert cli.main(["check-config", "-c", str(setup)]) == 0
+    assert "hostname mail.example.org is not among the certificate's names " \
+        "(*.mail.example.org, example.org)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("validity", "warning"),
+    [
+        (dt.timedelta(days=10, hours=1), " (in 10 days); renew it and send SIGHUP to reload\n"),
+        (dt.timedelta(hours=2), " (in less than a day); renew it and send SIGHUP to reload\n"),
+        (dt.timedelta(minutes=-30), "; clients that verify it refuse to connect\n"),
+    ],
+)
+def test_check_config_warns_about_a_certificate_that_expires_soon(
+    setup: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+    validity: dt.timedelta, warning: str,
+) -> None:
+    with_maildir(setup)
+    monkeypatch.setattr("submitd.certs.VALIDITY", validity)
+    cert, key = write_selfsigned(setup.parent / "tls", ["localhost"], overwrite=True)
+    assert cli.main(["check-config", "-c", str(setup)]) == 0
+    err = capsys.readouterr().err
+    ends = load_cert_end(cert)
+    verb = "expired on" if validity < dt.timedelta(0) else "expires on"
+    until = f"{ends:%Y-%m-%d %H:%M} UTC"
+    assert err == f"submitd: warning: the certificate {verb} {until}{warning}"
+    make_server_context(TLSConfig(cert=cert, key=key))  # start-up still accepts it
+
+
+def load_cert_end(cert: Path) -> dt.datetime:
+    return x509.load_pem_x509_certificate(cert.read_bytes()).not_valid_after_utc
+
+
+def test_check_config_explains_a_key_of_another_certificate(
+    setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    _, other_key = write_selfsigned(tmp_path / "other", ["localhost"])
+    setup.write_text(setup.read_text().replace("tls/key.pem", str(other_key)))
+    assert cli.main(["check-config", "-c", str(setup)]) == 2
+    assert capsys.readouterr().err == (
+        f"submitd: {setup}: tls.key: the key does not belong to this certificate "
+        f"(key {other_key}, certificate {setup.parent / 'tls' / 'cert.pem'})\n"
+    )

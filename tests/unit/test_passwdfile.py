@@ -102,6 +102,11 @@ def test_configure_loads_the_users_file_relative_to_the_config(config: Config) -
     assert state.queue_timeout == 10.0
 
 
+def test_min_password_length_is_a_known_setting(tmp_path: Path, users_path: Path) -> None:
+    (tmp_path / "submitd.toml").write_text(CONFIG + "min_password_length = 16\n")
+    passwdfile.submitd_configure(load_config(tmp_path / "submitd.toml"))
+
+
 @pytest.mark.parametrize(
     ("table", "key", "fragment"),
     [
@@ -111,6 +116,9 @@ def test_configure_loads_the_users_file_relative_to_the_config(config: Config) -
         ('queue_timeout = "soon"', "plugins.passwdfile.queue_timeout", "not a duration"),
         ("queue_timeout = 0", "plugins.passwdfile.queue_timeout", "longer than zero"),
         ('path = "absent"', "plugins.passwdfile.path", "no such file"),
+        ("min_password_length = 0", "plugins.passwdfile.min_password_length", "positive integer"),
+        ('min_password_length = "12"', "plugins.passwdfile.min_password_length",
+         "positive integer"),
     ],
 )
 def test_bad_settings_are_config_errors_naming_the_key(

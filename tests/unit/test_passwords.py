@@ -11,12 +11,15 @@ import argon2
 import pytest
 
 from submitd.passwords import (
+    DEFAULT_MIN_PASSWORD_LENGTH,
     NoSuchUserError,
     UserEntry,
     UserExistsError,
     UsersFile,
     UsersFileError,
     VerifyResult,
+    check_password_length,
+    min_password_length,
     validate_sender,
 )
 from submitd.secret import Secret
@@ -304,3 +307,60 @@ def test_unknown_login_still_pays_for_a_verification(
     assert argon2.extract_parameters(calls[0]) == argon2.extract_parameters(
         CHEAP.hash("anything")
     )  # the dummy hash uses the same parameters as new hashes
+
+
+def test_set_senders_replaces_the_list_and_keeps_the_hash_and_comments(users_path: Path) -> None:
+    before = UsersFile.load(users_path, hasher=CHEAP)
+    after = before.set_senders("alice", ["new@Example.NET", "<>", "new@example.net"])
+    entry = after.lookup("alice")
+    assert entry is not None and entry.senders == ("new@example.net", "<>")
+    assert entry.hash == ALICE_HASH
+    reread = UsersFile.load(users_path, hasher=CHEAP)
+    assert reread.lines[0] == "# submitd users" and reread.lookup("alice") == entry
+    assert reread.sender_allowed("alice", "new@EXAMPLE.net")
+    assert not reread.sender_allowed("alice", "alice@example.com")
+    assert reread.verify("alice", Secret(ALICE_PW)).ok
+    emptied = reread.set_senders("alice", []).lookup("alice")
+    assert emptied is not None and emptied.senders == ()
+
+
+def test_change_senders_removes_then_adds_in_order(users_path: Path) -> None:
+    users = UsersFile.load(users_path, hasher=CHEAP)
+    changed = users.change_senders("alice", add=["x@example.net", "@example.org"],
+                                   remove=["alice@EXAMPLE.com"])
+    entry = changed.lookup("alice")
+    assert entry is not None and entry.senders == ("@example.org", "x@example.net")
+    assert UsersFile.load(users_path).lookup("alice") == entry
+
+
+def test_change_senders_refuses_to_remove_an_unlisted_sender(users_path: Path) -> None:
+    before = users_path.read_bytes()
+    users = UsersFile.load(users_path, hasher=CHEAP)
+    with pytest.raises(UsersFileError, match="user 'bob' has no sender 'x@example.com' "
+                       r"\(senders: bob@example.com <>\)"):
+        users.change_senders("bob", remove=["x@example.com"], add=["y@example.com"])
+    with pytest.raises(NoSuchUserError):
+        users.set_senders("nobody", ["x@example.com"])
+    with pytest.raises(ValueError, match="invalid sender"):
+        users.set_senders("bob", ["not an address"])
+    assert users_path.read_bytes() == before
+
+
+def test_password_length_counts_characters_not_bytes() -> None:
+    assert DEFAULT_MIN_PASSWORD_LENGTH == 12
+    check_password_length(Secret("éééééééééééé"), 12)  # 12 characters, 24 bytes
+    with pytest.raises(ValueError, match=r"^the password is too short: at least 12 characters$"):
+        check_password_length(Secret("x" * 11), 12)
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"), [({}, 12), ({"min_password_length": 8}, 8), ({"path": "u"}, 12)]
+)
+def test_min_password_length_reads_the_table(table: dict[str, object], expected: int) -> None:
+    assert min_password_length(table) == expected
+
+
+@pytest.mark.parametrize("value", [0, -4, True, "12", 12.0])
+def test_min_password_length_refuses_what_is_not_a_positive_integer(value: object) -> None:
+    with pytest.raises(ValueError, match="positive integer"):
+        min_password_length({"min_password_length": value})
