@@ -221,7 +221,7 @@ def test_a_missing_config_is_a_configuration_error(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert cli.main(["queue", "list", "-c", str(tmp_path / "nope.toml")]) == 2
-    assert "cannot read the configuration" in capsys.readouterr().err
+    assert "no configuration file at" in capsys.readouterr().err
 
 
 # --- queue show -----------------------------------------------------------------------------
