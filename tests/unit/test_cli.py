@@ -517,19 +517,19 @@ def test_quickstart_prints_commands_that_run_when_pasted(tmp_path: Path) -> None
     )
     assert made.returncode == 0, made.stderr
     config = str(target / "submitd.toml")
-    elsewhere = {"cwd": "/", "env": {k: v for k, v in os.environ.items()
-                                     if k not in ("SUBMITD_CONFIG", "PATH")}}
+    # Pasted anywhere: another directory, no $SUBMITD_CONFIG, no venv on $PATH.
+    env = {k: v for k, v in os.environ.items() if k not in ("SUBMITD_CONFIG", "PATH")}
 
     serve = printed_command(made.stdout, "Start the server:")
     assert serve == [str(SUBMITD), "serve", "-c", config]
     version = subprocess.run([serve[0], "--version"], capture_output=True, text=True,
-                             timeout=60, stdin=subprocess.DEVNULL, **elsewhere)  # type: ignore[call-overload]
+                             timeout=60, stdin=subprocess.DEVNULL, cwd="/", env=env)
     assert version.returncode == 0 and version.stdout.startswith("submitd ")
 
     passwd = printed_command(made.stdout, "The password is shown only now")
     assert passwd == [str(SUBMITD), "user", "passwd", "-c", config, "demo"]
     changed = subprocess.run([*passwd, "--password-stdin"], input="a new long password\n",
-                             capture_output=True, text=True, timeout=60, **elsewhere)  # type: ignore[call-overload]
+                             capture_output=True, text=True, timeout=60, cwd="/", env=env)
     assert changed.returncode == 0, changed.stderr
     assert changed.stdout == "changed the password of demo\n"
     users = UsersFile.load(target / "users")
