@@ -128,3 +128,13 @@ def queue_list() -> Callable[[Path], list[dict[str, Any]]]:
         return messages
 
     return run
+
+
+@pytest.fixture
+def queue_command() -> Callable[..., subprocess.CompletedProcess[str]]:
+    """``queue_command(config, "delete", ID)``: run ``submitd queue ARGS -c CONFIG``."""
+
+    def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+        return _submitd_command(config, "queue", *args)
+
+    return run

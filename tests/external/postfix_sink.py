@@ -10,7 +10,10 @@ delivered by Postfix's ``virtual`` agent into one Maildir, ``<root>/mail/catchal
 Recipients whose local part is ``refuse`` are refused with ``550 5.1.1`` and those whose local part
 is ``later`` with ``450 4.2.0`` (a ``check_recipient_access`` map), so tests can mix accepted and
 refused recipients in one message. Variants: ``offer_starttls=False`` (no TLS at all; AUTH in
-clear text) and ``defer_all=True`` (every recipient gets ``450``).
+clear text), ``defer_all=True`` (every recipient gets ``450``) and ``offer_dsn=False`` (the EHLO
+reply leaves out ``DSN``, so a client may not send ``NOTIFY``/``RET``/``ENVID``/``ORCPT``; with it,
+as by default, Postfix reports delivery itself: a ``NOTIFY=SUCCESS`` recipient's success report goes
+to the envelope sender, whose domain the catch-all Maildir also takes).
 
 Postfix stores lines with LF endings (its queue file keeps records without terminators);
 :attr:`SinkMessage.crlf` turns a stored message back into the CRLF form it had on the wire.
@@ -77,6 +80,7 @@ class SinkOptions:
 
     offer_starttls: bool = True
     defer_all: bool = False
+    offer_dsn: bool = True
     user: str = "relay"
     password: str = "sink password 7"
 
@@ -94,6 +98,7 @@ def main_cf(root: Path, options: SinkOptions) -> str:
         ]
     else:
         tls = ["smtpd_tls_security_level = none", "smtpd_tls_auth_only = no"]
+    dsn = [] if options.offer_dsn else ["smtpd_discard_ehlo_keywords = dsn"]
     if options.defer_all:
         recipients = "defer"
     else:
@@ -145,6 +150,7 @@ def main_cf(root: Path, options: SinkOptions) -> str:
             "smtpd_hard_error_limit = 1000",
             "smtpd_client_connection_count_limit = 0",
             *tls,
+            *dsn,
             # Logs to a file: no syslog in CI containers.
             f"maillog_file = {root / 'maillog'}",
             f"maillog_file_prefixes = {root}",
