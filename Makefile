@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install run lint typecheck test test-unit test-integration test-external bench tls-scan fuzz clean
+.PHONY: install run lint typecheck test test-deps test-unit test-integration test-external bench tls-scan fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -28,16 +28,24 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# The programs the tests drive (systemd-analyze, fail2ban, swaks, Postfix, ...): names what is
+# missing and the apt-get command that installs it, before any test runs.
+test-deps:
+	@scripts/check-test-deps
+
 test-unit: $(STAMP)
+	@scripts/check-test-deps unit
 	$(PYTEST) -q tests/unit
 
 test-integration: $(STAMP)
+	@scripts/check-test-deps integration
 	$(PYTEST) -q tests/integration
 
 test-external: $(STAMP)
+	@scripts/check-test-deps external
 	$(PYTEST) -q tests/external
 
-test: lint typecheck test-unit test-integration test-external
+test: test-deps lint typecheck test-unit test-integration test-external
 
 bench: $(STAMP)
 	@$(BIN)/python -c 'import aiosmtpd' 2>/dev/null || $(BIN)/python -m pip install -q aiosmtpd >&2
