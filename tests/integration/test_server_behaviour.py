@@ -166,6 +166,79 @@ async def test_shutdown_lets_sessions_finish_then_sends_421(
     assert len(delivered) + len(queued) == 1
 
 
+def shutdown_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The server's shutdown_* log lines, in order (not the sessions' shutdown_closed)."""
+    return [r.getMessage() for r in caplog.records
+            if r.name == "submitd.server" and r.getMessage().startswith("event=shutdown_")]
+
+
+class StuckDelivery:
+    """A delivery plugin whose attempts never finish (a smarthost that stopped answering)."""
+
+    def __init__(self) -> None:
+        self.started = trio.Event()
+
+    @hookimpl
+    async def submitd_deliver(self, envelope, message, recipients):  # type: ignore[no-untyped-def]
+        self.started.set()
+        await trio.sleep_forever()
+
+
+async def test_shutdown_says_what_it_waits_for_and_how_it_ended(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    async with running_server(make_config(limits={"shutdown_grace": "1s"})) as srv:
+        client = await open_session(srv, "implicit", client_tls)
+        srv.server.request_shutdown()
+        with trio.fail_after(5):
+            reply = await client.reply()
+        assert (reply.code, reply.status) == (421, "4.3.2")
+        await client.aclose()
+    waiting, over, complete = shutdown_lines(caplog)
+    assert waiting == ('event=shutdown_waiting sessions=1 deliveries=0 grace=1s '
+                       'hint="send SIGTERM (or press Ctrl-C) again to stop at once"')
+    assert over.startswith("event=shutdown_wait_over outcome=grace_expired closing_sessions=1 "
+                           "abandoning_deliveries=0 waited=1.")
+    assert complete == "event=shutdown_complete"
+    assert any(r.getMessage().startswith("event=shutdown_closed ") and "peer=127.0.0.1" in
+               r.getMessage() for r in caplog.records)
+
+
+async def test_stop_now_during_the_grace_sends_421_at_once_and_keeps_the_message_queued(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    stuck = StuckDelivery()
+    config = make_config(enable=("passwdfile",), limits={"shutdown_grace": "30s"})
+    with trio.fail_after(15):
+        async with running_server(config, extra_plugins=[("stuck", stuck)]) as srv:
+            client = await open_session(srv, "implicit", client_tls)
+            queue_id = (await send_message(client)).rsplit(" ", 1)[-1]
+            await stuck.started.wait()
+            srv.server.request_shutdown()  # the first SIGTERM: drain for up to 30 s
+            while not shutdown_lines(caplog):
+                await trio.sleep(0.01)
+            assert (await client.command("NOOP")).code == 250  # still served while draining
+            started = trio.current_time()
+            srv.server.request_shutdown(now=True)  # the second SIGTERM or Ctrl-C
+            reply = await client.reply()
+            assert (reply.code, reply.status) == (421, "4.3.2")
+            assert trio.current_time() - started < 5  # not the 30 s grace
+            await client.aclose()
+    assert shutdown_lines(caplog)[0] == (
+        'event=shutdown_waiting sessions=1 deliveries=1 grace=30s '
+        'hint="send SIGTERM (or press Ctrl-C) again to stop at once"')
+    assert shutdown_lines(caplog)[1].startswith(
+        "event=shutdown_wait_over outcome=forced closing_sessions=1 abandoning_deliveries=1 ")
+    assert [r.getMessage() for r in caplog.records if "attempt_abandoned" in r.getMessage()] == [
+        f"event=attempt_abandoned queue_id={queue_id} nrcpt=1"]
+    # Committed before the stop: still in the spool, delivered after the next start.
+    assert await Spool(srv.config.queue.dir).queued_ids() == [queue_id]
+
+
 class FailClosed:
     """Every session-hook failure must refuse, never wave through."""
 
