@@ -34,7 +34,8 @@ SUBMISSIONS_PORT = 2465
 
 CONFIG_TEMPLATE = f"""\
 # submitd configuration written by `submitd quickstart`: a local test setup.
-# Run it with `submitd serve -c submitd.toml`; relative paths are relative to this file.
+# Run it with: @SUBMITD@ serve -c @CONFIG@
+# Relative paths are relative to this file.
 hostname = "localhost"
 
 [[listen]]                  # submission: plain connect, STARTTLS required (RFC 6409)
@@ -55,8 +56,10 @@ dir = "spool"
 [plugins]
 enable = ["passwdfile", "maildir"]
 
-[plugins.passwdfile]        # manage with `submitd user add|passwd|del|list -c submitd.toml`
+# Manage logins with: @SUBMITD@ user add|passwd|senders|del|list -c @CONFIG@
+[plugins.passwdfile]
 path = "users"
+# min_password_length = 12  # `user add` and `user passwd` refuse shorter passwords
 
 [plugins.maildir]           # every accepted message lands in this Maildir
 path = "mail"
@@ -170,7 +173,9 @@ def quickstart(directory: Path) -> QuickstartResult:
     UsersFile(path=users_path).add_user(DEMO_LOGIN, password, [DEMO_SENDER])
 
     # Written last: its presence marks a complete setup (`make run` tests for it).
-    _create_exclusive(config_path, CONFIG_TEMPLATE.encode(), 0o644)
+    config_text = CONFIG_TEMPLATE.replace("@SUBMITD@", shlex.quote(submitd_executable()))
+    config_text = config_text.replace("@CONFIG@", shlex.quote(str(config_path)))
+    _create_exclusive(config_path, config_text.encode(), 0o644)
     load_config(config_path)  # the written file must pass the loader
     return QuickstartResult(
         directory=directory,

@@ -544,6 +544,10 @@ def test_quickstart_in_process_names_the_venv_script(
     assert f"  {SUBMITD} serve -c {tmp_path / 'submitd.toml'}\n" in out
     assert f"  {SUBMITD} user passwd -c {tmp_path / 'submitd.toml'} demo\n" in out
     assert "submitd serve -c" not in out.replace(f"{SUBMITD} serve", "")
+    text = (tmp_path / "submitd.toml").read_text()  # the config's comments say the same
+    assert f"# Run it with: {SUBMITD} serve -c {tmp_path / 'submitd.toml'}\n" in text
+    assert f"with: {SUBMITD} user add|passwd|senders|del|list -c {tmp_path / 'submitd.toml'}\n" \
+        in text
 
 
 # --- users: senders, password length, listing (item 3) -----------------------------------------
