@@ -34,7 +34,8 @@ EXIT_OK = 0
 SENDERS_HELP = """\
 With no option, print the login's senders. --sender (repeatable) replaces the whole list;
 --no-senders empties it (the login can authenticate but not send); --add-sender and
---remove-sender (repeatable) edit it, removals first. The password is left alone.
+--remove-sender (repeatable) edit it, removals first. The password is left alone; a running
+server applies the new list from the next login on, without a restart.
 """
 
 
