@@ -40,7 +40,11 @@ for name in fullchain.pem privkey.pem; do
 done
 
 umask 077
-mkdir -p "$SUBMITD_TLS_DIR"
+if [ ! -d "$SUBMITD_TLS_DIR" ]; then  # first run: a directory the server's group may enter
+    mkdir -p "$SUBMITD_TLS_DIR"
+    chgrp "$SUBMITD_GROUP" "$SUBMITD_TLS_DIR"
+    chmod 0750 "$SUBMITD_TLS_DIR"
+fi
 
 # install_file SOURCE NAME MODE: copy next to the target, set mode and group, then rename.
 install_file() {
@@ -56,5 +60,9 @@ install_file "$RENEWED_LINEAGE/privkey.pem" privkey.pem 0640
 install_file "$RENEWED_LINEAGE/fullchain.pem" fullchain.pem 0644
 
 # Reload if the server runs; if it does not, it reads the new files when it starts.
-systemctl try-reload-or-restart "$SUBMITD_UNIT"
+if ! systemctl try-reload-or-restart "$SUBMITD_UNIT"; then
+    echo "submitd-reload.sh: the new certificate is in $SUBMITD_TLS_DIR, but $SUBMITD_UNIT" \
+        "could not be reloaded; run: systemctl reload $SUBMITD_UNIT" >&2
+    exit 1
+fi
 echo "submitd-reload.sh: installed $(basename "$RENEWED_LINEAGE") into $SUBMITD_TLS_DIR, reload of $SUBMITD_UNIT requested"

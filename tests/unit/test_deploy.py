@@ -103,13 +103,11 @@ def run_hook(tmp_path: Path, lineage: Path, **env: str) -> tuple[subprocess.Comp
     fake = bin_dir / "systemctl"
     fake.write_text(f'#!/bin/sh\necho "$*" >> "{calls}"\n')
     fake.chmod(0o755)
-    group = subprocess.run(["id", "-gn"], capture_output=True, text=True,
-                           check=True).stdout.strip()
     result = subprocess.run(
         [str(HOOK)], capture_output=True, text=True, timeout=60,
         env={"PATH": f"{bin_dir}:/usr/bin:/bin", "RENEWED_LINEAGE": str(lineage),
              "RENEWED_DOMAINS": "mail.example.org", "SUBMITD_TLS_DIR": str(tmp_path / "tls"),
-             "SUBMITD_GROUP": group, **env},
+             "SUBMITD_GROUP": str(os.getgid()), **env},
     )
     return result, calls
 
@@ -127,12 +125,19 @@ def lineage(tmp_path: Path, name: str = "mail.example.org") -> Path:
 def test_certbot_hook_installs_certificate_and_requests_a_reload(tmp_path: Path) -> None:
     live = lineage(tmp_path)
     tls = tmp_path / "tls"
-    tls.mkdir()
-    (tls / "fullchain.pem").write_text("the old certificate\n")
-    result, calls = run_hook(tmp_path, live)
+    result, calls = run_hook(tmp_path, live)  # the first issue: no tls/ yet
     assert result.returncode == 0, result.stderr
     assert "reload of submitd.service requested" in result.stdout
     assert calls.read_text() == "try-reload-or-restart submitd.service\n"
+    assert stat.S_IMODE(tls.stat().st_mode) == 0o750  # the server's group may enter
+    assert tls.stat().st_gid == os.getgid()
+    # A renewal: certbot replaced the files in the lineage; the hook replaces the installed ones.
+    renewed = TestCA(tmp_path / "renewed")
+    shutil.copy(renewed.cert_path, live / "fullchain.pem")
+    shutil.copy(renewed.key_path, live / "privkey.pem")
+    result, calls = run_hook(tmp_path, live)
+    assert result.returncode == 0, result.stderr
+    assert calls.read_text().splitlines() == ["try-reload-or-restart submitd.service"] * 2
     for name, mode in (("fullchain.pem", 0o644), ("privkey.pem", 0o640)):
         installed = tls / name
         assert installed.read_bytes() == (live / name).read_bytes()
@@ -142,6 +147,23 @@ def test_certbot_hook_installs_certificate_and_requests_a_reload(tmp_path: Path)
     # What the server will load on SIGHUP is a certificate and its own key.
     ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
         tls / "fullchain.pem", tls / "privkey.pem")
+
+
+def test_certbot_hook_says_so_when_the_reload_fails(tmp_path: Path) -> None:
+    live = lineage(tmp_path)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "systemctl").write_text("#!/bin/sh\necho 'Unit submitd.service not found.' >&2\n"
+                                       "exit 5\n")
+    (bin_dir / "systemctl").chmod(0o755)
+    result = subprocess.run(
+        [str(HOOK)], capture_output=True, text=True, timeout=60,
+        env={"PATH": f"{bin_dir}:/usr/bin:/bin", "RENEWED_LINEAGE": str(live),
+             "SUBMITD_TLS_DIR": str(tmp_path / "tls"), "SUBMITD_GROUP": str(os.getgid())},
+    )
+    assert result.returncode == 1
+    assert "could not be reloaded; run: systemctl reload submitd.service" in result.stderr
+    assert (tmp_path / "tls" / "privkey.pem").read_bytes() == (live / "privkey.pem").read_bytes()
 
 
 def test_certbot_hook_leaves_other_certificates_alone(tmp_path: Path) -> None:
