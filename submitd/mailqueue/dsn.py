@@ -260,7 +260,7 @@ def _human_text(report: Report) -> str:
         text = ("Your message has not been delivered yet to the recipients below. The mail "
                 "system keeps trying")
         text += f" until {_date(until)}" if until is not None else ""
-        text += "; you do not need to send it again. You will be told if it finally fails."
+        text += "; you do not need to send it again."
         lines += textwrap.wrap(text, _LINE)
     if report.return_note:
         lines += ["", *textwrap.wrap(_one_line(report.return_note), _LINE)]
