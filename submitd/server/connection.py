@@ -221,6 +221,7 @@ class _Driver:
         self.sid = session.info.session_id
         self.peer = session.info.peer_host
         self.implicit = session.info.listener.mode is ListenMode.IMPLICIT
+        self.plain_start = not self.implicit  # the next read is the first in plaintext
         self.eof = False
 
     async def run(self, implicit: bool) -> None:
@@ -250,7 +251,7 @@ class _Driver:
                 # The last reply (221, or the 421 that ends the session) goes out even when a
                 # shutdown is under way: a client that quit needs no 421 on top.
                 await self.flush_quietly()
-                log.info(logfmt("closing", session=self.sid, reason=event.reason))
+                log.info(logfmt("closing", session=self.sid, peer=self.peer, reason=event.reason))
                 if not event.client_done:
                     await self._linger()
                 return
@@ -346,7 +347,10 @@ class _Driver:
                 pass
 
     async def _receive(self) -> bool:
-        """Read once under the current deadline; on timeout queue 421 4.4.2 and return False."""
+        """Read once under the current deadline; False when the session must end instead.
+
+        On a timeout ``421 4.4.2`` is queued; a TLS handshake on the STARTTLS port closes.
+        """
         timeout = self.limits.command_timeout
         deadline = self.session.data_deadline
         if deadline is not None:
@@ -354,6 +358,14 @@ class _Driver:
         with trio.move_on_after(timeout):
             data = await self.stream.receive_some(_RECEIVE_SIZE)
             self.eof = not data
+            if self.plain_start and data[:2] == b"\x16\x03" and not self.conn.tls_active:
+                # A TLS ClientHello where a command belongs: the client will not read a reply.
+                log.info(logfmt("tls_mismatch", session=self.sid, peer=self.peer,
+                                reason="the client started TLS at once on the STARTTLS port "
+                                       "(use the implicit-TLS port, or STARTTLS here)"))
+                self.conn.close()
+                return False
+            self.plain_start = False
             self.conn.receive_data(bytes(data))
             return True
         if deadline is not None and timeout < self.limits.command_timeout:

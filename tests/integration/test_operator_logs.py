@@ -281,3 +281,20 @@ async def test_no_password_and_no_message_content_in_any_line_at_debug(
     for secret in (PASSWORD, WRONG, plain(USER, WRONG), plain(USER, PASSWORD), b64(WRONG),
                    BODY_MARKER):
         assert secret not in text
+
+
+async def test_a_tls_client_on_the_starttls_port_is_explained(
+    server: RunningServer, client_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    tcp = await trio.open_tcp_stream(PEER, server.port("starttls"))
+    stream = trio.SSLStream(tcp, client_tls, server_hostname="localhost")
+    with trio.fail_after(5), pytest.raises(trio.BrokenResourceError):
+        await stream.do_handshake()  # the 220 greeting is no ServerHello; then we close
+    await trio.aclose_forcefully(stream)
+    with trio.fail_after(5):
+        while not lines(caplog, "tls_mismatch"):
+            await trio.sleep(0.01)
+    line = one(caplog, "tls_mismatch")
+    assert line.endswith(f'peer={PEER} reason="the client started TLS at once on the STARTTLS '
+                         'port (use the implicit-TLS port, or STARTTLS here)"')
