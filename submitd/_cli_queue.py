@@ -387,7 +387,9 @@ async def _delete_with_bounce(spool: Spool, record: QueueRecord, config: Config)
         queued = await spool.load(record.queue_id)
         failed = [(r, DeliveryOutcome.permanent(DELETED_REPLY)) for r in record.pending]
         reporter = Reporter(spool, config.queue, config.hostname, time.time)
-        report_id = await reporter.bounce(record, queued.header_section, failed, time.time())
+        report_id = await reporter.bounce(
+            record, queued.header_section, failed, time.time(), message=queued.message
+        )
     await spool.remove(record.queue_id)
     if report_id is None:
         return f"deleted {record.queue_id} (nothing pending, or the sender is <>: no bounce)"

@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("serve", help="run the server in the foreground")
     _config_option(p)
+    # The choices are spelled out: importing them from submitd.server would load the server.
+    p.add_argument("--log-level", type=str.upper, choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+                   default="INFO", help="how much to log (default INFO; no level logs passwords)")
     p.set_defaults(handler=cmd_serve)
 
     p = commands.add_parser("check-config", help="validate and print the effective configuration")
@@ -156,7 +159,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _load(args)
     from .server import run_server  # the server pulls in everything; only load it here
 
-    return run_server(config)
+    return run_server(config, log_level=args.log_level)
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:

@@ -73,6 +73,7 @@ class Origin(enum.StrEnum):
     SMTP = "smtp"  # submitted by a client
     BOUNCE = "bounce"  # a non-delivery report this server wrote (RFC 3464, Action: failed)
     DELAY = "delay"  # a delay warning this server wrote (RFC 3464, Action: delayed)
+    SUCCESS = "success"  # a success report this server wrote (Action: delivered or relayed)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -139,8 +139,7 @@ class Reporter:
             for rcpt, outcome in delivered
             if _asks(rcpt, Notify.SUCCESS) and not outcome.dsn_passed_on
         )
-        # Origin.BOUNCE: the spool knows no "success" origin; queue list shows "(bounce)".
-        return await self._queue(record, headers, statuses, now, Origin.BOUNCE)
+        return await self._queue(record, headers, statuses, now, Origin.SUCCESS)
 
     async def _queue(
         self,

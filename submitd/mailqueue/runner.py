@@ -120,6 +120,7 @@ class QueueRunner:
         self._wakeup = trio.Event()
         self._stopping = False
         self._stop_at = math.inf  # trio time after which attempts in flight are abandoned
+        self._grace_scope: trio.CancelScope | None = None  # while waiting for them to finish
 
     # --- scheduling ---------------------------------------------------------------------------
 
@@ -256,11 +257,13 @@ class QueueRunner:
         """Stop starting attempts; :meth:`run` returns once those in flight have finished.
 
         Attempts still running ``grace`` seconds from now are cancelled and logged as
-        ``attempt_abandoned`` (their message is attempted again after a restart).
+        ``attempt_abandoned`` (their message is attempted again after a restart). A second
+        call may only shorten the grace (a second SIGTERM: stop now).
         """
-        if not self._stopping:
-            self._stopping = True
-            self._stop_at = trio.current_time() + grace
+        self._stopping = True
+        self._stop_at = min(self._stop_at, trio.current_time() + grace)
+        if self._grace_scope is not None:
+            self._grace_scope.deadline = self._stop_at
         self._wakeup.set()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -293,7 +296,7 @@ class QueueRunner:
     async def _wind_down(self, nursery: trio.Nursery) -> None:
         if self._in_flight:
             log.info(logfmt("queue_runner_stopping", in_flight=len(self._in_flight)))
-        with trio.move_on_at(self._stop_at):
+        with trio.move_on_at(self._stop_at) as self._grace_scope:
             while self._in_flight:
                 self._wakeup = trio.Event()
                 await self._wakeup.wait()

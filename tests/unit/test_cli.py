@@ -192,17 +192,19 @@ def test_check_config_uses_submitd_config_from_the_environment(
 def test_serve_loads_the_config_and_returns_the_server_exit_code(
     setup: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    seen: list[Config] = []
+    seen: list[tuple[Path, str]] = []
 
-    def run_server(config: Config) -> int:
-        seen.append(config)
+    def run_server(config: Config, *, log_level: str = "INFO") -> int:
+        seen.append((config.path, log_level))
         return 0
 
     fake = types.ModuleType("submitd.server")
     fake.run_server = run_server  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "submitd.server", fake)
     assert cli.main(["serve", "-c", str(setup)]) == 0
-    assert [c.path for c in seen] == [setup]
+    assert cli.main(["serve", "-c", str(setup), "--log-level", "debug"]) == 0
+    assert seen == [(setup, "INFO"), (setup, "DEBUG")]
+    assert cli.main(["serve", "-c", str(setup), "--log-level", "chatty"]) == 2
 
 
 def test_serve_with_a_bad_config_never_starts_the_server(

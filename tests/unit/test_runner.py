@@ -770,3 +770,24 @@ async def test_stop_abandons_an_attempt_that_outlasts_the_grace_and_logs_it(
     assert len(abandoned) == 1 and f"queue_id={queue_id}" in abandoned[0]
     record = await spool.load_record(queue_id)  # untouched: attempted again after a restart
     assert record.recipients[0].attempts == 0
+
+
+async def test_a_second_stop_shortens_the_grace_of_the_first(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
+) -> None:
+    # SIGTERM gives deliveries 300 s; a second SIGTERM after 7 s means "stop now".
+    await spool.recover()
+    queue_id = await commit(spool)
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()), duration=100.0)
+    runner = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
+    with caplog.at_level(logging.INFO, logger="submitd.queue"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(runner.run)
+            await hooks.delivering.wait()
+            runner.stop(grace=300.0)
+            await trio.sleep(7.0)
+            runner.stop(grace=0.0)
+            runner.stop(grace=600.0)  # a later, longer grace never extends it again
+    assert trio.current_time() == 7.0
+    assert hooks.results == []
+    assert any(f"attempt_abandoned queue_id={queue_id}" in r.getMessage() for r in caplog.records)

@@ -26,5 +26,5 @@ def test_context_offers_only_modern_forward_secret_aead(tmp_path: Path) -> None:
 
 
 def test_missing_certificate_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="cannot read"):
+    with pytest.raises(ConfigError, match="the certificate file cannot be read"):
         make_server_context(TLSConfig(cert=tmp_path / "no.pem", key=tmp_path / "no.key"))
