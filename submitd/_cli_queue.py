@@ -28,6 +28,7 @@ from typing import TypeVar
 
 import trio
 
+from ._cli_users import help_handler
 from ._queue_display import as_json, details, format_sender, printable, summary, totals
 from .config import Config, default_config_path, load_config
 from .errors import SpoolError
@@ -67,9 +68,11 @@ def add_queue_commands(
     config_option: Callable[[argparse.ArgumentParser], None],
 ) -> None:
     """Register ``submitd queue ACTION`` under ``commands``; ``config_option`` adds ``-c``."""
-    queue = commands.add_parser(
+    queue_parser = commands.add_parser(
         "queue", help="inspect and steer the mail queue (safe while the server runs)"
-    ).add_subparsers(dest="queue_command", metavar="ACTION", required=True)
+    )
+    queue_parser.set_defaults(handler=help_handler(queue_parser))  # alone: list the actions
+    queue = queue_parser.add_subparsers(dest="queue_command", metavar="ACTION")
 
     def action(name: str, text: str, handler: Handler, *, takes_id: bool = True,
                optional_id: bool = False) -> argparse.ArgumentParser:

@@ -482,6 +482,7 @@ def test_user_commands_with_file_need_no_config(
     ("argv", "listed"),
     [([], ["serve", "check-config", "quickstart", "user", "queue", "cert"]),
      (["user"], ["add", "passwd", "senders", "del", "list"]),
+     (["queue"], ["list", "show", "flush", "hold", "release", "delete"]),
      (["cert"], ["selfsigned"])],
 )
 def test_a_command_without_its_action_lists_the_actions_and_exits_2(
