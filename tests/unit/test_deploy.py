@@ -206,3 +206,20 @@ def test_sample_config_selfsigned_commands_write_the_files_it_names(tmp_path: Pa
     tls = load_config(config).tls
     assert tls is not None
     ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.cert, tls.key)
+
+
+def test_install_guide_names_files_that_exist_and_the_unit_it_ships() -> None:
+    guide = (ROOT / "docs" / "install.md").read_text()
+    shipped = set(re.findall(r"/usr/local/src/submitd/([\w./-]+\w)", guide))
+    assert {"etc/submitd.toml", "deploy/systemd/submitd.service",
+            "deploy/certbot/submitd-reload.sh", "deploy/fail2ban/filter.d/submitd.conf",
+            "deploy/fail2ban/jail.d/submitd.local"} <= shipped
+    assert [path for path in sorted(shipped) if not (ROOT / path).exists()] == []
+    # The guide's commands use the unit's own ExecStart, config path and spool.
+    settings = unit_settings()
+    assert settings["ExecStart"][0] in guide
+    assert f'"{settings["ReadWritePaths"][0]}/queue"' in guide
+    # The config keys it tells the reader to change are in the sample.
+    sample = SAMPLE.read_text()
+    for key in ('\nhostname = "', '\n[queue]\ndir = "', '\n[plugins.maildir]\npath = "'):
+        assert key in sample
