@@ -84,6 +84,17 @@ def ratio(a: float, b: float) -> float | None:
     return round(a / b, 3) if b else None
 
 
+def load_description(plan: Plan) -> dict[str, Any]:
+    """The load of ``alternate_rounds`` as the JSON reports it."""
+    return {
+        "connections": plan.connections,
+        "messages": plan.messages,
+        "message_bytes": len(make_message(plan.message_size, 0)),
+        "rounds": plan.rounds,
+        "session": "STARTTLS (verified) + AUTH PLAIN (argon2id, default parameters)",
+    }
+
+
 def alternate_rounds(
     servers: dict[str, ServerHandle], context: ssl.SSLContext, plan: Plan, label: str
 ) -> dict[str, list[LoadResult]]:
@@ -115,13 +126,7 @@ def bench_throughput(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
     sd_sum, peer_sum = summarize(results["submitd"]), summarize(results["peer"])
     peer_sum["name"] = "aiosmtpd (bench/peer_aiosmtpd.py)"
     return {
-        "load": {
-            "connections": plan.connections,
-            "messages": plan.messages,
-            "message_bytes": len(make_message(plan.message_size, 0)),
-            "rounds": plan.rounds,
-            "session": "STARTTLS (verified) + AUTH PLAIN (argon2id, default parameters)",
-        },
+        "load": load_description(plan),
         "submitd": sd_sum,
         "peer": peer_sum,
         "ratio_submitd_over_peer": ratio(sd_sum["msgs_per_s"], peer_sum["msgs_per_s"]),
@@ -204,13 +209,7 @@ def bench_backlog(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
         summary[key]["rss_kib_after_start"] = rss_start[key]
         summary[key]["rss_kib_after_rounds"] = rss_end[key]
     return {
-        "load": {
-            "connections": plan.connections,
-            "messages": plan.messages,
-            "message_bytes": len(make_message(plan.message_size, 0)),
-            "rounds": plan.rounds,
-            "session": "STARTTLS (verified) + AUTH PLAIN (argon2id, default parameters)",
-        },
+        "load": load_description(plan),
         "spool": {
             "deferred_messages": plan.backlog,
             "deferred_message_bytes": len(body),
