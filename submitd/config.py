@@ -76,18 +76,45 @@ class TLSConfig:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Limits:
-    """``[limits]``: every bound the server enforces."""
+    """``[limits]``: every bound the server enforces.
+
+    Connections: ``max_connections`` in all, ``max_connections_per_ip`` at once from one
+    address, at most ``max_connection_rate`` new connections from one address within
+    ``connection_rate_window``, and at most ``max_unauthenticated`` sessions at once that have
+    not logged in yet. Time: ``command_timeout`` runs from a command's first byte to its CRLF;
+    ``preauth_timeout`` is the shorter idle deadline before a successful AUTH; the DATA phase
+    ends after ``data_timeout`` or when it falls below ``min_data_rate`` bytes per second; when
+    the server holds ``stress_threshold`` percent of ``max_connections`` or more, every idle
+    deadline shrinks to ``stress_timeout`` (as Postfix's stress mode does). Abuse:
+    ``max_junk_commands`` commands that do not advance a transaction, ``max_hops``
+    ``Received:`` fields (a mail loop, RFC 5321 §6.3), and the failed-login throttle: after
+    ``auth_fail_limit`` failures for one address and login (or for one address), each further
+    try waits longer, up to ``auth_fail_max_delay``; failures older than
+    ``auth_fail_window`` are forgotten.
+    """
 
     max_message_size: int = 26_214_400
     max_recipients: int = 100
     max_connections: int = 1000
     max_connections_per_ip: int = 20
+    max_connection_rate: int = 30
+    connection_rate_window: float = 10.0
+    max_unauthenticated: int = 200
     command_timeout: float = 300.0
+    preauth_timeout: float = 30.0
     data_timeout: float = 600.0
+    min_data_rate: int = 500
+    stress_threshold: int = 80
+    stress_timeout: float = 10.0
     max_header_size: int = 262_144
     max_transactions: int = 100
     max_auth_failures: int = 3
     max_errors: int = 10
+    max_junk_commands: int = 100
+    max_hops: int = 50
+    auth_fail_limit: int = 5
+    auth_fail_max_delay: float = 300.0
+    auth_fail_window: float = 3600.0
     shutdown_grace: float = 30.0
 
 
