@@ -9,6 +9,7 @@ then :attr:`Session.unacknowledged` until the driver has sent it.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -42,7 +43,7 @@ from .views import AuthResult, Credentials, Envelope, Recipient, SessionInfo
 
 if TYPE_CHECKING:
     from .mailqueue.spool import IncomingMessage, Spool
-    from .server.limits import AuthThrottle
+    from .server.throttle import AuthThrottle
 
 __all__ = ["ServerContext", "Session", "refusal_reason"]
 
@@ -53,6 +54,8 @@ R_NOT_QUEUED = Reply.make(451, "4.3.0", "Temporary failure, message not queued")
 R_AUTH_INVALID = Reply.make(535, "5.7.8", "Authentication credentials invalid")
 R_AUTH_THROTTLED = Reply.make(454, "4.7.0", "Too many failed logins, try again later")
 R_CONNECT_FAILED = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
+# RFC 5321 §6.3: a message that has passed through too many relays is in a loop.
+R_TOO_MANY_HOPS = Reply.make(554, "5.4.6", "Too many hops: the message is looping")
 
 
 class Notifier(Protocol):
@@ -224,11 +227,8 @@ class Session:
     async def _auth(self, event: AuthRequest) -> None:
         ip = self.info.peer_host
         who = event.username
-        wait = self.ctx.throttle.blocked_for(ip, event.username)
-        if wait > 0:
-            log.warning(logfmt("auth_throttled", session=self.sid, peer=ip, user=who,
-                               wait=round(wait)))
-            self.conn.reject(R_AUTH_THROTTLED)
+        # The login throttle (docs/security.md §3) answers before any plugin or password hash.
+        if not await self._admitted(ip, who):
             return
         credentials = Credentials(
             mechanism=event.mechanism,
@@ -264,6 +264,23 @@ class Session:
                             mechanism=event.mechanism, reply=reply.code,
                             reason=refusal_reason(reply)))
         self.conn.reject(reply)
+
+    async def _admitted(self, ip: str, who: str) -> bool:
+        """Apply the login throttle: False when the attempt was refused with ``454 4.7.0``."""
+        admission = self.ctx.throttle.check(ip, who)
+        if admission.slowed_for > 0:
+            # Many addresses are guessing at this login: slow it down, never refuse it.
+            log.info(logfmt("auth_slowed", session=self.sid, peer=ip, user=who,
+                            delay=math.ceil(admission.slowed_for)))
+            await trio.sleep(admission.slowed_for)
+            # Parallel sessions from one address may have used up its allowance meanwhile.
+            admission = self.ctx.throttle.check(ip, who)
+        if admission.refused_for > 0:
+            log.warning(logfmt("auth_throttled", session=self.sid, peer=ip, user=who,
+                               wait=math.ceil(admission.refused_for)))
+            self.conn.reject(R_AUTH_THROTTLED)
+            return False
+        return True
 
     # -- transaction --------------------------------------------------------------------------
 
@@ -387,6 +404,9 @@ class Session:
             message: MessageHandle = await incoming.finish(
                 max_header_size=self.ctx.config.limits.max_header_size
             )
+            looping = self._loop_refusal(message)
+            if looping is not None:
+                return looping
             try:
                 answer = await self.ctx.hooks.first(
                     "submitd_data_filter", _refusal, session=self.info, envelope=envelope,
@@ -417,6 +437,21 @@ class Session:
                         sender=f"<{envelope.sender}>", nrcpt=len(envelope.recipients),
                         size=message.size))
         return queue_id
+
+    def _loop_refusal(self, message: MessageHandle) -> Reply | None:
+        """``554 5.4.6`` when the message carries more ``Received:`` fields than ``max_hops``.
+
+        RFC 5321 §6.3: a message that went through that many relays is in a mail loop. Counted
+        on the received header section (read up to ``max_header_size``), before any filter.
+        """
+        hops = len(message.get_all("Received"))
+        limit = self.ctx.config.limits.max_hops
+        if hops <= limit:
+            return None
+        log.info(logfmt("message_refused", session=self.sid, peer=self.info.peer_host,
+                        user=self.info.username, reply=R_TOO_MANY_HOPS.code, hops=hops,
+                        reason=f"too many Received: fields (limit {limit}), a mail loop"))
+        return R_TOO_MANY_HOPS
 
     def _session_record(self) -> dict[str, str]:
         info = self.info

@@ -33,7 +33,9 @@ from ..plugin_manager import configure_plugins, create_plugin_manager, unconfigu
 from ..session import ServerContext
 from .connection import ConnectionHandler
 from .control import serve_control, socket_path
-from .limits import AuthThrottle, ConnectionLimiter
+from .deadlines import Stress
+from .limits import ConnectionLimiter
+from .throttle import AuthThrottle, ThrottleSettings
 from .tls import TLSContextHolder, make_server_context
 
 __all__ = ["BoundListener", "Server"]
@@ -63,16 +65,15 @@ class Server:
         # The queue reads header sections under the same bound as the session.
         self.spool = Spool(config.queue.dir, max_header_size=config.limits.max_header_size)
         self.hooks = HookCaller(self.pm, config.plugins)
-        self.throttle = AuthThrottle()
+        self.throttle = AuthThrottle(ThrottleSettings.from_limits(config.limits))
         self._config = config
         self.runner = QueueRunner(
             self.spool, PluginDelivery(self.hooks, lambda: self._config), config.queue,
             hostname=config.hostname,
         )
-        self.limiter = ConnectionLimiter(
-            max_total=config.limits.max_connections,
-            max_per_ip=config.limits.max_connections_per_ip,
-        )
+        self.limiter = ConnectionLimiter.from_limits(config.limits)
+        self.stress = Stress(threshold=config.limits.stress_threshold,
+                             timeout=config.limits.stress_timeout)
         self.context = ServerContext(
             config=config, hooks=self.hooks, spool=self.spool, runner=self.runner,
             throttle=self.throttle,
@@ -133,7 +134,8 @@ class Server:
                 raise ConfigError(self._config.path, "listen", f"cannot listen on {lc.address}: "
                                   f"{exc.strerror or exc}") from exc
             handler = ConnectionHandler(
-                listener=lc, context=lambda: self.context, tls=self.tls, limiter=self.limiter
+                listener=lc, context=lambda: self.context, tls=self.tls, limiter=self.limiter,
+                stress=self.stress,
             )
             self._handlers.append(handler)
             for tcp in tcps:
@@ -244,8 +246,9 @@ class Server:
         old, self._config = self._config, new
         self.tls.context = context
         self.hooks.plugins = new.plugins
-        self.limiter.max_total = new.limits.max_connections
-        self.limiter.max_per_ip = new.limits.max_connections_per_ip
+        self.limiter.configure(new.limits)
+        self.stress.configure(new.limits)
+        self.throttle.configure(ThrottleSettings.from_limits(new.limits))  # counts kept
         self.context = replace(self.context, config=new)
         unconfigure_plugins(self.pm, old)
         log.info(logfmt("reloaded", config=new.path))
