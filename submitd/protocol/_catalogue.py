@@ -39,6 +39,7 @@ __all__ = [
     "NOT_IMPLEMENTED",
     "NO_VALID_RECIPIENTS",
     "OK",
+    "PARAMETERS_NEED_EHLO",
     "PLAIN_CHALLENGE",
     "READY_TO_START_TLS",
     "RECIPIENT_OK",
@@ -52,6 +53,7 @@ __all__ = [
     "TIMEOUT",
     "TOO_MANY_AUTH_FAILURES",
     "TOO_MANY_ERRORS",
+    "TOO_MANY_JUNK_COMMANDS",
     "TOO_MANY_RECIPIENTS",
     "TOO_MANY_TRANSACTIONS",
     "UNKNOWN_MECHANISM",
@@ -117,6 +119,7 @@ LOGIN_PASSWORD = Reply(code=334, lines=("UGFzc3dvcmQ6",))
 TOO_MANY_ERRORS = Reply.make(421, "4.7.0", "Too many errors")
 TOO_MANY_AUTH_FAILURES = Reply.make(421, "4.7.0", "Too many authentication failures")
 TOO_MANY_TRANSACTIONS = Reply.make(421, "4.7.0", "Too many messages in one session")
+TOO_MANY_JUNK_COMMANDS = Reply.make(421, "4.7.0", "Too many commands that send no mail")
 TIMEOUT = Reply.make(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Reply.make(421, "4.3.2", "Service shutting down, try again later")
 # RFC 5321 §4.5.3.1.8 and RFC 3463 §3.6: 452 4.5.3 keeps the accepted recipients.
@@ -144,6 +147,8 @@ NOT_IMPLEMENTED = Reply.make(502, "5.5.1", "Command not implemented")
 STARTTLS_UNAVAILABLE = Reply.make(502, "5.5.1", "STARTTLS not available")
 UNKNOWN_MECHANISM = Reply.make(504, "5.5.4", "Unrecognized authentication mechanism")
 UNKNOWN_PARAMETER = Reply.make(555, "5.5.4", "Parameter not recognized or not implemented")
+# RFC 5321 §4.1.1.11 and §3.3: MAIL and RCPT parameters belong to ESMTP, opened by EHLO.
+PARAMETERS_NEED_EHLO = Reply.make(555, "5.5.4", "Parameters are not allowed after HELO; use EHLO")
 
 # -- permanent: policy -------------------------------------------------------------------------
 

@@ -288,11 +288,21 @@ def _mail_params(words: list[str]) -> MailParams:
     return MailParams(size=size, body=body, smtputf8=smtputf8, auth=auth, ret=ret, envid=envid)
 
 
-def parse_mail(argument: str, *, max_size: int) -> tuple[str, MailParams]:
-    """``MAIL FROM:<reverse-path> [params]`` → (sender, params); ``""`` for ``<>``."""
+def _no_params_after_helo(words: list[str], esmtp: bool) -> None:
+    """RFC 5321 §4.1.1.11, §3.3: ESMTP parameters exist only in a session opened with EHLO."""
+    if words and not esmtp:
+        raise RemoteProtocolError(R.PARAMETERS_NEED_EHLO)
+
+
+def parse_mail(argument: str, *, max_size: int, esmtp: bool = True) -> tuple[str, MailParams]:
+    """``MAIL FROM:<reverse-path> [params]`` → (sender, params); ``""`` for ``<>``.
+
+    ``esmtp`` is False after HELO: then any parameter gets ``555 5.5.4``.
+    """
     rest = _strip_keyword(argument, "FROM:", "MAIL FROM:<address>")
     path, words = _split(rest)
     mailbox = _path(path, sender=True)
+    _no_params_after_helo(words, esmtp)
     params = _mail_params(words)
     if mailbox is not None and not mailbox.is_ascii and not params.smtputf8:
         raise RemoteProtocolError(R.NEEDS_SMTPUTF8)
@@ -318,16 +328,20 @@ def _rcpt_params(words: list[str]) -> RcptParams:
     return tuple((name, found[name]) for name in _RCPT_CHECKS if name in found)
 
 
-def parse_rcpt(argument: str, *, smtputf8: bool) -> tuple[str, RcptParams]:
+def parse_rcpt(
+    argument: str, *, smtputf8: bool, esmtp: bool = True
+) -> tuple[str, RcptParams]:
     """``RCPT TO:<forward-path> [params]`` → (recipient, params).
 
     The parameters are DSN's ``NOTIFY`` (normalised upper-case, ``SUCCESS,FAILURE,DELAY``
-    order) and ``ORCPT`` (as given, still xtext), NOTIFY first.
+    order) and ``ORCPT`` (as given, still xtext), NOTIFY first. ``esmtp`` is False after
+    HELO: then any parameter gets ``555 5.5.4``.
     """
     rest = _strip_keyword(argument, "TO:", "RCPT TO:<address>")
     path, words = _split(rest)
     mailbox = _path(path, sender=False)
     assert mailbox is not None  # _path refuses <> for recipients
+    _no_params_after_helo(words, esmtp)
     params = _rcpt_params(words)
     if not mailbox.is_ascii and not smtputf8:
         raise RemoteProtocolError(R.NEEDS_SMTPUTF8)

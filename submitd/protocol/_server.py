@@ -53,6 +53,11 @@ __all__ = ["Refusal", "ServerConnection"]
 
 _Answerable = Hello | AuthRequest | MailFrom | RcptTo | DataStart | DataComplete
 _VERB_MAX = 10
+#: Commands that never bring a message closer (Postfix's "junk commands"); a repeated
+#: EHLO/HELO counts too (see ``_is_junk``).
+_JUNK_VERBS = frozenset(
+    {Verb.NOOP, Verb.RSET, Verb.VRFY, Verb.HELP, Verb.EXPN, Verb.TURN, Verb.ETRN, Verb.BDAT}
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -106,6 +111,7 @@ class ServerConnection:
         self._errors = 0
         self._auth_failures = 0
         self._transactions = 0
+        self._junk = 0
         self._verb = ""
         self._refusals: list[Refusal] = []
 
@@ -256,6 +262,7 @@ class ServerConnection:
             return None
         try:
             command = parse_command(line.text)
+            self._count_junk(command.verb)
             rule = check_sequence(command.verb, self._facts())
             if rule is not None:
                 raise RemoteProtocolError(rule.reply, closes=rule.closes)
@@ -266,6 +273,20 @@ class ServerConnection:
             else:
                 self._send(exc.reply)
             return None
+
+    def _count_junk(self, verb: Verb) -> None:
+        """Close after ``max_junk_commands`` commands that send no mail (docs/security.md §5).
+
+        Like Postfix's ``smtpd_junk_command_limit``, the count is forgiven when a message is
+        accepted, so a long session that sends mail is never cut; it is not forgiven by a
+        MAIL or RCPT alone, so MAIL/RSET cycles end too.
+        """
+        repeated_hello = verb in (Verb.EHLO, Verb.HELO) and self._greeting is not Greeting.NONE
+        if verb not in _JUNK_VERBS and not repeated_hello:
+            return
+        self._junk += 1
+        if self._junk > self._limits.max_junk_commands:
+            raise RemoteProtocolError(R.TOO_MANY_JUNK_COMMANDS, closes=True)
 
     def _dispatch(self, command: Command) -> Event | None:
         verb, argument = command.verb, command.argument
@@ -281,12 +302,16 @@ class ServerConnection:
             self._sasl = SaslExchange(mechanism)
             return self._sasl_step(self._sasl.start(initial))
         if verb is Verb.MAIL:
-            sender, params = parse_mail(argument, max_size=self._limits.max_message_size)
+            sender, params = parse_mail(
+                argument, max_size=self._limits.max_message_size, esmtp=self._esmtp
+            )
             return MailFrom(sender=sender, params=params)
         if verb is Verb.RCPT:
             if self._recipients >= self._limits.max_recipients:
                 raise RemoteProtocolError(R.TOO_MANY_RECIPIENTS)
-            recipient, rcpt_params = parse_rcpt(argument, smtputf8=self._smtputf8)
+            recipient, rcpt_params = parse_rcpt(
+                argument, smtputf8=self._smtputf8, esmtp=self._esmtp
+            )
             return RcptTo(recipient=recipient, params=rcpt_params)
         if verb is Verb.DATA:
             require_no_argument(command)
@@ -420,6 +445,7 @@ class ServerConnection:
                 raise LocalProtocolError("a refused message must be answered reject(error)")
             answer = check_positive(reply, reply, range(200, 300))
             self._end_transaction()
+            self._junk = 0  # a message was accepted: the session is doing real work
         self._pending = None
         self._goto(next_state)
         self._send(answer)
@@ -442,6 +468,10 @@ class ServerConnection:
             self._shut("closed after a 421 reply")
 
     # -- bookkeeping --------------------------------------------------------------------------
+
+    @property
+    def _esmtp(self) -> bool:
+        return self._greeting is Greeting.EHLO
 
     def _facts(self) -> Facts:
         return Facts(

@@ -18,6 +18,7 @@ from ._commands import Verb
 from ._replies import Reply
 
 __all__ = [
+    "BEFORE_TLS",
     "SEQUENCE_RULES",
     "Facts",
     "Greeting",
@@ -145,8 +146,20 @@ SEQUENCE_RULES: Mapping[Verb, tuple[Rule, ...]] = MappingProxyType(
         Verb.MAIL: (_TLS, _HELLO, _AUTHENTICATED, _NOT_NESTED, _TRANSACTIONS_LEFT),
         Verb.RCPT: (_TLS, _HELLO, _AUTHENTICATED, _MAIL_GIVEN),
         Verb.DATA: (_TLS, _HELLO, _AUTHENTICATED, _MAIL_GIVEN, _RECIPIENTS_GIVEN),
+        # RFC 3207 §4: before TLS only the verbs of BEFORE_TLS are answered; every other
+        # command the server knows gets 530. Unknown verbs keep 500 5.5.1: there is no
+        # command to refuse, and RFC 5321 §4.2.4 gives 500 whatever the state.
+        Verb.VRFY: (_TLS,),
+        Verb.HELP: (_TLS,),
+        Verb.EXPN: (_TLS,),
+        Verb.TURN: (_TLS,),
+        Verb.ETRN: (_TLS,),
+        Verb.BDAT: (_TLS,),
     }
 )
+
+#: The commands a client may send before TLS on a STARTTLS listener (RFC 3207 §4).
+BEFORE_TLS = frozenset({Verb.EHLO, Verb.HELO, Verb.STARTTLS, Verb.NOOP, Verb.RSET, Verb.QUIT})
 
 
 def check_sequence(verb: Verb, facts: Facts) -> Rule | None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from submitd.protocol import NEED_DATA, ConnectionClosed, Reply, ServerState
-from tests.unit.protocol_support import connection, make, pump, ready
+from submitd.protocol import NEED_DATA, ConnectionClosed, Event, Reply, ServerState
+from tests.unit.protocol_support import connection, greeted, make, pump, ready
 
 BARE_LF = (
     b"500 5.5.2 Line must end with CRLF (bare LF received; with openssl s_client use -crlf)\r\n"
@@ -44,9 +44,97 @@ def test_command_line_framing(sent: bytes, reply: bytes) -> None:
     assert not conn.closed
 
 
-def test_bare_lf_ends_a_refused_command_and_the_session_goes_on() -> None:
+def test_bare_lf_does_not_end_a_line_and_the_session_goes_on_after_crlf() -> None:
     conn = make()
-    assert pump(conn, b"EHLO client.example\nNOOP\r\n")[0] == BARE_LF + b"250 2.0.0 OK\r\n"
+    assert pump(conn, b"EHLO client.example\nNOOP\r\n")[0] == BARE_LF
+    assert pump(conn, b"NOOP\r\n")[0] == b"250 2.0.0 OK\r\n"
+    assert not conn.closed
+
+
+# Everything up to CRLF is one line: a stray CR or LF inside it gets one refusal, and the
+# rest of the line is never run (SMTP smuggling, CVE-2023-51764 class; RFC 5321 §2.3.8).
+@pytest.mark.parametrize(
+    ("sent", "reply"),
+    [
+        (b"MAIL FROM:<a@example.org>\nRCPT TO:<c@example.org>\r\n", BARE_LF),
+        (b"MAIL FROM:<a@example.org>\rRCPT TO:<c@example.org>\r\n", BARE_CR),
+        (b"NOOP\nNOOP\nNOOP\r\n", BARE_LF),
+        (b"NOOP\rNOOP\nNOOP\r\n", BARE_CR),
+        (b"NOOP\nNOOP\rNOOP\r\n", BARE_LF),
+        (b"\nQUIT\r\n", BARE_LF),
+        (b"\rQUIT\r\n", BARE_CR),
+        (b"NOOP\r\rQUIT\r\n", BARE_CR),
+        (b"NOOP\n\r\n", BARE_LF),
+        (b"NOOP\r\r\n", BARE_CR),
+        (b"DATA\n.\nQUIT\r\n", BARE_LF),
+        (b"RSET\n" + b"x" * 5000 + b"\nQUIT\r\n", BARE_LF),
+    ],
+)
+def test_stray_cr_or_lf_refuses_the_whole_line_once(sent: bytes, reply: bytes) -> None:
+    conn = ready()
+    out, events = pump(conn, sent)
+    assert (out, events) == (reply, [])
+    assert not conn.closed
+    assert pump(conn, b"NOOP\r\n")[0] == b"250 2.0.0 OK\r\n"
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        b"MAIL FROM:<a@example.org>\nRCPT TO:<c@example.org>\r\nNOOP\r\n",
+        b"MAIL FROM:<a@example.org>\rRCPT TO:<c@example.org>\r\nNOOP\r\n",
+        b"NOOP\r\rQUIT\r\r\nNOOP\r\n",
+        b"NOOP\n\r\r\nNOOP\r\n",
+    ],
+)
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 16])
+def test_stray_cr_or_lf_is_one_line_however_the_reads_fall(sent: bytes, size: int) -> None:
+    conn = ready()
+    out, events = b"", list[Event]()
+    for i in range(0, len(sent), size):
+        more, new = pump(conn, sent[i : i + size])
+        out, events = out + more, events + new
+    assert out.count(b"\r\n") == 2
+    assert out.startswith(b"500 5.5.2 Line must end with CRLF (bare ")
+    assert out.endswith(b"\r\n250 2.0.0 OK\r\n")
+    assert events == []
+
+
+def test_bare_lf_is_refused_at_once_without_waiting_for_the_crlf() -> None:
+    # openssl s_client without -crlf sends LF only: the person typing must see the hint.
+    conn = greeted()
+    assert pump(conn, b"MAIL FROM:<a@example.org>\n") == (BARE_LF, [])
+    assert pump(conn, b"RCPT TO:<c@example.org>\n") == (b"", [])
+    assert pump(conn, b"RSET\r\nNOOP\r\n")[0] == b"250 2.0.0 OK\r\n"
+
+
+def test_bare_cr_waits_for_the_next_byte_before_deciding() -> None:
+    conn = make()
+    assert pump(conn, b"NOOP\r") == (b"", [])
+    assert pump(conn, b"X") == (BARE_CR, [])
+    assert pump(conn, b"\r") == (b"", [])
+    assert pump(conn, b"\nNOOP\r\n")[0] == b"250 2.0.0 OK\r\n"
+
+
+def test_bare_lf_in_an_http_request_still_closes_silently() -> None:
+    conn = make()
+    out, events = pump(conn, b"GET / HTTP/1.0\n")
+    assert (out, events) == (b"", [ConnectionClosed(reason="cross-protocol request")])
+
+
+def test_bare_lf_in_a_sasl_response_cancels_and_drops_the_whole_line() -> None:
+    conn = greeted()
+    assert pump(conn, b"AUTH LOGIN\r\n")[0] == b"334 VXNlcm5hbWU6\r\n"
+    out, events = pump(conn, b"dXNlcg==\nMAIL FROM:<a@example.org>\r\nNOOP\r\n")
+    assert out == BARE_LF + b"250 2.0.0 OK\r\n"
+    assert events == []
+    assert not conn.authenticated
+
+
+def test_too_long_line_runs_to_its_crlf_not_to_a_bare_lf() -> None:
+    conn = ready()
+    sent = b"NOOP " + b"x" * 600 + b"\nMAIL FROM:<a@example.org>\r\nNOOP\r\n"
+    assert pump(conn, sent) == (TOO_LONG + b"250 2.0.0 OK\r\n", [])
 
 
 def test_bare_cr_does_not_split_a_line_into_two_commands() -> None:

@@ -13,7 +13,9 @@ from submitd.protocol import (
     MailFrom,
     ServerState,
     StartTLS,
+    Verb,
 )
+from submitd.protocol._state import BEFORE_TLS, SEQUENCE_RULES
 from tests.unit import protocol_support
 from tests.unit.protocol_support import PLAIN, pump
 
@@ -119,6 +121,58 @@ def test_before_tls_credentials_and_mail_get_530_first(command: bytes, ehlo: byt
     out, events = pump(conn, ehlo + command + b"\r\n")
     assert out.endswith(MUST_STARTTLS)
     assert not any(isinstance(e, AuthRequest | MailFrom) for e in events)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [b"VRFY postmaster", b"VRFY", b"HELP", b"HELP MAIL", b"EXPN staff", b"ETRN example.org",
+     b"TURN", b"BDAT 10 LAST", b"vrfy postmaster", b"help"],
+)
+@pytest.mark.parametrize("ehlo", [b"", b"EHLO client.example\r\n", b"HELO client.example\r\n"])
+def test_before_tls_every_other_known_command_gets_530(command: bytes, ehlo: bytes) -> None:
+    # RFC 3207 §4: only EHLO, HELO, STARTTLS, NOOP, RSET and QUIT before TLS.
+    conn = make()
+    out, events = pump(conn, ehlo + command + b"\r\n")
+    assert out.endswith(MUST_STARTTLS)
+    hello = Hello(domain="client.example", extended=ehlo.startswith(b"EHLO"))
+    assert events == ([hello] if ehlo else [])
+    assert not conn.closed
+
+
+def test_before_tls_the_six_allowed_commands_are_answered() -> None:
+    conn = make()
+    out, _ = pump(conn, b"NOOP\r\nRSET\r\nHELO client.example\r\nEHLO client.example\r\n")
+    assert out == b"250 2.0.0 OK\r\n250 2.0.0 OK\r\n250 mx.example.org\r\n" + EHLO_PLAIN
+    assert pump(conn, b"STARTTLS\r\n")[0] == READY
+    conn = make()
+    assert pump(conn, b"QUIT\r\n")[0] == b"221 2.0.0 Bye\r\n"
+
+
+def test_before_tls_every_verb_but_the_six_is_refused_by_the_state_table() -> None:
+    for verb in Verb:
+        rules = SEQUENCE_RULES.get(verb, ())
+        if verb in BEFORE_TLS:
+            assert all(rule.name != "tls" for rule in rules), verb
+        else:
+            assert rules and rules[0].name == "tls", verb
+
+
+def test_before_tls_an_unknown_verb_keeps_500() -> None:
+    # Nothing to refuse: RFC 5321 §4.2.4 answers an unknown command 500 in every state.
+    conn = make()
+    assert pump(conn, b"XYZZY\r\n")[0] == b"500 5.5.1 Command unrecognized\r\n"
+
+
+@pytest.mark.parametrize(
+    ("command", "reply"),
+    [(b"VRFY postmaster", b"252 2.5.0 "), (b"HELP", b"214 2.0.0 "),
+     (b"EXPN staff", b"502 5.5.1 "), (b"ETRN example.org", b"502 5.5.1 ")],
+)
+def test_after_tls_those_commands_get_their_normal_answers(command: bytes, reply: bytes) -> None:
+    conn = make()
+    pump(conn, b"STARTTLS\r\n")
+    conn.tls_started()
+    assert pump(conn, command + b"\r\n")[0].startswith(reply)
 
 
 def test_plain_listener_without_tls_never_accepts_auth_or_mail() -> None:
