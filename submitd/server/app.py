@@ -33,6 +33,7 @@ from ..plugin_manager import configure_plugins, create_plugin_manager, unconfigu
 from ..session import ServerContext
 from .connection import ConnectionHandler
 from .control import serve_control, socket_path
+from .deadlines import Stress
 from .limits import ConnectionLimiter
 from .throttle import AuthThrottle, ThrottleSettings
 from .tls import TLSContextHolder, make_server_context
@@ -70,10 +71,9 @@ class Server:
             self.spool, PluginDelivery(self.hooks, lambda: self._config), config.queue,
             hostname=config.hostname,
         )
-        self.limiter = ConnectionLimiter(
-            max_total=config.limits.max_connections,
-            max_per_ip=config.limits.max_connections_per_ip,
-        )
+        self.limiter = ConnectionLimiter.from_limits(config.limits)
+        self.stress = Stress(threshold=config.limits.stress_threshold,
+                             timeout=config.limits.stress_timeout)
         self.context = ServerContext(
             config=config, hooks=self.hooks, spool=self.spool, runner=self.runner,
             throttle=self.throttle,
@@ -134,7 +134,8 @@ class Server:
                 raise ConfigError(self._config.path, "listen", f"cannot listen on {lc.address}: "
                                   f"{exc.strerror or exc}") from exc
             handler = ConnectionHandler(
-                listener=lc, context=lambda: self.context, tls=self.tls, limiter=self.limiter
+                listener=lc, context=lambda: self.context, tls=self.tls, limiter=self.limiter,
+                stress=self.stress,
             )
             self._handlers.append(handler)
             for tcp in tcps:
@@ -245,8 +246,8 @@ class Server:
         old, self._config = self._config, new
         self.tls.context = context
         self.hooks.plugins = new.plugins
-        self.limiter.max_total = new.limits.max_connections
-        self.limiter.max_per_ip = new.limits.max_connections_per_ip
+        self.limiter.configure(new.limits)
+        self.stress.configure(new.limits)
         self.throttle.configure(ThrottleSettings.from_limits(new.limits))  # counts kept
         self.context = replace(self.context, config=new)
         unconfigure_plugins(self.pm, old)

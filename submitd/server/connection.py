@@ -33,14 +33,16 @@ from ..protocol import (
 from ..protocol import catalogue as R
 from ..session import ServerContext, Session, refusal_reason
 from ..views import SessionInfo
-from .limits import ConnectionLimiter
-from .tls import TLSContextHolder
+from .deadlines import ReadDeadlines, Stress
+from .limits import ConnectionLimiter, Refused, Slot
+from .tls import FirstBytes, TLSContextHolder, explain_tls_failure, tls_error
 
 __all__ = ["ConnectionHandler", "explain_tls_failure", "protocol_limits"]
 
 log = logging.getLogger("submitd.connection")
 
 R_TOO_MANY = Reply.make(421, "4.7.0", "Too many connections, try again later")
+R_TOO_OFTEN = Reply.make(421, "4.7.0", "Too many new connections from your address, try later")
 R_TIMEOUT = Reply.make(421, "4.4.2", "Timeout, closing connection")
 R_SHUTDOWN = Reply.make(421, "4.3.2", "Service shutting down, try again later")
 R_INTERNAL = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
@@ -50,13 +52,12 @@ _REFUSAL_TIMEOUT = 5.0
 _LINGER = 1.0
 _CLOSE_TIMEOUT = 1.0
 _MAX_TLS_REFUSALS = 32
+# The longest a reply may take to go out; shorter when the session's read deadline is.
 _SEND_TIMEOUT = 60.0
 _CLOSING_REPLY_TIMEOUT = 5.0
 # A 250 for a committed message is a few dozen bytes: its send blocks only when the client
 # stopped reading long ago, so a short deadline is enough and keeps a shutdown short.
 _ACK_TIMEOUT = 15.0
-_HEAD = 16  # bytes of a failed handshake kept to tell what the client spoke
-_USE_TLS_RIGHT = "use STARTTLS on the submission port, or TLS from the first byte here"
 _session_counter = itertools.count(1)
 _session_prefix = os.urandom(3).hex()
 
@@ -105,11 +106,13 @@ class ConnectionHandler:
         context: Callable[[], ServerContext],
         tls: TLSContextHolder,
         limiter: ConnectionLimiter,
+        stress: Stress,
     ) -> None:
         self.listener = listener
         self._context = context
         self._tls = tls
         self._limiter = limiter
+        self._stress = stress
         #: Cancel scopes of the running sessions; the server cancels them when draining ends.
         self.active: set[trio.CancelScope] = set()
         self.idle = trio.Event()
@@ -120,24 +123,28 @@ class ConnectionHandler:
         """Entry point for ``trio.serve_listeners``; never raises (but lets Cancelled through)."""
         host, port = _peer(stream)
         sid = _new_session_id()
-        if not self._limiter.try_acquire(host):
-            log.info(logfmt("connection_refused", session=sid, peer=host, reply=R_TOO_MANY.code,
-                            reason=self._limiter.why_refused(host)))
-            await self._refuse(stream)
+        slot = self._limiter.acquire(host)
+        if isinstance(slot, Refused):
+            reply = R_TOO_OFTEN if slot.rate else R_TOO_MANY
+            log.info(logfmt("connection_refused", session=sid, peer=host, reply=reply.code,
+                            reason=slot.reason))
+            await self._refuse(stream, reply)
             return
+        self._stress.update(self._limiter.total, self._limiter.max_total)
         scope = trio.CancelScope()
         self.active.add(scope)
         self.idle = trio.Event() if self.idle.is_set() else self.idle
         try:
-            await self._serve(stream, sid, host, port, scope)
+            await self._serve(stream, sid, slot, port, scope)
         finally:
-            self._limiter.release(host)
+            self._limiter.release(slot)
+            self._stress.update(self._limiter.total, self._limiter.max_total)
             self.active.discard(scope)
             if not self.active:
                 self.idle.set()
 
-    async def _refuse(self, stream: trio.abc.Stream) -> None:
-        """Tell an over-the-cap client ``421 4.7.0`` (inside TLS on an implicit listener).
+    async def _refuse(self, stream: trio.abc.Stream, reply: Reply) -> None:
+        """Tell an over-the-cap client ``reply`` (inside TLS on an implicit listener).
 
         Refusals are cheap on a STARTTLS listener; on an implicit one they cost a handshake,
         so only a few run at once and the rest are closed without a word.
@@ -155,14 +162,15 @@ class ConnectionHandler:
                     tls_stream = trio.SSLStream(stream, self._tls.context, server_side=True)
                     stream = tls_stream
                     await tls_stream.do_handshake()
-                await stream.send_all(R_TOO_MANY.to_bytes())
+                await stream.send_all(reply.to_bytes())
         finally:
             self._refusing -= 1
             await trio.aclose_forcefully(stream)
 
     async def _serve(
-        self, stream: trio.abc.Stream, sid: str, host: str, port: int, scope: trio.CancelScope
+        self, stream: trio.abc.Stream, sid: str, slot: Slot, port: int, scope: trio.CancelScope
     ) -> None:
+        host = slot.ip
         ctx = self._context()
         implicit = self.listener.mode is ListenMode.IMPLICIT
         info = SessionInfo(
@@ -178,7 +186,9 @@ class ConnectionHandler:
         session = Session(ctx, conn, info)
         log.info(logfmt("connect", session=sid, peer=host, port=port,
                         local_port=_local_port(stream), mode=self.listener.mode.value))
-        driver = _Driver(stream, conn, session, self._tls, ctx)
+        driver = _Driver(stream, conn, session, self._tls, ctx,
+                         deadlines=ReadDeadlines(ctx.config.limits, self._stress),
+                         on_login=lambda: self._limiter.logged_in(slot))
         try:
             with scope:
                 await driver.run(implicit)
@@ -189,6 +199,12 @@ class ConnectionHandler:
                 await driver.flush_quietly()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info(logfmt("disconnect", session=sid, peer=host, reason=type(exc).__name__))
+        except _NotReading:
+            # The client stopped reading: its socket buffer is full, and a 421 would not get
+            # through either. An ordinary timeout: close at once (no TLS close_notify).
+            log.info(logfmt("timeout", session=sid, peer=host, phase="send",
+                            reason="the client stopped reading its replies"))
+            driver.broken = True
         except Exception:
             # The last line of defence: log with the session id, tell the client if we can.
             log.exception(logfmt("connection_error", session=sid))
@@ -197,8 +213,15 @@ class ConnectionHandler:
         finally:
             with trio.CancelScope(shield=True):
                 await session.aclose()
-                await _close(driver.stream)
+                if driver.broken:
+                    await trio.aclose_forcefully(driver.stream)
+                else:
+                    await _close(driver.stream)
             log.info(logfmt("close", session=sid))
+
+
+class _NotReading(Exception):
+    """A reply could not be sent within its deadline: the client stopped reading."""
 
 
 class _Driver:
@@ -211,8 +234,15 @@ class _Driver:
         session: Session,
         tls: TLSContextHolder,
         ctx: ServerContext,
+        *,
+        deadlines: ReadDeadlines,
+        on_login: Callable[[], None],
     ) -> None:
         self.stream = stream
+        self.deadlines = deadlines
+        self._on_login: Callable[[], None] | None = on_login
+        #: The stream cannot be closed politely (a send was cut off).
+        self.broken = False
         self.conn = conn
         self.session = session
         self.tls = tls
@@ -257,6 +287,9 @@ class _Driver:
                 return
             else:
                 await self.session.handle(event)
+                if self._on_login is not None and self.session.info.username is not None:
+                    self._on_login()  # no longer an unauthenticated session
+                    self._on_login = None
                 self._log_refusals()  # a refused AUTH can reach the core's failure limit
                 if self.session.unacknowledged is not None and not await self._acknowledge():
                     return
@@ -288,11 +321,22 @@ class _Driver:
         return reasons.get(reply) or refusal_reason(reply)
 
     async def flush(self) -> None:
-        """Send every queued reply within ``_SEND_TIMEOUT`` (``TooSlowError`` otherwise)."""
+        """Send every queued reply within the send deadline (``_NotReading`` otherwise).
+
+        The deadline is the session's read deadline (``command_timeout``, ``preauth_timeout``
+        or ``stress_timeout``), at most ``_SEND_TIMEOUT``.
+        """
         data = self.conn.data_to_send()
         if data:
-            with trio.fail_after(_SEND_TIMEOUT):
+            timeout = min(_SEND_TIMEOUT, self.deadlines.send_timeout(self._authenticated))
+            with trio.move_on_after(timeout):
                 await self.stream.send_all(data)
+                return
+            raise _NotReading
+
+    @property
+    def _authenticated(self) -> bool:
+        return self.session.info.username is not None
 
     async def flush_quietly(self) -> None:
         """Best effort: send what is queued (a 421) within a short deadline, ignore failures."""
@@ -301,9 +345,10 @@ class _Driver:
             trio.CancelScope(shield=True),
             trio.move_on_after(_CLOSING_REPLY_TIMEOUT),
             contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError,
-                                trio.TooSlowError, OSError, ssl.SSLError),
+                                _NotReading, OSError, ssl.SSLError),
         ):
-            await self.flush()
+            if not self.broken:
+                await self.flush()
 
     async def _acknowledge(self) -> bool:
         """Send the ``250`` of a committed message now, shielded; False if it could not go.
@@ -351,11 +396,14 @@ class _Driver:
 
         On a timeout ``421 4.4.2`` is queued; a TLS handshake on the STARTTLS port closes.
         """
-        timeout = self.limits.command_timeout
-        deadline = self.session.data_deadline
-        if deadline is not None:
-            timeout = min(timeout, max(0.0, deadline - trio.current_time()))
-        with trio.move_on_after(timeout):
+        now = trio.current_time()
+        in_data = self.session.data_deadline is not None
+        deadline = self.deadlines.next(now, authenticated=self._authenticated,
+                                       data_deadline=self.session.data_deadline)
+        with (
+            trio.CancelScope(deadline=deadline.at) as scope,
+            self.deadlines.stress.watch(scope, deadline.started),
+        ):
             data = await self.stream.receive_some(_RECEIVE_SIZE)
             self.eof = not data
             if self.plain_start and data[:2] == b"\x16\x03" and not self.conn.tls_active:
@@ -366,36 +414,33 @@ class _Driver:
                 self.conn.close()
                 return False
             self.plain_start = False
+            self.deadlines.received(bytes(data), trio.current_time(), in_data=in_data)
             self.conn.receive_data(bytes(data))
             return True
-        if deadline is not None and timeout < self.limits.command_timeout:
-            phase = "data"
-            why = (f"the message did not arrive within limits.data_timeout "
-                   f"({self.limits.data_timeout:g}s)")
-        else:
-            phase = "data" if deadline is not None else "command"
-            why = f"the client sent nothing for {timeout:g}s (limits.command_timeout)"
-        log.info(logfmt("timeout", session=self.sid, peer=self.peer, phase=phase,
+        # Stress mode may have moved the deadline earlier while we waited.
+        why = deadline.stress_reason if scope.deadline < deadline.at else deadline.reason
+        log.info(logfmt("timeout", session=self.sid, peer=self.peer, phase=deadline.phase,
                         reply=R_TIMEOUT.code, reason=why))
         self.conn.close(R_TIMEOUT)
         return False
 
     async def _handshake(self) -> bool:
         """Wrap the stream in TLS and finish the handshake under its deadline."""
-        first = _FirstBytes(self.stream)
+        first = FirstBytes(self.stream)
         tls_stream = trio.SSLStream(first, self.tls.context, server_side=True)
         try:
             with trio.fail_after(self.handshake_timeout):
                 await tls_stream.do_handshake()
         except (trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # A failed handshake ends only this connection.
-            error = None if isinstance(exc, trio.TooSlowError) else _tls_error(exc)
+            error = None if isinstance(exc, trio.TooSlowError) else tls_error(exc)
             log.info(logfmt("tls_failed", session=self.sid, peer=self.peer, error=error,
                             reason=explain_tls_failure(first.head, error, implicit=self.implicit,
                                                        timeout=self.handshake_timeout)))
             return False
         first.stop()
         self.stream = tls_stream
+        self.deadlines.restart()
         # SSLStream forwards version() and cipher() to its SSLObject.
         version: str | None = tls_stream.version()
         cipher = tls_stream.cipher()
@@ -403,45 +448,6 @@ class _Driver:
         self.session.tls_started(version, cipher_name)
         log.info(logfmt("tls", session=self.sid, version=version, cipher=cipher_name))
         return True
-
-
-_TLS_ERRORS = {
-    "NO_SHARED_CIPHER": "the client offers no cipher this server accepts",
-    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2",
-    "TLSV1_ALERT_PROTOCOL_VERSION": "the client offers only TLS versions older than 1.2",
-    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the server's certificate (its CA)",
-    "SSLV3_ALERT_BAD_CERTIFICATE": "the client does not accept the server's certificate",
-    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client does not accept the server's certificate",
-    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client says the server's certificate has expired",
-    "BrokenResourceError": "the client closed the connection during the TLS handshake",
-    "ClosedResourceError": "the client closed the connection during the TLS handshake",
-}
-
-
-def explain_tls_failure(
-    head: bytes, error: str | None, *, implicit: bool, timeout: float
-) -> str:
-    """Why a TLS handshake failed, in plain words.
-
-    ``head`` is what the client sent first, ``error`` OpenSSL's code (None: the handshake
-    timed out). A TLS client starts with a handshake record (byte 0x16); anything else tells
-    what the client spoke instead.
-    """
-    if error is None:
-        if not head and implicit:
-            return (f"the client sent nothing for {timeout:g}s (tls.handshake_timeout): a plain "
-                    f"SMTP or STARTTLS client waits for a greeting on the implicit-TLS port "
-                    f"({_USE_TLS_RIGHT})")
-        return f"the TLS handshake did not finish within {timeout:g}s (tls.handshake_timeout)"
-    if head and head[0] != 0x16:
-        if error == "HTTP_REQUEST" or head.startswith((b"GET ", b"POST ", b"HEAD ", b"PUT ")):
-            return "the client spoke HTTP, not SMTP over TLS"
-        if head[:4].isalpha() and implicit:
-            return f"the client spoke plain SMTP on the implicit-TLS port ({_USE_TLS_RIGHT})"
-        if head[:4].isalpha():
-            return "the client went on in plain text after STARTTLS instead of starting TLS"
-        return "the client sent something other than a TLS handshake"
-    return _TLS_ERRORS.get(error, f"the TLS handshake failed ({error})")
 
 
 async def _close(stream: trio.abc.Stream) -> None:
@@ -456,44 +462,3 @@ async def _close(stream: trio.abc.Stream) -> None:
             await stream.aclose()
         return
     await trio.aclose_forcefully(stream)
-
-
-def _tls_error(exc: BaseException) -> str:
-    """OpenSSL's code for a failed handshake (``WRONG_VERSION_NUMBER``), for the log."""
-    cause = exc.__cause__
-    if isinstance(cause, ssl.SSLError):
-        return cause.reason or type(cause).__name__
-    return type(exc).__name__
-
-
-class _FirstBytes(trio.abc.Stream):
-    """A transport that remembers the first bytes the client sent during a TLS handshake.
-
-    They tell a failed handshake's cause: plain SMTP on the implicit-TLS port, HTTP, ...
-    """
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
-        self.head = b""
-        self._recording = True
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.stream.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        data = await self.stream.receive_some(max_bytes)
-        if self._recording:
-            self.head = (self.head + data)[:_HEAD]
-            self._recording = len(self.head) < _HEAD
-        return data
-
-    async def aclose(self) -> None:
-        await self.stream.aclose()
-
-    def stop(self) -> None:
-        """The handshake is done: stop recording."""
-        self._recording = False
-        self.head = b""

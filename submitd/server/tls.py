@@ -4,11 +4,20 @@ from __future__ import annotations
 
 import ssl
 
+import trio
+
 from ..certs import TLSFileError, load_server_files
 from ..config import TLSConfig
 from ..errors import ConfigError
 
-__all__ = ["CIPHERS_TLS12", "TLSContextHolder", "make_server_context"]
+__all__ = [
+    "CIPHERS_TLS12",
+    "FirstBytes",
+    "TLSContextHolder",
+    "explain_tls_failure",
+    "make_server_context",
+    "tls_error",
+]
 
 #: TLS 1.2 suites: forward secret (ECDHE) and AEAD only; TLS 1.3 suites are all AEAD.
 #: No DHE: without loaded DH parameters it never negotiates, and ECDHE covers every client.
@@ -55,3 +64,89 @@ class TLSContextHolder:
     def __init__(self, tls: TLSConfig) -> None:
         self.context = make_server_context(tls)
 
+
+_HEAD = 16  # bytes of a failed handshake kept to tell what the client spoke
+_USE_TLS_RIGHT = "use STARTTLS on the submission port, or TLS from the first byte here"
+
+_TLS_ERRORS = {
+    "NO_SHARED_CIPHER": "the client offers no cipher this server accepts",
+    "UNSUPPORTED_PROTOCOL": "the client offers only TLS versions older than 1.2",
+    "TLSV1_ALERT_PROTOCOL_VERSION": "the client offers only TLS versions older than 1.2",
+    "TLSV1_ALERT_UNKNOWN_CA": "the client does not trust the server's certificate (its CA)",
+    "SSLV3_ALERT_BAD_CERTIFICATE": "the client does not accept the server's certificate",
+    "SSLV3_ALERT_CERTIFICATE_UNKNOWN": "the client does not accept the server's certificate",
+    "SSLV3_ALERT_CERTIFICATE_EXPIRED": "the client says the server's certificate has expired",
+    "BrokenResourceError": "the client closed the connection during the TLS handshake",
+    "ClosedResourceError": "the client closed the connection during the TLS handshake",
+}
+
+
+def explain_tls_failure(
+    head: bytes, error: str | None, *, implicit: bool, timeout: float
+) -> str:
+    """Why a TLS handshake failed, in plain words.
+
+    ``head`` is what the client sent first, ``error`` OpenSSL's code (None: the handshake
+    timed out). A TLS client starts with a handshake record (byte 0x16); anything else tells
+    what the client spoke instead.
+    """
+    if error is None:
+        if not head and implicit:
+            return (f"the client sent nothing for {timeout:g}s (tls.handshake_timeout): a plain "
+                    f"SMTP or STARTTLS client waits for a greeting on the implicit-TLS port "
+                    f"({_USE_TLS_RIGHT})")
+        return f"the TLS handshake did not finish within {timeout:g}s (tls.handshake_timeout)"
+    if head and head[0] != 0x16:
+        if error == "HTTP_REQUEST" or head.startswith((b"GET ", b"POST ", b"HEAD ", b"PUT ")):
+            return "the client spoke HTTP, not SMTP over TLS"
+        if head[:4].isalpha() and implicit:
+            return f"the client spoke plain SMTP on the implicit-TLS port ({_USE_TLS_RIGHT})"
+        if head[:4].isalpha():
+            return "the client went on in plain text after STARTTLS instead of starting TLS"
+        return "the client sent something other than a TLS handshake"
+    return _TLS_ERRORS.get(error, f"the TLS handshake failed ({error})")
+
+
+def tls_error(exc: BaseException) -> str:
+    """OpenSSL's code for a failed handshake (``WRONG_VERSION_NUMBER``), for the log."""
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLError):
+        return cause.reason or type(cause).__name__
+    return type(exc).__name__
+
+
+class FirstBytes(trio.abc.Stream):
+    """A transport that remembers the first bytes the client sent during a TLS handshake.
+
+    They tell a failed handshake's cause: plain SMTP on the implicit-TLS port, HTTP, ...
+    """
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.head = b""
+        self._recording = True
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        """Send on the wrapped stream."""
+        await self.stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        """Wait on the wrapped stream."""
+        await self.stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        """Receive from the wrapped stream, recording the first bytes."""
+        data = await self.stream.receive_some(max_bytes)
+        if self._recording:
+            self.head = (self.head + data)[:_HEAD]
+            self._recording = len(self.head) < _HEAD
+        return data
+
+    async def aclose(self) -> None:
+        """Close the wrapped stream."""
+        await self.stream.aclose()
+
+    def stop(self) -> None:
+        """The handshake is done: stop recording."""
+        self._recording = False
+        self.head = b""
