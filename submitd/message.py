@@ -48,8 +48,19 @@ def parse_header_section(data: bytes) -> tuple[list[tuple[str, str]], int]:
     Returns the fields (values unfolded, decoded as UTF-8 with replacement) and the offset of
     the body (just after the empty line), or ``len(data)`` when there is no empty line. Lines
     that are not fields end the header section, as a lenient reader would treat them.
+
+    Linear in the size of the section: the lines of a folded field are collected and joined
+    once, so a header of many short continuation lines cannot stall the event loop.
     """
     fields: list[tuple[str, str]] = []
+    name = ""
+    parts: list[str] = []  # the value of the field being read, one entry per line
+
+    def flush() -> None:
+        if parts:
+            fields.append((name, " ".join(parts)))
+            parts.clear()
+
     pos = 0
     end = len(data)
     while pos < end:
@@ -59,18 +70,20 @@ def parse_header_section(data: bytes) -> tuple[list[tuple[str, str]], int]:
         line = data[pos:nl]
         nxt = min(nl + 2, end)
         if line == b"":
+            flush()
             return fields, nxt
-        if line[:1] in (b" ", b"\t") and fields:
-            name, value = fields[-1]
-            fields[-1] = (name, value + " " + line.strip().decode("utf-8", "replace"))
+        if line[:1] in (b" ", b"\t") and parts:
+            parts.append(line.strip().decode("utf-8", "replace"))
         else:
             name_b, sep, value_b = line.partition(b":")
             if not sep or not _FIELD_NAME.match(name_b.rstrip()):
+                flush()
                 return fields, pos
-            fields.append(
-                (name_b.rstrip().decode("ascii"), value_b.strip().decode("utf-8", "replace"))
-            )
+            flush()
+            name = name_b.rstrip().decode("ascii")
+            parts.append(value_b.strip().decode("utf-8", "replace"))
         pos = nxt
+    flush()
     return fields, end
 
 
