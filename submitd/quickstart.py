@@ -2,9 +2,10 @@
 
 DIR receives ``submitd.toml`` (listeners on 127.0.0.1:2587 STARTTLS and 127.0.0.1:2465
 implicit TLS), a self-signed certificate for ``localhost`` and ``127.0.0.1`` in ``tls/``, a
-users file with one login ``demo`` and a random password, and maildir delivery into ``mail/``
-(with a commented-out smarthost route to show how to relay instead). Nothing existing is
-overwritten. Blocking (key generation, argon2, fsync).
+users file with one login ``demo`` and a random password, the ``headers`` fix-ups
+(``Received:``, ``Date:``, ``Message-ID:``) and maildir delivery into ``mail/`` (with a
+commented-out smarthost route to show how to relay instead). Nothing existing is overwritten.
+Blocking (key generation, argon2, fsync).
 """
 
 from __future__ import annotations
@@ -54,12 +55,17 @@ key = "tls/{KEY_FILENAME}"
 dir = "spool"
 
 [plugins]
-enable = ["passwdfile", "maildir"]
+enable = ["passwdfile", "headers", "maildir"]
 
 # Manage logins with: @SUBMITD@ user add|passwd|senders|del|list -c @CONFIG@
 [plugins.passwdfile]
 path = "users"
 # min_password_length = 12  # `user add` and `user passwd` refuse shorter passwords
+
+# Received:, Date: and Message-ID: fix-ups (RFC 6409); these are the defaults.
+# [plugins.headers]
+# hide_client = true        # the Received: field does not show the client's IP address
+# show_login = false        # true: it names the login
 
 [plugins.maildir]           # every accepted message lands in this Maildir
 path = "mail"
