@@ -76,6 +76,7 @@ def protocol_limits(ctx: ServerContext) -> ProtocolLimits:
         max_auth_failures=lim.max_auth_failures,
         max_errors=lim.max_errors,
         max_transactions=lim.max_transactions,
+        max_junk_commands=lim.max_junk_commands,
     )
 
 
@@ -313,6 +314,8 @@ class _Driver:
                 f"too many failed logins in one session (limit {lim.max_auth_failures})",
             R.TOO_MANY_TRANSACTIONS:
                 f"too many messages in one session (limit {lim.max_transactions})",
+            R.TOO_MANY_JUNK_COMMANDS:
+                f"too many commands that send no mail (limit {lim.max_junk_commands})",
             R.TOO_MANY_RECIPIENTS:
                 f"too many recipients for one message (limit {lim.max_recipients})",
             R.AUTH_FAILED: "malformed login: empty user name or password, or an authorization "
