@@ -86,7 +86,7 @@ def test_quickstart_writes_a_working_setup_and_prints_the_password_once(
     ]
     assert config.tls is not None and config.tls.cert == cert
     assert config.queue.dir == target / "spool"
-    assert config.plugins.enable == ("passwdfile", "maildir")
+    assert config.plugins.enable == ("passwdfile", "headers", "maildir")
     assert config.plugin_table("maildir")["path"] == "mail"
     users = UsersFile.load(target / "users")
     assert users.verify("demo", Secret(password)).ok
