@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime as dt
 import ipaddress
 import os
-import re
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from .durable import write_all
+from .protocol._grammar import MAX_HOSTNAME, is_hostname
 
 __all__ = [
     "CERT_FILENAME",
@@ -38,12 +38,6 @@ CERT_FILENAME = "cert.pem"
 KEY_FILENAME = "key.pem"
 VALIDITY = dt.timedelta(days=365)
 
-# A DNS name, optionally a leftmost wildcard label (RFC 6125 §6.4.3).
-_DNS_NAME = re.compile(
-    r"\A(?:\*\.)?[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
-)
-
 
 def _subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
@@ -51,7 +45,9 @@ def _subject_alt_names(hosts: Sequence[str]) -> list[x509.GeneralName]:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
-            if not _DNS_NAME.match(host) or len(host) > 253:
+            # A DNS name, optionally with a leftmost wildcard label (RFC 6125 §6.4.3).
+            name = host.removeprefix("*.")
+            if not is_hostname(name) or len(host) > MAX_HOSTNAME:
                 raise ValueError(f"not a host name or IP address: {host!r}") from None
             names.append(x509.DNSName(host.lower()))
     return names

@@ -22,6 +22,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .errors import ConfigError
+from .protocol._grammar import has_control, is_hostname
 from .stash import Stash
 
 __all__ = [
@@ -251,11 +252,6 @@ def default_config_path() -> Path:
 
 # --- the loader -----------------------------------------------------------------------------
 
-# RFC 1035 §2.3.1 labels (with digits first allowed, RFC 1123 §2.1); no trailing dot.
-_HOSTNAME = re.compile(
-    r"\A(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\Z"
-)
 _PLUGIN_NAME = re.compile(r"\A[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 _MISSING: Any = object()
 
@@ -300,7 +296,7 @@ class _Table:
         value = self.get(name, default)
         if not isinstance(value, str):
             raise self.error(name, f"must be a string, not {_type_name(value)}")
-        if not value or any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        if not value or has_control(value):
             raise self.error(name, "must be a non-empty string without control characters")
         return value
 
@@ -397,7 +393,7 @@ def load_config(path: Path) -> Config:
 
 def _load_hostname(top: _Table) -> str:
     name = top.string("hostname") if "hostname" in top.data else socket.getfqdn()
-    if not _HOSTNAME.match(name):
+    if not is_hostname(name):
         why = "" if "hostname" in top.data else f" (taken from the system: {name!r}; set it)"
         raise top.error("hostname", f"must be a fully qualified domain name{why}")
     return name
@@ -446,7 +442,7 @@ def _parse_address(t: _Table, key: str) -> tuple[str, int]:
             raise t.error(key, f"not an IPv6 address in brackets: {text!r}") from None
     elif ":" in host:
         raise t.error(key, f'IPv6 addresses need brackets, e.g. "[::1]:587", not {text!r}')
-    elif not _HOSTNAME.match(host):
+    elif not is_hostname(host):
         try:
             ipaddress.IPv4Address(host)
         except ValueError:

@@ -31,6 +31,7 @@ from argon2.exceptions import InvalidHashError, VerificationError
 
 from .durable import fsync_dir, write_all
 from .errors import SubmitdError
+from .protocol._grammar import has_control, is_hostname
 from .secret import Secret
 
 __all__ = [
@@ -58,14 +59,12 @@ NO_SENDER = "<>"
 #: asks for at least 8; 12 leaves a margin for passwords people choose).
 DEFAULT_MIN_PASSWORD_LENGTH = 12
 
-# Logins are matched byte-for-byte against the SASL username: printable, no spaces.
-_LOGIN = re.compile(r"\A[^\s#\x00-\x1f\x7f][^\s\x00-\x1f\x7f]{0,254}\Z")
-# RFC 5321 §4.1.2 dot-string local part, kept permissive; the domain is a plain host name.
-_LOCAL = re.compile(r"\A[^\s@\"\x00-\x1f\x7f]{1,64}\Z")
-_DOMAIN = re.compile(
-    r"\A(?=.{1,253}\Z)[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
-    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+\Z"
-)
+# Logins are matched byte-for-byte against the SASL username: printable (no controls,
+# has_control), no spaces.
+_LOGIN = re.compile(r"\A[^\s#]\S{0,254}\Z")
+# RFC 5321 §4.1.2 dot-string local part, kept permissive (and no controls); the domain is a
+# qualified host name (is_hostname).
+_LOCAL = re.compile(r"\A[^\s@\"]{1,64}\Z")
 
 
 class UsersFileError(SubmitdError):
@@ -116,7 +115,7 @@ class VerifyResult:
 
 def validate_login(login: str) -> str:
     """Return ``login`` if it can be stored in the users file, else raise ValueError."""
-    if not _LOGIN.match(login):
+    if not _LOGIN.match(login) or has_control(login):
         raise ValueError(
             f"invalid login {login!r}: 1-255 printable characters, no spaces, not starting with #"
         )
@@ -132,7 +131,9 @@ def validate_sender(pattern: str) -> str:
     if pattern == NO_SENDER:
         return pattern
     local, at, domain = pattern.rpartition("@")
-    if not at or not _DOMAIN.match(domain) or (local and not _LOCAL.match(local)):
+    if not at or not is_hostname(domain, min_labels=2) or (
+        local and (not _LOCAL.match(local) or has_control(local))
+    ):
         raise ValueError(f"invalid sender {pattern!r}: use user@example.com, @example.com or <>")
     return f"{local}@{domain.lower()}"
 

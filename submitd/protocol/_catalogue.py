@@ -1,4 +1,4 @@
-"""Every reply the protocol core sends on its own, by name.
+"""Every reply the protocol core, or the driver around it, sends on its own, by name.
 
 Reply text never echoes client input, so nothing a client sends can end up in a reply line.
 Enhanced status codes follow RFC 3463 (and the registry of RFC 5248); the greeting and the
@@ -30,8 +30,8 @@ __all__ = [
     "HELP",
     "INVALID_BASE64",
     "INVALID_PLAIN",
-    "INVALID_UTF8",
     "LINE_TOO_LONG",
+    "LOCAL_PROBLEM",
     "LOGIN_PASSWORD",
     "LOGIN_USERNAME",
     "MESSAGE_TOO_LARGE",
@@ -49,7 +49,6 @@ __all__ = [
     "STARTTLS_REQUIRED",
     "STARTTLS_UNAVAILABLE",
     "START_DATA",
-    "SYNTAX_ERROR",
     "TIMEOUT",
     "TOO_MANY_AUTH_FAILURES",
     "TOO_MANY_ERRORS",
@@ -120,8 +119,10 @@ TOO_MANY_ERRORS = Reply.make(421, "4.7.0", "Too many errors")
 TOO_MANY_AUTH_FAILURES = Reply.make(421, "4.7.0", "Too many authentication failures")
 TOO_MANY_TRANSACTIONS = Reply.make(421, "4.7.0", "Too many messages in one session")
 TOO_MANY_JUNK_COMMANDS = Reply.make(421, "4.7.0", "Too many commands that send no mail")
+# The driver's own closing replies: a deadline passed, the server stops, something broke.
 TIMEOUT = Reply.make(421, "4.4.2", "Timeout, closing connection")
 SHUTTING_DOWN = Reply.make(421, "4.3.2", "Service shutting down, try again later")
+LOCAL_PROBLEM = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
 # RFC 5321 §4.5.3.1.8 and RFC 3463 §3.6: 452 4.5.3 keeps the accepted recipients.
 TOO_MANY_RECIPIENTS = Reply.make(452, "4.5.3", "Too many recipients")
 
@@ -133,10 +134,8 @@ BARE_LF_COMMAND = Reply.make(
 BARE_CR_COMMAND = Reply.make(500, "5.5.2", "Line must end with CRLF (bare CR received)")
 LINE_TOO_LONG = Reply.make(500, "5.5.2", "Line too long")
 EMPTY_COMMAND = Reply.make(500, "5.5.2", "Syntax error, empty command")
-INVALID_UTF8 = Reply.make(500, "5.5.2", "Syntax error, invalid UTF-8")
 UNRECOGNIZED = Reply.make(500, "5.5.1", "Command unrecognized")
 SASL_LINE_TOO_LONG = Reply.make(500, "5.5.6", "Authentication exchange line is too long")
-SYNTAX_ERROR = Reply.make(501, "5.5.4", "Syntax error in parameters or arguments")
 AUTH_CANCELLED = Reply.make(501, "5.0.0", "Authentication cancelled")
 INVALID_BASE64 = Reply.make(501, "5.5.2", "Invalid base64")
 INVALID_PLAIN = Reply.make(501, "5.5.2", "Malformed PLAIN response")  # RFC 4616 §2

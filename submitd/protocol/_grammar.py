@@ -1,5 +1,9 @@
 """SMTP grammar shared by both roles: mailboxes, paths, domains, ESMTP parameters, xtext.
 
+It is also the one place that says what a host name is (:func:`is_hostname`) and what a
+control character is (:func:`has_control`, :func:`replace_controls`): the configuration,
+the users file, certificates and replies all ask here.
+
 Parsing is separate from policy: :func:`parse_mailbox` answers "is this an RFC 5321 / RFC 6531
 mailbox?", :func:`relay_trick` answers "would this address route mail somewhere else?"
 (docs/security.md §4). Neither ever returns text built from client input for a reply: error
@@ -17,6 +21,7 @@ from dataclasses import dataclass
 __all__ = [
     "MAX_DOMAIN",
     "MAX_ENVID",
+    "MAX_HOSTNAME",
     "MAX_LOCAL_PART",
     "MAX_ORCPT",
     "MAX_PATH",
@@ -31,12 +36,14 @@ __all__ = [
     "encode_xtext",
     "format_path",
     "has_control",
+    "is_hostname",
     "is_xtext",
     "parse_esmtp_params",
     "parse_hello_domain",
     "parse_mailbox",
     "parse_notify",
     "relay_trick",
+    "replace_controls",
     "split_path",
 ]
 
@@ -44,6 +51,10 @@ __all__ = [
 MAX_LOCAL_PART = 64
 #: RFC 5321 §4.5.3.1.2: a domain is at most 255 octets.
 MAX_DOMAIN = 255
+#: RFC 1035 §2.3.4: 255 octets on the wire are 253 characters written without a final dot.
+MAX_HOSTNAME = 253
+#: RFC 1035 §2.3.4: a label is at most 63 octets.
+_MAX_LABEL = 63
 #: RFC 5321 §4.5.3.1.3: a path is at most 256 octets, angle brackets included.
 MAX_PATH = 256
 #: RFC 3461 §4.4: an envelope identifier is at most 100 characters.
@@ -51,8 +62,10 @@ MAX_ENVID = 100
 #: RFC 3461 §4.2: the ORCPT value is at most 500 characters.
 MAX_ORCPT = 500
 
-# Controls are never part of an address or a parameter (docs/security.md §1).
+# C0 controls and DEL: never part of an address, a parameter, a login or a configured value
+# (docs/security.md §1). Reply text may hold TAB (RFC 5321 §4.2), nothing else of them.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL_BUT_TAB = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 # Lone surrogates stand for bytes that were not UTF-8 (decoded with "surrogateescape").
 _SURROGATE = re.compile(r"[\ud800-\udfff]")
 # RFC 6531 §3.3: UTF8-non-ascii may appear in atext, qtextSMTP and sub-domains.
@@ -66,6 +79,9 @@ _QUOTED = re.compile(rf'"(?:[\x20\x21\x23-\x5b\x5d-\x7e{_U}]|\\[\x20-\x7e])*"')
 _LABEL = re.compile(rf"[A-Za-z0-9{_U}](?:[A-Za-z0-9{_U}-]*[A-Za-z0-9{_U}])?\Z")
 # EHLO names from real clients sometimes carry "_" (Windows host names): tolerated there only.
 _HELLO_LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]*[A-Za-z0-9_])?\Z")
+# A host name we are given to use (configuration, certificates, users file): RFC 1035 §2.3.1
+# letters, digits and hyphens, a digit first allowed (RFC 1123 §2.1).
+_HOST_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\Z")
 _ADDRESS_LITERAL = re.compile(r"\[[\x21-\x5a\x5e-\x7e]*\]\Z")
 # RFC 5321 §4.1.2: esmtp-keyword and esmtp-value.
 _ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*\Z")
@@ -124,13 +140,41 @@ class Mailbox:
         return self.local_part.startswith('"')
 
 
-def has_control(text: str) -> bool:
-    """True when ``text`` holds a control character (C0 or DEL)."""
-    return _CONTROL.search(text) is not None
+def has_control(text: str, *, tab_ok: bool = False) -> bool:
+    """True when ``text`` holds a control character (C0 or DEL; TAB allowed if ``tab_ok``)."""
+    return (_CONTROL_BUT_TAB if tab_ok else _CONTROL).search(text) is not None
+
+
+def replace_controls(text: str, replacement: str, *, tab_ok: bool = False) -> str:
+    """``text`` with every control character (as :func:`has_control` sees them) replaced."""
+    return (_CONTROL_BUT_TAB if tab_ok else _CONTROL).sub(replacement, text)
 
 
 def _octets(text: str) -> int:
     return len(text.encode("utf-8", "surrogateescape"))
+
+
+def _dotted(text: str, label: re.Pattern[str], max_octets: int) -> bool:
+    """True for labels matching ``label`` joined by dots.
+
+    Each label is at most 63 octets, the whole at most ``max_octets``; an empty text or an
+    empty label never matches.
+    """
+    parts = text.split(".")
+    # The labels first: they admit no lone surrogate, which _octets could not encode.
+    return all(label.match(part) for part in parts) and (
+        _octets(text) <= max_octets and all(_octets(part) <= _MAX_LABEL for part in parts)
+    )
+
+
+def is_hostname(text: str, *, min_labels: int = 1) -> bool:
+    """True for a host name of at least ``min_labels`` labels, written without a final dot.
+
+    Letters, digits and hyphens, no hyphen at either end of a label (RFC 1035 §2.3.1, a digit
+    first allowed by RFC 1123 §2.1), labels of at most 63 and the name at most
+    :data:`MAX_HOSTNAME` characters. ``min_labels=2`` asks for a qualified name.
+    """
+    return _dotted(text, _HOST_LABEL, MAX_HOSTNAME) and text.count(".") + 1 >= min_labels
 
 
 def _check_text(text: str) -> None:
@@ -141,10 +185,7 @@ def _check_text(text: str) -> None:
 
 
 def _is_domain(text: str) -> bool:
-    labels = text.split(".")
-    return _octets(text) <= MAX_DOMAIN and all(
-        _LABEL.match(label) and _octets(label) <= 63 for label in labels
-    )
+    return _dotted(text, _LABEL, MAX_DOMAIN)
 
 
 def parse_mailbox(text: str) -> Mailbox:
@@ -258,10 +299,7 @@ def parse_hello_domain(text: str) -> str:
         except ValueError:
             raise GrammarError("bad address literal") from None
         return text
-    labels = text.split(".")
-    if not text or len(text) > MAX_DOMAIN or not all(
-        _HELLO_LABEL.match(label) and len(label) <= 63 for label in labels
-    ):
+    if not _dotted(text, _HELLO_LABEL, MAX_DOMAIN):
         raise GrammarError("bad domain")
     return text
 

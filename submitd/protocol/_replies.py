@@ -8,13 +8,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from ._grammar import has_control, replace_controls
+
 __all__ = ["MAX_REPLY_LINES", "MAX_REPLY_LINE_LENGTH", "Reply", "ReplyParseError", "parse_reply"]
 
 # RFC 3463 §2: class.subject.detail, class equal to the first digit of the reply code.
 _ENHANCED = re.compile(r"\A([245])\.(\d{1,3})\.(\d{1,3})\Z")
 # Reply text is printable US-ASCII plus SP and TAB (RFC 5321 §4.2); UTF-8 is tolerated only
 # for SMTPUTF8 addresses echoed back, so anything >= 0x80 is allowed but no controls.
-_FORBIDDEN_TEXT = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 #: A client never keeps more than this many lines of one reply (hostile servers, CVE-2020-8794).
 MAX_REPLY_LINES = 100
@@ -49,7 +50,7 @@ class Reply:
         if not self.lines:
             raise ValueError("a reply has at least one line")
         for line in self.lines:
-            if not isinstance(line, str) or _FORBIDDEN_TEXT.search(line):
+            if not isinstance(line, str) or has_control(line, tab_ok=True):
                 raise ValueError("reply text may not contain control characters")
             if len(line.encode("utf-8", "surrogateescape")) > MAX_REPLY_LINE_LENGTH - 16:
                 raise ValueError("reply line too long")
@@ -131,7 +132,7 @@ def parse_reply(lines: list[bytes]) -> Reply:
     if m and m.group(1) == str(code)[0] and all(t.split(" ", 1)[0] == first for t in texts):
         status = first
         texts = [t.split(" ", 1)[1] if " " in t else "" for t in texts]
-    texts = [_FORBIDDEN_TEXT.sub("?", t)[: MAX_REPLY_LINE_LENGTH - 16] for t in texts]
+    texts = [replace_controls(t, "?", tab_ok=True)[: MAX_REPLY_LINE_LENGTH - 16] for t in texts]
     try:
         return Reply(code=code, status=status if code // 100 != 3 else "", lines=tuple(texts))
     except ValueError as exc:  # pragma: no cover - sanitised above

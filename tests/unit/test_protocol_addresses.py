@@ -22,6 +22,7 @@ from submitd.protocol import (
     render_mail_from,
     render_rcpt_to,
 )
+from submitd.protocol._grammar import has_control, is_hostname, replace_controls
 from tests.unit.protocol_support import HOST, RCPT_OK, SENDER_OK, ready
 
 CONTROL = b"501 5.1.7 Control characters are not allowed in addresses\r\n"
@@ -277,3 +278,43 @@ def test_every_catalogue_reply_survives_the_wire_with_the_right_status() -> None
         wire = reply.to_bytes()
         assert wire.count(b"\r\n") == len(reply.lines) and wire.endswith(b"\r\n")
         assert parse_reply(wire.split(b"\r\n")[:-1]) == reply
+
+
+# -- the one host-name and control-character check everyone uses --------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "min_labels", "ok"),
+    [
+        ("mx.example.org", 1, True),
+        ("localhost", 1, True),
+        ("localhost", 2, False),
+        ("3com.example", 2, True),
+        ("a" * 63 + ".example", 1, True),
+        ("a" * 64 + ".example", 1, False),
+        (".".join(["a" * 63] * 4)[:253], 1, True),
+        (".".join(["a" * 63] * 4)[:254], 1, False),
+        ("-mx.example.org", 1, False),
+        ("mx-.example.org", 1, False),
+        ("mx.example.org.", 1, False),
+        ("mx..example.org", 1, False),
+        ("mx_1.example.org", 1, False),
+        ("m\u00fcnchen.example", 1, False),
+        ("mx.example.org\n", 1, False),
+        ("", 1, False),
+    ],
+)
+def test_is_hostname(name: str, min_labels: int, ok: bool) -> None:
+    assert is_hostname(name, min_labels=min_labels) is ok
+
+
+@pytest.mark.parametrize(
+    ("text", "plain", "tab_ok"),
+    [("abc", False, False), ("a\tb", True, False), ("a\x00", True, True), ("a\x7f", True, True),
+     ("a\r\nb", True, True), ("\x1f", True, True), ("\x85\u2028", False, False)],
+)
+def test_has_control_and_replace_controls(text: str, plain: bool, tab_ok: bool) -> None:
+    assert has_control(text) is plain
+    assert has_control(text, tab_ok=True) is tab_ok
+    assert not has_control(replace_controls(text, "?"))
+    assert replace_controls("a\tb\x00", "?", tab_ok=True) == "a\tb?"
