@@ -112,7 +112,10 @@ def start_submitd(
     config = write_config(
         directory, ca=ws.ca, enable=("passwdfile", "maildir"),
         plugins={"passwdfile": {"path": str(ws.users)}, "maildir": {"path": "mail"}},
-        limits={"max_message_size": max_size, "shutdown_grace": "5s"},
+        # Every load connects from 127.0.0.1, a round of sessions after another: the default
+        # rate (30 new connections per 10 s from one address) would refuse the clients.
+        limits={"max_message_size": max_size, "shutdown_grace": "5s",
+                "max_connection_rate": 100_000},
         hostname="submitd.bench.example",
     )
     log = directory / "server.log"

@@ -78,7 +78,9 @@ def log(msg: str) -> None:
 
 def start_server(workdir: Path, ca: TestCA) -> tuple[subprocess.Popen[bytes], Path]:
     """Start ``submitd serve`` on a fresh config in ``workdir``; log to ``workdir/server.log``."""
-    config = write_config(workdir, ca=ca, enable=[], plugins={})
+    # testssl opens hundreds of connections from 127.0.0.1: lift the per-address rate.
+    config = write_config(workdir, ca=ca, enable=[], plugins={},
+                          limits={"max_connection_rate": 100_000})
     exe = Path(sys.executable).with_name("submitd")
     if not exe.exists():
         raise ScanError(f"{exe} not found: run this with the project's .venv/bin/python")
