@@ -6,10 +6,12 @@ Failed logins (``535``) are counted under three keys:
 * the client address alone (``ip``: one address guessing at many logins),
 * the login alone (``login``: many addresses guessing at one login).
 
-The first two *refuse*: once a key has ``limit`` failures, an attempt it covers is refused
-(``454 4.7.0``, before any password hash runs) until ``2 ** (n - limit)`` seconds after the
-key's last failure, capped at ``max_delay``. Only failures from that address count, so
-nobody can get a real user refused at an address the attacker does not share.
+The first two *refuse*: once a key has used its allowance, an attempt it covers is refused
+(``454 4.7.0``, before any password hash runs) until ``2 ** (n - allowance)`` seconds after
+the key's last failure, capped at ``max_delay``. The allowance is ``limit`` failures for an
+address and login, and :data:`ADDRESS_SHARE` times that for an address (several users may
+share one address behind NAT). Only failures from that address count, so nobody can get a
+real user refused at an address the attacker does not share.
 
 The login-wide key is a *brake*: it never refuses, it only makes an attempt wait (at most
 :data:`BRAKE_MAX` seconds) before it is verified. Guessing at one login from many addresses
@@ -38,11 +40,15 @@ import trio
 
 from ..config import Limits
 
-__all__ = ["BRAKE_MAX", "Admission", "AuthThrottle", "ThrottleSettings"]
+__all__ = ["ADDRESS_SHARE", "BRAKE_MAX", "Admission", "AuthThrottle", "ThrottleSettings"]
 
 #: The longest the login-wide brake makes an attempt wait (seconds): well under the time a mail
 #: client gives a server to answer AUTH, so a slowed user is never timed out.
 BRAKE_MAX = 10.0
+
+#: An address may have this many times ``limit`` failures (across its logins) before its
+#: attempts wait: several users may share one address, and each has ``limit`` of their own.
+ADDRESS_SHARE = 4
 
 #: Login names longer than this (in UTF-8 bytes) are keyed by a digest.
 _MAX_NAME = 128
@@ -65,12 +71,17 @@ class ThrottleSettings:
             window=limits.auth_fail_window,
         )
 
-    def delay(self, failures: int) -> float:
+    @property
+    def address_limit(self) -> int:
+        """The failures an address may have, across its logins, before its attempts wait."""
+        return ADDRESS_SHARE * self.limit
+
+    def delay(self, failures: int, allowance: int) -> float:
         """How long after its last failure a key with ``failures`` failures waits."""
-        if failures < self.limit:
+        if failures < allowance:
             return 0.0
         # Past ~2**30 the cap has long been reached; keep the exponent (and the float) small.
-        return float(min(self.max_delay, 2.0 ** min(failures - self.limit, 30)))
+        return float(min(self.max_delay, 2.0 ** min(failures - allowance, 30)))
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -123,10 +134,12 @@ class AuthThrottle:
         """Whether an attempt for ``login`` from ``ip`` may be verified now, or after a pause."""
         now = self._clock()
         pair, addr, user = _keys(ip, login)
-        refused = max(self._wait(pair, now), self._wait(addr, now))
+        limit = self.settings.limit
+        refused = max(self._wait(pair, now, limit),
+                      self._wait(addr, now, self.settings.address_limit))
         if refused > 0:
             return Admission(refused_for=refused)
-        brake = min(self._wait(user, now), BRAKE_MAX)
+        brake = min(self._wait(user, now, limit), BRAKE_MAX)
         return Admission(slowed_for=brake)
 
     def failed(self, ip: str, login: str) -> None:
@@ -145,11 +158,11 @@ class AuthThrottle:
         """A successful login clears its own ``ip + login`` key, and only that one."""
         self._table.pop(_keys(ip, login)[0], None)
 
-    def _wait(self, key: str, now: float) -> float:
+    def _wait(self, key: str, now: float, allowance: int) -> float:
         entry = self._table.get(key)
         if entry is None or now - entry.last > self.settings.window:
             return 0.0
-        return max(0.0, entry.last + self.settings.delay(entry.count) - now)
+        return max(0.0, entry.last + self.settings.delay(entry.count, allowance) - now)
 
     def _prune(self, now: float) -> None:
         table = self._table

@@ -10,7 +10,13 @@ import pytest
 import trio
 
 from submitd.config import Limits
-from submitd.server.throttle import BRAKE_MAX, Admission, AuthThrottle, ThrottleSettings
+from submitd.server.throttle import (
+    ADDRESS_SHARE,
+    BRAKE_MAX,
+    Admission,
+    AuthThrottle,
+    ThrottleSettings,
+)
 
 ATTACKER = "198.51.100.66"
 USER_HOME = "192.0.2.10"
@@ -94,8 +100,11 @@ async def test_one_address_guessing_at_many_logins_is_refused_for_all_of_them(
     autojump_clock: trio.abc.Clock,
 ) -> None:
     t = AuthThrottle(DEFAULTS)
-    for i in range(5):
+    assert DEFAULTS.address_limit == ADDRESS_SHARE * 5 == 20, "room for a few users behind NAT"
+    for i in range(19):
         t.failed(ATTACKER, f"user{i}")
+    assert t.check(ATTACKER, "user99") == Admission()
+    t.failed(ATTACKER, "user19")
     for login in ("user99", LOGIN):
         assert t.check(ATTACKER, login).refused_for == 1.0
     assert t.check(USER_HOME, "user99") == Admission(), "other addresses are untouched"
@@ -105,30 +114,34 @@ async def test_a_valid_login_does_not_reset_its_address_so_spraying_stays_thrott
     autojump_clock: trio.abc.Clock,
 ) -> None:
     t = AuthThrottle(DEFAULTS)
-    for i in range(4):
+    for i in range(19):
         t.failed(ATTACKER, f"victim{i}")
     t.succeeded(ATTACKER, "mallory")  # the attacker's own, valid account
-    t.failed(ATTACKER, "victim4")
-    assert t.check(ATTACKER, "victim5").refused_for == 1.0
+    t.failed(ATTACKER, "victim19")
+    assert t.check(ATTACKER, "victim20").refused_for == 1.0
     t.succeeded(ATTACKER, "mallory")
-    assert t.check(ATTACKER, "victim5").refused_for == 1.0, "the address key stays"
+    assert t.check(ATTACKER, "victim20").refused_for == 1.0, "the address key stays"
 
 
 async def test_a_success_clears_only_its_own_address_and_login_key(
     autojump_clock: trio.abc.Clock,
 ) -> None:
-    t = fresh(limit=2)
-    t.failed(USER_HOME, LOGIN)
-    t.failed(USER_HOME, LOGIN)
-    assert t.check(USER_HOME, LOGIN).refused_for > 0
+    t = AuthThrottle(DEFAULTS)
+    for _ in range(4):
+        t.failed(USER_HOME, LOGIN)
     t.succeeded(USER_HOME, LOGIN)
-    # The address key still holds two failures: the next login from there waits ...
-    assert t.check(USER_HOME, LOGIN).refused_for > 0
-    await trio.sleep(1)
-    # ... but only the address's growing delay; one more failure from here counts again.
-    assert t.check(USER_HOME, LOGIN) == Admission(slowed_for=0.0)
-    t.failed(USER_HOME, "bob")
-    assert t.check(USER_HOME, LOGIN).refused_for == 2.0
+    for _ in range(4):
+        t.failed(USER_HOME, LOGIN)
+    # Eight failures for this address and login, but the success started its count afresh.
+    assert t.check(USER_HOME, LOGIN).refused_for == 0
+    t.failed(USER_HOME, LOGIN)
+    assert t.check(USER_HOME, LOGIN).refused_for == 1.0, "five since the success"
+    # The address kept all nine: eleven more for other logins reach its twenty.
+    for i in range(10):
+        t.failed(USER_HOME, f"other{i}")
+    assert t.check(USER_HOME, "someone").refused_for == 0
+    t.failed(USER_HOME, "other10")
+    assert t.check(USER_HOME, "someone").refused_for == 1.0
 
 
 async def test_a_success_leaves_other_addresses_of_the_same_login_alone(
