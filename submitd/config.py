@@ -89,9 +89,10 @@ class Limits:
     deadline shrinks to ``stress_timeout`` (as Postfix's stress mode does). Abuse:
     ``max_junk_commands`` commands that do not advance a transaction, ``max_hops``
     ``Received:`` fields (a mail loop, RFC 5321 §6.3), and the failed-login throttle: after
-    ``auth_fail_limit`` failures for one address and login (or for one address), each further
-    try waits longer, up to ``auth_fail_max_delay``; failures older than
-    ``auth_fail_window`` are forgotten.
+    ``auth_fail_limit`` failures for one address and login (four times as many for one
+    address, across logins) each further try from there waits longer, up to
+    ``auth_fail_max_delay``; failures for a login from anywhere only slow it (at most 10 s),
+    never refuse it; a count is forgotten after ``auth_fail_window`` without a new failure.
     """
 
     max_message_size: int = 26_214_400
