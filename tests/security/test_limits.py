@@ -63,8 +63,10 @@ async def test_overlong_lines_are_drained_and_refused(
             await expect(client, "NOOP " + "x" * 506, 500, "5.5.2")  # 513 with CRLF
             # AUTH lines may be up to 12288 octets (RFC 4954 §4): this one is decoded ...
             await expect(client, "AUTH PLAIN " + "QUFB" * 3000, 501, "5.5.2")
-            # ... longer is refused as too long.
-            await expect(client, "AUTH PLAIN " + "QUFB" * 3100, 500, "5.5.6")
+            # ... longer is refused as too long, on the AUTH line or in the exchange.
+            await expect(client, "AUTH PLAIN " + "QUFB" * 3100, 500, "5.5.2")
+            await expect(client, "AUTH PLAIN", 334)
+            await expect(client, "QUFB" * 3100, 500, "5.5.6")
             await expect(client, f"AUTH PLAIN {PLAIN}", 235)
             # MAIL and RCPT may carry parameters past 512 octets.
             await expect(client, f"MAIL FROM:<{SENDER}> ENVID=" + "e" * 99 + " " + " " * 500,
