@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install run lint typecheck test test-deps test-unit test-integration test-external bench tls-scan fuzz clean
+.PHONY: install run lint typecheck test test-deps test-unit test-integration test-security test-external bench tls-scan fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,19 +41,26 @@ test-integration: $(STAMP)
 	@scripts/check-test-deps integration
 	$(PYTEST) -q tests/integration
 
+# One test per rule of docs/security.md, each an attack over real sockets (under a minute).
+# It drives no program besides Python, so there is nothing for check-test-deps to look for.
+test-security: $(STAMP)
+	$(PYTEST) -q tests/security
+
 test-external: $(STAMP)
 	@scripts/check-test-deps external
 	$(PYTEST) -q tests/external
 
-test: test-deps lint typecheck test-unit test-integration test-external
+test: test-deps lint typecheck test-unit test-integration test-security test-external
 
 bench: $(STAMP)
 	@$(BIN)/python -c 'import aiosmtpd' 2>/dev/null || $(BIN)/python -m pip install -q aiosmtpd >&2
 	@$(BIN)/python bench/run.py $(BENCH_ARGS)
 
-# The protocol core's property tests with 20,000 examples each (a few minutes).
+# The property tests (protocol core, addresses, SASL, users file) with 20,000 examples each
+# (several minutes).
 fuzz: $(STAMP)
-	SUBMITD_HYPOTHESIS_PROFILE=fuzz $(PYTEST) -q tests/unit/test_protocol_fuzz.py
+	SUBMITD_HYPOTHESIS_PROFILE=fuzz $(PYTEST) -q tests/unit/test_protocol_fuzz.py \
+		tests/unit/test_fuzz_targets.py
 
 # Needs Debian's testssl.sh (apt-get install testssl.sh); about 90 s.
 tls-scan: $(STAMP)
