@@ -10,6 +10,8 @@ Three measurements, each against a peer run in the same invocation (see bench/RE
    split-and-unstuff of the same bytes.
 4. ``backlog``: the throughput load against ``submitd serve`` with 50,000 deferred messages
    in its spool, against a second ``submitd serve`` with an empty spool; rounds alternate.
+5. ``dos``: a logged-in session's NOOP round trip and the server's memory while 200
+   connections from 200 loopback addresses send wrong AUTH, against the same with no attack.
 
 Usage: ``python bench/run.py [--quick] [--only NAME ...] [--backlog N]`` (``--workload`` is
 the same as ``--only``). Everything runs on 127.0.0.1 with ports the OS picks, in a temporary
@@ -33,6 +35,7 @@ from typing import Any
 
 from backlog import count_queued, fill_spool, spool_bytes
 from core import run_core
+from dos import FULL_DOS, QUICK_DOS, run_dos
 from load import LoadResult, large_message_probe, make_message, run_load, summarize
 from servers import (
     ServerHandle,
@@ -45,7 +48,7 @@ from servers import (
 
 MIB = 1024 * 1024
 MAX_SIZE = 32 * MIB
-SECTIONS = ("throughput", "large_message", "protocol_core", "backlog")
+SECTIONS = ("throughput", "large_message", "protocol_core", "backlog", "dos")
 BACKLOG_MESSAGE_SIZE = 4 * 1024  # the deferred messages' size (only their sidecars are read)
 BACKLOG_START_TIMEOUT = 900.0  # seconds for submitd to recover a full spool and listen
 
@@ -229,6 +232,18 @@ def bench_backlog(ws: Workspace, work: Path, plan: Plan) -> dict[str, Any]:
     }
 
 
+def bench_dos(ws: Workspace, work: Path, quick: bool) -> dict[str, Any]:
+    """AUTH flood from 200 loopback addresses against an idle phase, one server process."""
+    progress("dos: idle phase, then 200 attackers (wrong AUTH) while one session sends NOOP")
+    result = run_dos(ws, work / "dos", QUICK_DOS if quick else FULL_DOS)
+    for phase in ("idle", "attack"):
+        rtt, rss = result[phase]["noop_rtt"], result[phase]["rss_kib"]
+        progress(f"dos {phase}: NOOP p50 {rtt['p50_ms']} ms, p99 {rtt['p99_ms']} ms, "
+                 f"max {rtt['max_ms']} ms; RSS {rss['before']} -> peak {rss['peak']} -> "
+                 f"{rss['after']} KiB")
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="submitd benchmark (JSON on stdout)")
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
@@ -268,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
             report["large_message"] = bench_large(ws, work, plan)
         if "backlog" in wanted:
             report["backlog"] = bench_backlog(ws, work, plan)
+        if "dos" in wanted:
+            report["dos"] = bench_dos(ws, work, args.quick)
     report["elapsed_s"] = round(time.perf_counter() - started, 1)
     json.dump(report, sys.stdout, indent=2)
     print()
