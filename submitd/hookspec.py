@@ -133,6 +133,17 @@ def submitd_data_filter(
     """
 
 
+@hookspec
+def submitd_accepted(session: SessionInfo, envelope: Envelope, queue_id: str) -> None:
+    """Observe a message that was just committed to the queue (``envelope.queue_id`` is set).
+
+    Called after the commit and before its ``250`` leaves, for counters, rate limits and
+    audit logs. Stop rule: all; return values are ignored and an observer cannot refuse (the
+    message is already queued). Each call runs under its hook deadline and is not cancelled
+    by a shutdown, so keep it short; a failure is logged and never affects the message.
+    """
+
+
 # --- queue ----------------------------------------------------------------------------------
 
 

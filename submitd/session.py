@@ -377,6 +377,7 @@ class Session:
             self.conn.reject(R_NOT_QUEUED)
             self._reset_transaction()
             return
+        envelope = self._envelope()
         try:
             stored = await self._store(incoming)
         finally:
@@ -391,6 +392,13 @@ class Session:
         self.conn.accept(Reply.make(250, "2.0.0", f"Ok: queued as {stored}"))
         self.unacknowledged = stored
         self.ctx.runner.notify(stored)
+        # The observers run before the 250 leaves, shielded: a shutdown must not separate the
+        # commit from its 250 (each observer still has its hook deadline).
+        with trio.CancelScope(shield=True):
+            await self.ctx.hooks.collect(
+                "submitd_accepted", session=self.info,
+                envelope=replace(envelope, queue_id=stored), queue_id=stored,
+            )
 
     async def _store(self, incoming: IncomingMessage) -> Reply | str:
         """Filter and commit: the queue ID, or the 4xx/5xx refusal (the spool files removed).

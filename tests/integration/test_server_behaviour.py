@@ -15,7 +15,7 @@ from submitd import Reply, StashKey, hookimpl
 from submitd.mailqueue.spool import Spool
 from submitd.testing import RawSMTPClient, TestCA, running_server
 from tests.integration.test_submission import open_session, send_message
-from tests.support import PASSWORD, RECIPIENT, SENDER, wait_for_mail
+from tests.support import PASSWORD, RECIPIENT, SENDER, USER, wait_for_mail
 
 
 async def test_connections_over_the_per_ip_cap_get_421(
@@ -458,3 +458,34 @@ async def test_slow_trickle_in_data_is_cut_at_the_data_deadline(
             assert 1.9 < trio.current_time() - start < 5
             assert await client.at_eof()
         assert await srv.server.spool.queued_ids() == []
+
+
+class AcceptedRecorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, str, str | None, list[str]]] = []
+
+    @hookimpl
+    async def submitd_accepted(self, session, envelope, queue_id):
+        self.seen.append((queue_id, session.username, envelope.queue_id,
+                          [r.address for r in envelope.recipients]))
+
+
+class BrokenObserver:
+    @hookimpl
+    def submitd_accepted(self, session, envelope, queue_id):
+        raise RuntimeError("observer bug")
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+async def test_accepted_observers_see_each_committed_message_with_its_queue_id(
+    make_config: Callable[..., Path], client_tls: ssl.SSLContext, mode: str,
+) -> None:
+    recorder = AcceptedRecorder()
+    plugins = [("broken", BrokenObserver()), ("recorder", recorder)]
+    async with running_server(make_config(), extra_plugins=plugins) as srv:
+        async with await open_session(srv, mode, client_tls) as client:
+            first = await send_message(client)
+            second = await send_message(client)
+    # A failing observer is logged and changes nothing: both messages got their 250.
+    ids = [text.rsplit(" ", 1)[1] for text in (first, second)]
+    assert recorder.seen == [(qid, USER, qid, [RECIPIENT]) for qid in ids]
