@@ -39,7 +39,7 @@ from .protocol import (
     is_ehlo_keyword,
     require_status,
 )
-from .views import AuthResult, Credentials, Envelope, Recipient, SessionInfo
+from .views import AuthResult, Envelope, Recipient, SessionInfo
 
 if TYPE_CHECKING:
     from .mailqueue.spool import IncomingMessage, Spool
@@ -225,17 +225,11 @@ class Session:
     # -- AUTH ---------------------------------------------------------------------------------
 
     async def _auth(self, event: AuthRequest) -> None:
-        ip = self.info.peer_host
-        who = event.username
+        credentials = event.credentials
+        ip, who, mechanism = self.info.peer_host, credentials.username, credentials.mechanism
         # The login throttle (docs/security.md §3) answers before any plugin or password hash.
         if not await self._admitted(ip, who):
             return
-        credentials = Credentials(
-            mechanism=event.mechanism,
-            username=event.username,
-            authzid=event.authzid,
-            password=event.password,
-        )
         try:
             answer = await self.ctx.hooks.first(
                 "submitd_auth", _auth_result, session=self.info, credentials=credentials
@@ -245,23 +239,22 @@ class Session:
             return
         result = answer[1] if answer else None
         if result is not None and result.accepted:
-            username = result.username or event.username
-            self.ctx.throttle.succeeded(ip, event.username)
+            username = result.username or who
+            self.ctx.throttle.succeeded(ip, who)
             self.info = replace(self.info, username=username)
-            log.info(logfmt("auth_ok", session=self.sid, user=username,
-                            mechanism=event.mechanism))
+            log.info(logfmt("auth_ok", session=self.sid, user=username, mechanism=mechanism))
             self.conn.accept()
             return
         reply = (result.reply if result is not None else None) or R_AUTH_INVALID
         if reply.code == 535:
             # One WARNING line per failed login, fields in this order: the fail2ban filter in
             # deploy/fail2ban/ matches it (peer= is the address to ban).
-            self.ctx.throttle.failed(ip, event.username)
+            self.ctx.throttle.failed(ip, who)
             log.warning(logfmt("auth_failed", session=self.sid, peer=ip, user=who,
-                               mechanism=event.mechanism, reply=reply.code))
+                               mechanism=mechanism, reply=reply.code))
         else:  # a temporary failure (454) or a plugin's other refusal: not a wrong password
             log.info(logfmt("auth_refused", session=self.sid, peer=ip, user=who,
-                            mechanism=event.mechanism, reply=reply.code,
+                            mechanism=mechanism, reply=reply.code,
                             reason=refusal_reason(reply)))
         self.conn.reject(reply)
 

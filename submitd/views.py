@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from .config import Config, ListenerConfig
 from .protocol._events import MailParams
 from .protocol._replies import Reply
-from .secret import Secret
+from .protocol._sasl import Credentials
 from .stash import Stash
 
 __all__ = [
@@ -47,16 +47,6 @@ class SessionInfo:
     ehlo: str | None = None
     username: str | None = None
     stash: Stash = field(default_factory=Stash, compare=False, repr=False)
-
-
-@dataclass(frozen=True, kw_only=True)
-class Credentials:
-    """Decoded SASL credentials handed to ``submitd_auth``; the password is a :class:`Secret`."""
-
-    mechanism: str
-    username: str
-    authzid: str
-    password: Secret
 
 
 @dataclass(frozen=True, kw_only=True)

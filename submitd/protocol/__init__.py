@@ -45,7 +45,7 @@ from ._grammar import (
 )
 from ._limits import ProtocolLimits
 from ._replies import MAX_REPLY_LINE_LENGTH, MAX_REPLY_LINES, Reply, ReplyParseError, parse_reply
-from ._sasl import Mechanism
+from ._sasl import Credentials, Mechanism
 from ._server import ServerConnection
 from ._state import ServerState
 
@@ -62,6 +62,7 @@ __all__ = [
     "ClientState",
     "ConnectionClosed",
     "ContentScanner",
+    "Credentials",
     "DataChunk",
     "DataComplete",
     "DataEncoder",

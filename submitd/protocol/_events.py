@@ -10,8 +10,8 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from ..secret import Secret
 from ._replies import Reply
+from ._sasl import Credentials
 
 __all__ = [
     "NEED_DATA",
@@ -101,12 +101,9 @@ class StartTLS:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthRequest(NeedsAnswer):
-    """Decoded SASL credentials (PLAIN or LOGIN). ``accept()`` sends ``235 2.7.0``."""
+    """A completed SASL exchange (PLAIN or LOGIN) with the ``credentials`` to verify."""
 
-    mechanism: str
-    username: str
-    authzid: str
-    password: Secret
+    credentials: Credentials
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

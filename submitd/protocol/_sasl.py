@@ -1,8 +1,12 @@
 """Server side of the SASL exchanges SMTP AUTH offers: PLAIN (RFC 4616) and LOGIN.
 
 An exchange takes the optional initial response, then one client line per challenge, and ends
-in decoded credentials or a failure reply. It never sees the network and never logs: the
-password leaves this module only inside a :class:`~submitd.secret.Secret`.
+in decoded :class:`Credentials` or a failure reply. It never sees the network and never logs:
+the password leaves this module only inside a :class:`~submitd.secret.Secret`.
+
+:class:`Credentials` is the one value for a login all the way through: the exchange produces
+it, the ``AuthRequest`` event carries it and the ``submitd_auth`` hook receives it (exported
+as ``submitd.Credentials``).
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from ._replies import Reply
 
 __all__ = [
     "Challenge",
+    "Credentials",
     "Mechanism",
-    "SaslCredentials",
     "SaslExchange",
     "SaslFailure",
     "SaslStep",
@@ -42,10 +46,14 @@ class Challenge:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class SaslCredentials:
-    """The exchange produced credentials for the session to verify."""
+class Credentials:
+    """Decoded SASL credentials handed to ``submitd_auth``; the password is a :class:`Secret`.
 
-    mechanism: Mechanism
+    ``mechanism`` is the SASL mechanism's name (``"PLAIN"`` or ``"LOGIN"``); ``authzid`` is
+    empty or equal to ``username`` (RFC 4616 §2: any other is refused before this exists).
+    """
+
+    mechanism: str
     username: str
     authzid: str
     password: Secret
@@ -59,7 +67,7 @@ class SaslFailure:
     counted: bool = False
 
 
-SaslStep = Challenge | SaslCredentials | SaslFailure
+SaslStep = Challenge | Credentials | SaslFailure
 
 
 class _SaslError(Exception):
@@ -105,8 +113,8 @@ def _credentials(mechanism: Mechanism, authzid: str, username: str, password: st
         return SaslFailure(reply=R.AUTH_FAILED, counted=True)
     if not username or not password:
         return SaslFailure(reply=R.AUTH_FAILED, counted=True)
-    return SaslCredentials(
-        mechanism=mechanism, username=username, authzid=authzid, password=Secret(password)
+    return Credentials(
+        mechanism=mechanism.value, username=username, authzid=authzid, password=Secret(password)
     )
 
 

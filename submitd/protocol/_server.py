@@ -375,12 +375,7 @@ class ServerConnection:
             else:
                 self._send(step.reply)
             return None
-        return AuthRequest(
-            mechanism=step.mechanism.value,
-            username=step.username,
-            authzid=step.authzid,
-            password=step.password,
-        )
+        return AuthRequest(credentials=step)
 
     def _auth_failed(self, reply: Reply, *, own: bool = True) -> None:
         self._send(reply, own=own)

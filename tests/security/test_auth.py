@@ -14,7 +14,7 @@ import trio
 
 from submitd import hookimpl
 from submitd.protocol import Mechanism
-from submitd.protocol._sasl import SaslCredentials, SaslExchange
+from submitd.protocol._sasl import Credentials, SaslExchange
 from submitd.secret import Secret
 from submitd.testing import running_server
 from tests.security.support import (
@@ -216,7 +216,7 @@ async def test_credentials_never_reach_logs_or_reprs(
     for secret in secrets:
         assert secret not in caplog.text
     step = SaslExchange(Mechanism.PLAIN).start(PLAIN.encode())
-    assert isinstance(step, SaslCredentials)
+    assert isinstance(step, Credentials)
     assert PASSWORD not in repr(step) and PASSWORD not in str(step)
     for shown in (repr(Secret(PASSWORD)), str(Secret(PASSWORD)), f"{Secret(PASSWORD)!r}"):
         assert PASSWORD not in shown and "***" in shown

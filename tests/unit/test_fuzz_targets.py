@@ -31,8 +31,8 @@ from submitd.protocol import (
 )
 from submitd.protocol._sasl import (
     Challenge,
+    Credentials,
     Mechanism,
-    SaslCredentials,
     SaslExchange,
     SaslFailure,
     decode_base64,
@@ -176,10 +176,10 @@ def test_a_sasl_exchange_only_challenges_succeeds_or_fails(
             break
         assert step.reply.code == 334
         step = exchange.respond(line)
-    assert isinstance(step, Challenge | SaslCredentials | SaslFailure)
+    assert isinstance(step, Challenge | Credentials | SaslFailure)
     if isinstance(step, SaslFailure):
         assert 500 <= step.reply.code < 600
-    if isinstance(step, SaslCredentials):
+    if isinstance(step, Credentials):
         assert step.username and step.password.reveal()
         assert step.authzid in ("", step.username), "RFC 4616 §2: no acting as someone else"
         assert "password=Secret('***')" in repr(step), "the password never shows in a repr"
@@ -195,7 +195,7 @@ def test_plain_credentials_round_trip(authzid: str, username: str, password: str
     blob = base64.b64encode(f"{authzid}\0{username}\0{password}".encode())
     step = SaslExchange(Mechanism.PLAIN).start(blob)
     if username and password and authzid in ("", username):
-        assert isinstance(step, SaslCredentials)
+        assert isinstance(step, Credentials)
         assert (step.username, step.password.reveal(), step.authzid) == (
             username, password, authzid)
     else:
@@ -210,7 +210,7 @@ def test_login_credentials_round_trip(username: str, password: str) -> None:
     assert isinstance(exchange.respond(base64.b64encode(username.encode())), Challenge)
     step = exchange.respond(base64.b64encode(password.encode()))
     if username and password:
-        assert isinstance(step, SaslCredentials)
+        assert isinstance(step, Credentials)
         assert (step.username, step.password.reveal()) == (username, password)
     else:
         assert isinstance(step, SaslFailure)

@@ -10,6 +10,7 @@ from submitd.protocol import (
     NEED_DATA,
     AuthRequest,
     ConnectionClosed,
+    Credentials,
     Event,
     Reply,
     ServerConnection,
@@ -43,9 +44,9 @@ def feed(conn: ServerConnection, data: bytes) -> tuple[bytes, list[Event]]:
 
 
 def request(username: str, password: str, authzid: str = "", mechanism: str = "PLAIN") -> Event:
-    return AuthRequest(
+    return AuthRequest(credentials=Credentials(
         mechanism=mechanism, username=username, authzid=authzid, password=Secret(password)
-    )
+    ))
 
 
 def test_plain_with_initial_response() -> None:
