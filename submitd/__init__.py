@@ -3,6 +3,7 @@
 The names exported here are the public plugin API; built-in plugins use nothing else.
 """
 
+from ._hookcall import blocking
 from ._logfmt import logfmt
 from .config import Config
 from .errors import ConfigError, PluginError, Reject, SubmitdError
@@ -43,6 +44,7 @@ __all__ = [
     "Stash",
     "StashKey",
     "SubmitdError",
+    "blocking",
     "hookimpl",
     "logfmt",
 ]

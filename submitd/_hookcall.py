@@ -7,12 +7,19 @@ runs every call under the plugin's deadline, and turns exceptions and timeouts i
 Three stop rules: *first answer* (:meth:`HookCaller.first`), *all*
 (:meth:`HookCaller.collect`) and *handled-set* (:meth:`HookCaller.handled_set`, for
 ``submitd_deliver``).
+
+A plain ``def`` implementation runs on the event loop: while it runs, no other session moves
+and no deadline can interrupt it. Each such call is timed; one that takes longer than
+:data:`BLOCKED_WARNING` is logged as ``event=plugin_blocked`` with the plugin, the hook and the
+milliseconds. An implementation marked with :func:`blocking` runs in a worker thread instead.
 """
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
@@ -23,15 +30,59 @@ from ._logfmt import logfmt
 from .config import Config, PluginsConfig
 from .errors import PluginError, Reject
 from .message import MessageHandle
+from .protocol._grammar import replace_controls
 from .protocol._replies import Reply
 from .views import DeliveryOutcome, Envelope, Recipient
 
-__all__ = ["HandledSet", "HookCaller", "PluginDelivery"]
+__all__ = ["BLOCKED_WARNING", "HandledSet", "HookCaller", "PluginDelivery", "blocking"]
 
 log = logging.getLogger("submitd.plugins")
 
 T = TypeVar("T")
 K = TypeVar("K")
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: A plain ``def`` hook that holds the event loop longer than this (seconds) is logged.
+BLOCKED_WARNING = 0.05
+#: The attribute :func:`blocking` sets on a hook implementation.
+BLOCKING_ATTR = "submitd_blocking"
+_MAX_ERROR_TEXT = 200
+
+
+def blocking(function: F) -> F:
+    """Mark a plain ``def`` hook implementation as blocking: submitd runs it in a worker thread.
+
+    Use it for a hook that reads files, queries a database or calls a library without an
+    async API::
+
+        @submitd.hookimpl
+        @submitd.blocking
+        def submitd_rcpt_check(session, envelope, recipient): ...
+
+    The call runs under the hook's usual deadline (``hook_timeout``). When the deadline
+    passes, the session goes on (the hook failed) but Python cannot stop a thread: the
+    function keeps running in its thread until it returns, and its result is thrown away.
+    Keep the work bounded (set timeouts on sockets and database calls). Coroutine functions
+    are refused: an ``async def`` hook must await instead of blocking.
+    """
+    if inspect.iscoroutinefunction(function):
+        raise TypeError(
+            f"{function.__qualname__} is async: @submitd.blocking is for plain def hooks"
+        )
+    setattr(function, BLOCKING_ATTR, True)
+    return function
+
+
+def _is_blocking(function: Callable[..., Any]) -> bool:
+    return getattr(function, BLOCKING_ATTR, False) is True
+
+
+def error_text(exc: BaseException) -> str:
+    """``exc``'s message as one bounded log-safe line (controls replaced, at most 200 chars)."""
+    text = " ".join(replace_controls(str(exc), " ").split())
+    if len(text) > _MAX_ERROR_TEXT:
+        text = text[: _MAX_ERROR_TEXT - 3] + "..."
+    return text or "-"
 
 _NOT_HANDLED = Reply.make(451, "4.3.0", "No delivery plugin accepted this recipient")
 _PLUGIN_FAILED = Reply.make(451, "4.3.0", "Delivery plugin failed, will retry")
@@ -68,7 +119,10 @@ class HookCaller:
         """Call one implementation under its deadline; ``Reject`` returns its reply.
 
         The deadline is the plugin's own ``hook_timeout``, else ``default_timeout``, else
-        ``[plugins] hook_timeout``.
+        ``[plugins] hook_timeout``. An implementation marked :func:`blocking` runs in a worker
+        thread (abandoned, still running, when the deadline passes); a plain ``def`` that
+        holds the event loop longer than :data:`BLOCKED_WARNING` is logged as
+        ``plugin_blocked``.
         """
         args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
         timeout = self.plugins.timeout_for(impl.plugin_name, default_timeout)
@@ -76,7 +130,12 @@ class HookCaller:
         sid = getattr(session, "session_id", "-")
         try:
             with trio.fail_after(timeout):
-                result = impl.function(**args)
+                if _is_blocking(impl.function):
+                    result = await trio.to_thread.run_sync(
+                        functools.partial(impl.function, **args), abandon_on_cancel=True
+                    )
+                else:
+                    result = self._call_on_loop(impl, name, args, sid)
                 if inspect.isawaitable(result):
                     result = await result
         except Reject as exc:
@@ -86,10 +145,28 @@ class HookCaller:
                              timeout=timeout))
             raise PluginError(impl.plugin_name, name, f"timed out after {timeout:g}s") from None
         except Exception as exc:
+            message = error_text(exc)
             log.error(logfmt("plugin_error", session=sid, plugin=impl.plugin_name, hook=name,
-                             error=type(exc).__name__), exc_info=True)
-            raise PluginError(impl.plugin_name, name, type(exc).__name__) from exc
+                             error=type(exc).__name__, message=message), exc_info=True)
+            raise PluginError(impl.plugin_name, name, f"{type(exc).__name__}: {message}") from exc
         return result
+
+    @staticmethod
+    def _call_on_loop(
+        impl: pluggy.HookImpl, name: str, args: Mapping[str, Any], sid: str
+    ) -> Any:
+        """Call ``impl`` directly, logging ``plugin_blocked`` when it held the loop too long."""
+        if inspect.iscoroutinefunction(impl.function):
+            return impl.function(**args)  # builds the coroutine; the await is measured by trio
+        start = time.monotonic()
+        try:
+            return impl.function(**args)
+        finally:
+            elapsed = time.monotonic() - start
+            if elapsed > BLOCKED_WARNING:
+                log.warning(logfmt("plugin_blocked", plugin=impl.plugin_name, hook=name,
+                                   ms=round(elapsed * 1000), session=sid,
+                                   hint="make it async or mark it @submitd.blocking"))
 
     async def first(
         self, name: str, validate: Callable[[object], T], **kwargs: Any

@@ -1,10 +1,16 @@
 """Every hook submitd calls; each docstring is the contract.
 
 Implement a hook with :data:`submitd.hookimpl` in a module or class registered under the entry
-point group ``submitd`` and named in ``[plugins] enable``. Session and queue hooks may be
-``async def`` (awaited) or plain ``def`` (called directly). They run in pluggy's order (last
-registered first, ``tryfirst``/``trylast`` respected) under a per-plugin deadline
-(``[plugins] hook_timeout``, or ``hook_timeout`` in ``[plugins.NAME]``).
+point group ``submitd`` and named in ``[plugins] enable``. A function named ``submitd_*``
+that is not one of these hooks, or lacks ``@hookimpl``, is refused at start-up.
+
+The blocking rule: session and queue hooks are ``async def`` (awaited), or a plain ``def``
+that never blocks (called on the event loop: while it runs no other session moves; a call
+longer than 50 ms is logged as ``event=plugin_blocked``), or a plain ``def`` marked
+``@submitd.blocking`` (run in a worker thread). They run in pluggy's order (last registered
+first, ``tryfirst``/``trylast`` respected) under a per-plugin deadline (``[plugins]
+hook_timeout``, or ``hook_timeout`` in ``[plugins.NAME]``); a blocking hook that outlives it
+is abandoned, and its thread runs on until the function returns.
 
 Stop rules are applied by submitd, not pluggy:
 
@@ -53,12 +59,21 @@ def submitd_configure(config: Config) -> None:
     the server refuses to run, on reload it keeps the previous configuration. State that must
     survive a reload (counters, a table of hosts marked down) goes in ``config.server_stash``,
     which the server hands unchanged from the old configuration to the new one.
+
+    Blocking rule: a plain ``def`` (it is called directly, never awaited, and
+    ``@submitd.blocking`` does not apply); it runs on the event loop during a reload, so read
+    files here but never wait on the network.
     """
 
 
 @hookspec
 def submitd_unconfigure(config: Config) -> None:
-    """Release what ``submitd_configure`` set up for ``config`` (at stop, and after a reload)."""
+    """Release what ``submitd_configure`` set up for ``config`` (at stop, and after a reload).
+
+    Blocking rule: a plain ``def`` (it is called directly, never awaited, and
+    ``@submitd.blocking`` does not apply); it runs on the event loop during a reload, so read
+    files here but never wait on the network.
+    """
 
 
 # --- session --------------------------------------------------------------------------------
@@ -72,6 +87,9 @@ def submitd_connect(session: SessionInfo) -> Reply | None:
     is sent instead of the greeting, then the connection closes; a 521 is sent as
     ``554 5.7.1``, since RFC 6409 §7 forbids 521 on a submission port). None: continue.
     Failure: the connection is refused with ``421 4.3.0``.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -81,6 +99,9 @@ def submitd_ehlo_keywords(session: SessionInfo) -> Iterable[str] | None:
 
     Stop rule: all. Keywords must be ESMTP keywords (letters, digits, hyphen, optional
     parameters after a space). Failure: logged; the plugin's keywords are left out.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -92,6 +113,9 @@ def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthResult |
     ``AuthResult.deny()``). None from every plugin means ``535 5.7.8``. Failure:
     ``451 4.3.0`` and the session stays unauthenticated (fail closed). Verify passwords in a
     worker thread: the event loop must never block.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -101,6 +125,9 @@ def submitd_mail_from(session: SessionInfo, sender: str, params: MailParams) -> 
 
     Stop rule: first answer. Return a 4xx/5xx :class:`Reply` to refuse (``550 5.7.1`` for a
     sender the login may not use), or None to accept (``250 2.1.0``). Failure: ``451 4.3.0``.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -118,6 +145,9 @@ def submitd_rcpt_check(
     relay, and the ``relay`` plugin narrows this. Failure: ``451 4.3.0``. Relay tricks
     (``%``, ``!``, source routes, quoted ``@``, address literals, unqualified domains) are
     refused by the core before this hook runs.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -130,6 +160,9 @@ def submitd_data_filter(
     Stop rule: first answer. Return a 4xx/5xx :class:`Reply` to refuse the message (nothing is
     queued), or None to pass it on. ``message.add_header`` / ``remove_header`` record edits
     that the spool applies on commit. Failure: ``451 4.3.0`` and nothing is queued.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -141,6 +174,9 @@ def submitd_accepted(session: SessionInfo, envelope: Envelope, queue_id: str) ->
     audit logs. Stop rule: all; return values are ignored and an observer cannot refuse (the
     message is already queued). Each call runs under its hook deadline and is not cancelled
     by a shutdown, so keep it short; a failure is logged and never affects the message.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -177,6 +213,9 @@ def submitd_deliver(
     offered to the next plugin: this one may have delivered them). Delivery is
     at-least-once: an attempt interrupted by a crash, or by a shutdown that ran out of
     ``[limits] shutdown_grace``, is repeated.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """
 
 
@@ -190,4 +229,7 @@ def submitd_delivery_result(
     ``outcome.remote`` names the host that answered, when known. A recipient that outlived
     ``[queue] max_age`` is reported as permanent with status ``4.4.7``. Stop rule: all.
     Return values are ignored. Failure: logged, never affects delivery.
+
+    Blocking rule: ``async def``, or a plain ``def`` that never blocks, or mark it
+    ``@submitd.blocking``.
     """

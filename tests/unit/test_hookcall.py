@@ -358,3 +358,120 @@ async def test_a_plugins_own_hook_timeout_also_bounds_its_deliveries(
                                       (Recipient(address="x@one.example"),))
     assert outcomes["x@one.example"].kind.value == "temporary"
     assert trio.current_time() - start == pytest.approx(3.0)
+
+
+# --- the blocking rule ------------------------------------------------------------------------
+
+
+class FakeSession:
+    session_id = "S1"
+
+
+async def test_a_plain_def_that_blocks_is_logged_with_plugin_hook_and_milliseconds(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import time
+
+    class Sleepy:
+        @hookimpl
+        def submitd_mail_from(self, sender):
+            time.sleep(0.08)  # a database call without a timeout, say
+
+    caller = make_caller(("sleepy", Sleepy()))
+    with caplog.at_level(logging.WARNING, logger="submitd.plugins"):
+        await caller.first("submitd_mail_from", refusal, session=FakeSession(), sender="",
+                           params=MailParams())
+    (line,) = [r.getMessage() for r in caplog.records if "plugin_blocked" in r.getMessage()]
+    assert line.startswith("event=plugin_blocked plugin=sleepy hook=submitd_mail_from ms=")
+    assert int(line.split("ms=")[1].split()[0]) >= 80
+    assert "session=S1" in line
+
+
+async def test_a_quick_plain_def_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caller = make_caller(("quick", Accepting()))
+    with caplog.at_level(logging.WARNING, logger="submitd.plugins"):
+        await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                           params=MailParams())
+    assert "plugin_blocked" not in caplog.text
+
+
+async def test_a_hook_marked_blocking_runs_in_a_thread_while_the_loop_goes_on(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import threading
+
+    import submitd
+
+    go = threading.Event()
+
+    class Waiting:
+        @hookimpl
+        @submitd.blocking
+        def submitd_mail_from(self, sender):
+            # Only another task on the event loop can set this: on the loop it would deadlock.
+            assert go.wait(10)
+            return Reply.make(550, "5.7.1", f"{sender} refused after a lookup")
+
+    async def release() -> None:
+        await trio.sleep(0)
+        go.set()
+
+    caller = make_caller(("lookup", Waiting()))
+    with caplog.at_level(logging.WARNING, logger="submitd.plugins"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(release)
+            result = await caller.first("submitd_mail_from", refusal, session=None,
+                                        sender="a@b.example", params=MailParams())
+    assert result is not None and result[0] == "lookup"
+    assert result[1].text == "a@b.example refused after a lookup"
+    assert "plugin_blocked" not in caplog.text
+
+
+async def test_a_blocking_hook_still_has_its_deadline() -> None:
+    import threading
+
+    import submitd
+
+    stuck = threading.Event()
+
+    class Stuck:
+        @hookimpl
+        @submitd.blocking
+        def submitd_mail_from(self):
+            stuck.wait(10)
+
+    caller = make_caller(("stuck", Stuck()), hook_timeout=0.2)
+    try:
+        with trio.fail_after(5), pytest.raises(PluginError, match=r"timed out after 0\.2s"):
+            await caller.first("submitd_mail_from", refusal, session=None, sender="",
+                               params=MailParams())
+    finally:
+        stuck.set()  # the abandoned thread ends here
+
+
+def test_blocking_refuses_an_async_hook() -> None:
+    import submitd
+
+    async def submitd_mail_from() -> None:
+        pass
+
+    with pytest.raises(TypeError, match="async"):
+        submitd.blocking(submitd_mail_from)
+
+
+async def test_a_plugin_error_is_logged_with_its_message_on_one_line_and_the_session(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Broken:
+        @hookimpl
+        def submitd_mail_from(self):
+            raise RuntimeError("lookup failed:\r\nserver db.internal refused\x00")
+
+    caller = make_caller(("broken", Broken()))
+    with caplog.at_level(logging.ERROR), pytest.raises(PluginError) as info:
+        await caller.first("submitd_mail_from", refusal, session=FakeSession(), sender="",
+                           params=MailParams())
+    (line,) = [r.getMessage() for r in caplog.records if "plugin_error" in r.getMessage()]
+    assert "session=S1" in line and "plugin=broken" in line and "error=RuntimeError" in line
+    assert 'message="lookup failed: server db.internal refused"' in line
+    assert "server db.internal refused" in str(info.value)

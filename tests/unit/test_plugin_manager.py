@@ -63,3 +63,107 @@ def test_unknown_plugin_in_enable_names_the_key(tmp_path: Path) -> None:
     ok = replace(config, plugins=PluginsConfig(enable=("maildir",)))
     pm = create_plugin_manager(ok)
     assert pm.has_plugin("maildir") and not pm.has_plugin("passwdfile")
+
+
+# --- misspelled and unmarked hooks ------------------------------------------------------------
+
+
+class Typo:
+    """A plugin whose author misspelled submitd_data_filter."""
+
+    @submitd.hookimpl
+    def submitd_data_filer(self, message):  # never called if it were accepted
+        return None
+
+
+class Unmarked:
+    """A plugin whose author forgot @submitd.hookimpl."""
+
+    def submitd_mail_from(self, sender):
+        return None
+
+
+TYPO = Typo()
+UNMARKED = Unmarked()
+
+
+def _config(tmp_path: Path, *enable: str):
+    from submitd.config import Config, Limits, PluginsConfig, QueueConfig
+
+    return Config(path=tmp_path / "submitd.toml", hostname="h", listeners=(), tls=None,
+                  limits=Limits(), queue=QueueConfig(dir=tmp_path),
+                  plugins=PluginsConfig(enable=enable))
+
+
+@pytest.fixture
+def fake_installed(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.metadata
+
+    import submitd.plugin_manager as manager
+
+    real = manager.available_plugins()
+    fakes = {name: importlib.metadata.EntryPoint(
+        name=name, value=f"{__name__}:{name.upper()}", group="submitd")
+        for name in ("typo", "unmarked")}
+    monkeypatch.setattr(manager, "available_plugins", lambda: {**real, **fakes})
+
+
+@pytest.mark.usefixtures("fake_installed")
+def test_a_misspelled_hook_is_refused_naming_the_enable_entry_and_the_right_name(
+    tmp_path: Path,
+) -> None:
+    from submitd.plugin_manager import create_plugin_manager
+
+    with pytest.raises(ConfigError) as info:
+        create_plugin_manager(_config(tmp_path, "maildir", "typo"))
+    assert info.value.key == "plugins.enable[1]"
+    assert "plugin 'typo' implements submitd_data_filer" in str(info.value)
+    assert "did you mean submitd_data_filter?" in str(info.value)
+
+
+@pytest.mark.usefixtures("fake_installed")
+def test_a_hook_without_hookimpl_is_refused(tmp_path: Path) -> None:
+    from submitd.plugin_manager import create_plugin_manager
+
+    with pytest.raises(ConfigError) as info:
+        create_plugin_manager(_config(tmp_path, "unmarked"))
+    assert info.value.key == "plugins.enable[0]"
+    assert "submitd_mail_from is not marked with @submitd.hookimpl" in str(info.value)
+
+
+def test_an_in_process_plugin_with_a_misspelled_hook_is_refused_too(tmp_path: Path) -> None:
+    from submitd.plugin_manager import create_plugin_manager
+
+    with pytest.raises(ConfigError, match="did you mean submitd_data_filter"):
+        create_plugin_manager(_config(tmp_path), extra=[("typo", Typo())])
+
+
+@pytest.mark.usefixtures("fake_installed")
+def test_check_config_refuses_a_misspelled_hook(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from submitd.cli import main
+    from submitd.testing import TestCA, write_config
+
+    path = write_config(tmp_path, ca=TestCA(tmp_path / "tls"), enable=["typo"])
+    assert main(["check-config", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "plugins.enable[0]" in err and "did you mean submitd_data_filter?" in err
+
+
+def test_start_up_logs_the_loaded_plugins_with_versions(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+
+    from submitd.plugin_manager import create_plugin_manager
+
+    class Extra:
+        __version__ = "1.2"
+
+    with caplog.at_level(logging.INFO, logger="submitd.plugins"):
+        create_plugin_manager(_config(tmp_path, "maildir", "headers"), extra=[("extra", Extra())])
+    (line,) = [r.getMessage() for r in caplog.records if "plugins_loaded" in r.getMessage()]
+    version = submitd.__version__
+    assert line == (f"event=plugins_loaded names=maildir:{version},headers:{version},extra:1.2"
+                    " count=3")
