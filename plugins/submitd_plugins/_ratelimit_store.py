@@ -52,6 +52,7 @@ __all__ = [
     "SharedStore",
     "StoreError",
     "Usage",
+    "wall_clock",
 ]
 
 #: Seconds a write waits for another process's lock before failing (below any hook deadline).
@@ -121,6 +122,11 @@ class Usage:
         return WINDOW_MINUTES * 60.0
 
 
+def wall_clock() -> float:
+    """The Unix time: what counts are stamped with (shared by processes, kept over restarts)."""
+    return time.time()
+
+
 def _minute(now: float) -> int:
     return math.floor(now / 60.0)
 
@@ -128,12 +134,12 @@ def _minute(now: float) -> int:
 class CounterStore:
     """Per-login counters in the SQLite file ``path`` (blocking; call from a worker thread).
 
-    ``clock`` gives the Unix time (tests inject one). The connection opens on first use and
-    may be shared by threads: every call holds the store's lock.
+    ``clock`` gives the Unix time (default :func:`wall_clock`; tests inject one). The
+    connection opens on first use and may be shared by threads: every call holds the lock.
     """
 
     def __init__(
-        self, path: Path, *, clock: Callable[[], float] = time.time,
+        self, path: Path, *, clock: Callable[[], float] | None = None,
         busy_timeout: float = BUSY_TIMEOUT,
     ) -> None:
         self.path = path
@@ -142,6 +148,9 @@ class CounterStore:
         self._lock = threading.Lock()
         self._db: sqlite3.Connection | None = None
         self._pruned_minute: int | None = None
+
+    def _now(self) -> float:
+        return self._clock() if self._clock is not None else wall_clock()
 
     @property
     def is_open(self) -> bool:
@@ -195,7 +204,7 @@ class CounterStore:
 
     def usage(self, login: str) -> Usage:
         """``login``'s counts in the window now."""
-        now = self._clock()
+        now = self._now()
         first = _minute(now) - WINDOW_MINUTES + 1
 
         def read(db: sqlite3.Connection) -> Usage:
@@ -210,8 +219,7 @@ class CounterStore:
 
     def record(self, login: str, *, messages: int = 1, recipients: int = 0) -> None:
         """Add a committed message (and its recipients) to ``login``'s current minute."""
-        now = self._clock()
-        minute = _minute(now)
+        minute = _minute(self._now())
 
         def write(db: sqlite3.Connection) -> None:
             db.execute(
@@ -228,7 +236,7 @@ class CounterStore:
 
     def prune(self) -> int:
         """Delete the rows that left the window; the number deleted."""
-        minute = _minute(self._clock())
+        minute = _minute(self._now())
         return self._call(lambda db: self._prune(db, minute))
 
     def _prune(self, db: sqlite3.Connection, minute: int) -> int:

@@ -231,8 +231,9 @@ def _login_text(login: str) -> str:
 def refusal(kind: Kind, limit: int, login: str, wait: float) -> Reply:
     """``450 4.7.1 Rate limit of N KIND per hour reached for LOGIN, try again in M minutes``."""
     minutes = max(1, math.ceil(wait / 60.0))
+    counted = kind.value if limit != 1 else kind.value.removesuffix("s")
     unit = "minute" if minutes == 1 else "minutes"
-    return Reply.make(450, "4.7.1", f"Rate limit of {limit} {kind.value} per hour reached for "
+    return Reply.make(450, "4.7.1", f"Rate limit of {limit} {counted} per hour reached for "
                                     f"{_login_text(login)}, try again in {minutes} {unit}")
 
 
