@@ -1,9 +1,10 @@
 """Per-connection policy: protocol events → hook calls → replies. Fails closed.
 
 The session never touches the stream: the connection driver feeds it events from the protocol
-core and it answers through ``ServerConnection.accept`` / ``reject``. It owns the transaction's
-spool file while DATA is in progress, and says 250 only after the spool committed; that 250 is
-then :attr:`Session.unacknowledged` until the driver has sent it.
+core and it answers each through the ``ServerConnection.accept_...`` method for its kind or
+``reject``. It owns the transaction's spool file while DATA is in progress, and says 250 only
+after the spool committed; that 250 is then :attr:`Session.unacknowledged` until the driver
+has sent it.
 """
 
 from __future__ import annotations
@@ -183,7 +184,7 @@ class Session:
         elif isinstance(event, RcptTo):
             await self._rcpt(event)
         elif isinstance(event, DataStart):
-            await self._data_start()
+            await self._data_start(event)
         elif isinstance(event, DataChunk):
             await self._data_chunk(event)
         elif isinstance(event, DataComplete):
@@ -210,7 +211,7 @@ class Session:
                 "submitd_ehlo_keywords", session=self.info
             ):
                 keywords.extend(self._valid_keywords(plugin, answer))
-        self.conn.accept(keywords=keywords)
+        self.conn.accept_hello(event, keywords)
 
     def _valid_keywords(self, plugin: str, answer: object) -> list[str]:
         if isinstance(answer, str) or not isinstance(answer, Iterable):
@@ -243,7 +244,7 @@ class Session:
             self.ctx.throttle.succeeded(ip, who)
             self.info = replace(self.info, username=username)
             log.info(logfmt("auth_ok", session=self.sid, user=username, mechanism=mechanism))
-            self.conn.accept()
+            self.conn.accept_auth(event)
             return
         reply = (result.reply if result is not None else None) or R_AUTH_INVALID
         if reply.code == 535:
@@ -311,7 +312,7 @@ class Session:
             return
         self._sender = event.sender
         self._params = event.params
-        self.conn.accept()
+        self.conn.accept_mail(event)
 
     async def _rcpt(self, event: RcptTo) -> None:
         recipient = Recipient(address=event.recipient, params=event.params)
@@ -331,9 +332,9 @@ class Session:
             self.conn.reject(answer[1])
             return
         self._recipients.append(recipient)
-        self.conn.accept(answer[1] if answer is not None else None)
+        self.conn.accept_rcpt(event, answer[1] if answer is not None else None)
 
-    async def _data_start(self) -> None:
+    async def _data_start(self, event: DataStart) -> None:
         try:
             self._incoming = await self.ctx.spool.open_incoming()
         except (SpoolError, OSError) as exc:
@@ -342,7 +343,7 @@ class Session:
             return
         self._write_failed = False
         self.data_deadline = trio.current_time() + self.ctx.config.limits.data_timeout
-        self.conn.accept()
+        self.conn.accept_data(event)
 
     async def _data_chunk(self, event: DataChunk) -> None:
         if self._incoming is None or self._write_failed:
@@ -382,7 +383,7 @@ class Session:
         # Committed: the message is ours (RFC 5321 §6.1) and the client must be told so.
         # No checkpoint lies between the commit and here, so a shutdown cannot get in between;
         # the driver sends this reply shielded before it lets a shutdown 421 out.
-        self.conn.accept(Reply.make(250, "2.0.0", f"Ok: queued as {stored}"))
+        self.conn.accept_message(event, Reply.make(250, "2.0.0", f"Ok: queued as {stored}"))
         self.unacknowledged = stored
         self.ctx.runner.notify(stored)
         # The observers run before the 250 leaves, shielded: a shutdown must not separate the

@@ -1,8 +1,9 @@
 """Events the server-role protocol core hands to its user (the session).
 
-Events that need an answer are marked with :class:`NeedsAnswer`: the session must call
-``ServerConnection.accept()`` or ``ServerConnection.reject(reply)`` before asking for the
-next event. The others are informational.
+Events that need an answer are marked with :class:`NeedsAnswer`: before asking for the next
+event the session accepts the event with the ``ServerConnection`` method made for its kind
+(``accept_hello``, ``accept_auth``, ``accept_mail``, ``accept_rcpt``, ``accept_data``,
+``accept_message``) or refuses it with ``reject(reply)``. The others are informational.
 """
 
 from __future__ import annotations
@@ -75,14 +76,14 @@ class MailParams:
 
 
 class NeedsAnswer:
-    """Mixin for events the session must answer with ``accept()`` or ``reject(reply)``."""
+    """Mixin for events the session must answer: its ``accept_...`` method or ``reject(reply)``."""
 
     __slots__ = ()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Hello(NeedsAnswer):
-    """EHLO or HELO. ``accept(keywords=...)`` sends the greeting with the core's keywords."""
+    """EHLO or HELO. ``accept_hello(event, keywords)`` answers with the core's extensions."""
 
     domain: str
     extended: bool
@@ -101,14 +102,17 @@ class StartTLS:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class AuthRequest(NeedsAnswer):
-    """A completed SASL exchange (PLAIN or LOGIN) with the ``credentials`` to verify."""
+    """A completed SASL exchange (PLAIN or LOGIN) with the ``credentials`` to verify.
+
+    ``accept_auth(event)`` sends ``235 2.7.0``; a ``reject`` counts as a failed login.
+    """
 
     credentials: Credentials
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class MailFrom(NeedsAnswer):
-    """MAIL FROM with a syntactically valid reverse path ("" for ``<>``)."""
+    """MAIL FROM with a syntactically valid reverse path ("" for ``<>``): ``accept_mail``."""
 
     sender: str
     params: MailParams
@@ -119,6 +123,7 @@ class RcptTo(NeedsAnswer):
     """RCPT TO with a syntactically valid forward path (never a relay trick).
 
     ``params`` holds the ESMTP parameters the core accepted, as ``(NAME, value)`` pairs.
+    ``accept_rcpt(event)`` sends ``250 2.1.5`` (or the session's own 2xx).
     """
 
     recipient: str
@@ -127,7 +132,7 @@ class RcptTo(NeedsAnswer):
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DataStart(NeedsAnswer):
-    """DATA with at least one accepted recipient. ``accept()`` sends ``354``."""
+    """DATA with at least one accepted recipient. ``accept_data(event)`` sends ``354``."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -143,7 +148,8 @@ class DataComplete(NeedsAnswer):
 
     ``error`` is set when the message must be refused (bare CR or LF, line or header too long,
     size exceeded): the session must discard what it stored and ``reject(error)``. Otherwise
-    the session stores the message and answers ``accept(reply)`` with its ``250 2.0.0``.
+    the session stores the message and answers ``accept_message(event, reply)`` with its
+    ``250 2.0.0``.
     ``size`` is the number of octets of the unstuffed message received.
     """
 

@@ -10,10 +10,16 @@ buffered commands after each answer. :meth:`~ServerConnection.data_to_send` drai
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from . import _catalogue as R
-from ._answers import check_positive, check_refusal, ehlo_reply
+from ._answers import (
+    FRAMING_REPLIES,
+    Refusal,
+    check_positive,
+    check_refusal,
+    ehlo_reply,
+    simple_reply,
+)
 from ._commands import (
     AUTH_LINE_MAX,
     Command,
@@ -49,7 +55,7 @@ from ._replies import Reply
 from ._sasl import Challenge, SaslExchange, SaslFailure, SaslStep
 from ._state import Facts, Greeting, ServerState, Transaction, check_sequence
 
-__all__ = ["Refusal", "ServerConnection"]
+__all__ = ["ServerConnection"]
 
 _Answerable = Hello | AuthRequest | MailFrom | RcptTo | DataStart | DataComplete
 _VERB_MAX = 10
@@ -58,19 +64,6 @@ _VERB_MAX = 10
 _JUNK_VERBS = frozenset(
     {Verb.NOOP, Verb.RSET, Verb.VRFY, Verb.HELP, Verb.EXPN, Verb.TURN, Verb.ETRN, Verb.BDAT}
 )
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class Refusal:
-    """A 4xx/5xx reply the core sent on its own, so that the driver can log it.
-
-    ``command`` is the verb of the line it answered, upper-cased ("" when the line did not
-    start with a word); nothing else of the client's line is kept, so no argument (an AUTH
-    initial response holds a password) can reach a log.
-    """
-
-    command: str
-    reply: Reply
 
 
 def _sasl_limit(prefix: bytes) -> int:
@@ -213,7 +206,7 @@ class ServerConnection:
             raise LocalProtocolError("call greet() before next_event()")
         if self._pending is not None:
             name = type(self._pending).__name__
-            raise LocalProtocolError(f"answer {name} with accept() or reject() first")
+            raise LocalProtocolError(f"answer {name} (accept_...() or reject()) first")
         if self._state is ServerState.TLS_HANDSHAKE:
             raise LocalProtocolError("call tls_started() once the TLS handshake is done")
         while self._state is not ServerState.CLOSED:
@@ -258,7 +251,7 @@ class ServerConnection:
             self._shut("cross-protocol request")
             return None
         if line.problem is not LineProblem.NONE:
-            self._send(_FRAMING_REPLIES[line.problem])
+            self._send(FRAMING_REPLIES[line.problem])
             return None
         try:
             command = parse_command(line.text)
@@ -316,29 +309,12 @@ class ServerConnection:
         if verb is Verb.DATA:
             require_no_argument(command)
             return DataStart()
-        self._send(self._simple_reply(command))
+        self._send(simple_reply(command))
+        if verb is Verb.RSET:
+            self._reset_transaction()
         if verb is Verb.QUIT:
             self._shut("quit", client_done=True)
         return None
-
-    def _simple_reply(self, command: Command) -> Reply:
-        verb = command.verb
-        if verb in (Verb.RSET, Verb.QUIT):
-            require_no_argument(command)
-        if verb is Verb.RSET:
-            self._reset_transaction()
-            return R.OK
-        if verb is Verb.QUIT:
-            return R.BYE
-        if verb is Verb.NOOP:
-            return R.OK
-        if verb is Verb.VRFY:
-            if not command.argument:
-                raise RemoteProtocolError(R.syntax_error("VRFY needs an argument"))
-            return R.CANNOT_VRFY
-        if verb is Verb.HELP:
-            return R.HELP
-        return R.NOT_IMPLEMENTED  # EXPN, TURN, ETRN, BDAT
 
     def _start_tls(self) -> StartTLS:
         self._send(R.READY_TO_START_TLS)
@@ -358,7 +334,7 @@ class ServerConnection:
             self._sasl = None
             self._goto(ServerState.COMMAND)
             too_long = line.problem is LineProblem.TOO_LONG
-            self._send(R.SASL_LINE_TOO_LONG if too_long else _FRAMING_REPLIES[line.problem])
+            self._send(R.SASL_LINE_TOO_LONG if too_long else FRAMING_REPLIES[line.problem])
             return None
         return self._sasl_step(self._sasl.respond(line.text))
 
@@ -384,70 +360,95 @@ class ServerConnection:
             self._shut("too many authentication failures", R.TOO_MANY_AUTH_FAILURES)
 
     # -- answers ------------------------------------------------------------------------------
+    # One accept method per event that needs an answer, each taking that event: an answer that
+    # does not fit the event is a type error. reject() refuses any of them.
 
-    def _take_pending(self) -> _Answerable:
+    def accept_hello(self, event: Hello, keywords: Sequence[str] = ()) -> None:
+        """Answer EHLO with the core's extensions followed by ``keywords``; HELO with one line.
+
+        ``keywords`` are EHLO extension lines (``"X-EXAMPLE a=b"``); HELO has none to carry.
+        """
+        self._take(event, Hello)
+        if event.extended:
+            answer = ehlo_reply(
+                self._hostname,
+                max_message_size=self._limits.max_message_size,
+                tls_active=self._tls_active,
+                tls_available=self._tls_available,
+                keywords=keywords,
+            )
+        else:
+            answer = R.helo(self._hostname)
+        self._greeting = Greeting.EHLO if event.extended else Greeting.HELO
+        self._answer(answer)
+
+    def accept_auth(self, event: AuthRequest) -> None:
+        """The session verified the credentials: ``235 2.7.0``, the client is logged in."""
+        self._take(event, AuthRequest)
+        self._authenticated = True
+        self._answer(R.AUTH_SUCCESSFUL)
+
+    def accept_mail(self, event: MailFrom) -> None:
+        """Start the transaction with this sender: ``250 2.1.0``."""
+        self._take(event, MailFrom)
+        self._transaction = Transaction.SENDER
+        self._smtputf8 = event.params.smtputf8
+        self._answer(R.SENDER_OK)
+
+    def accept_rcpt(self, event: RcptTo, reply: Reply | None = None) -> None:
+        """Add the recipient: ``250 2.1.5``, or ``reply`` (a 2xx with a status, e.g. ``251``)."""
+        self._take(event, RcptTo)
+        answer = check_positive(R.RECIPIENT_OK if reply is None else reply, range(200, 300))
+        self._transaction = Transaction.RECIPIENTS
+        self._recipients += 1
+        self._answer(answer)
+
+    def accept_data(self, event: DataStart) -> None:
+        """The session is ready to store the message: ``354``, then the content is read."""
+        self._take(event, DataStart)
+        self._data = DataReader(
+            max_size=self._limits.max_message_size,
+            max_header_size=self._limits.max_header_size,
+        )
+        self._answer(R.START_DATA, ServerState.DATA)
+
+    def accept_message(self, event: DataComplete, reply: Reply) -> None:
+        """The message is stored: ``reply`` is the session's 2xx (``250 2.0.0`` + queue id).
+
+        A message the core refused (``event.error`` set) is answered ``reject(event.error)``.
+        """
+        self._take(event, DataComplete)
+        if event.error is not None:
+            raise LocalProtocolError("a refused message must be answered reject(event.error)")
+        answer = check_positive(reply, range(200, 300))
+        self._end_transaction()
+        self._junk = 0  # a message was accepted: the session is doing real work
+        self._answer(answer)
+
+    def _take(self, event: _Answerable, kind: type[_Answerable]) -> None:
+        """Check that ``event`` is the pending event and of the kind the answer is for.
+
+        The type checker already ensures the kind; this guards untyped callers and answers
+        to an event that is no longer pending.
+        """
+        pending = self._waiting()
+        if event is not pending or not isinstance(event, kind):
+            name = type(pending).__name__
+            raise LocalProtocolError(f"the event waiting for an answer is {name}")
+
+    def _waiting(self) -> _Answerable:
         if self._pending is None:
             raise LocalProtocolError("no event is waiting for an answer")
         return self._pending
 
-    def accept(self, reply: Reply | None = None, *, keywords: Sequence[str] = ()) -> None:
-        """Answer the pending event positively (see each event for the default reply).
-
-        ``keywords`` add EHLO extension lines. :class:`DataComplete` needs ``reply`` (the
-        session's ``250 2.0.0`` with the queue id) and cannot be accepted when it has an error.
-        """
-        event = self._take_pending()
-        if keywords and not isinstance(event, Hello):
-            raise LocalProtocolError("keywords only belong to the EHLO answer")
-        next_state = ServerState.COMMAND
-        if isinstance(event, Hello):
-            if reply is not None:
-                raise LocalProtocolError("the EHLO/HELO answer is built by the core")
-            answer = (
-                ehlo_reply(
-                    self._hostname,
-                    max_message_size=self._limits.max_message_size,
-                    tls_active=self._tls_active,
-                    tls_available=self._tls_available,
-                    keywords=keywords,
-                )
-                if event.extended
-                else R.helo(self._hostname)
-            )
-            self._greeting = Greeting.EHLO if event.extended else Greeting.HELO
-        elif isinstance(event, AuthRequest):
-            answer = check_positive(reply, R.AUTH_SUCCESSFUL, range(235, 236))
-            self._authenticated = True
-        elif isinstance(event, MailFrom):
-            answer = check_positive(reply, R.SENDER_OK, range(200, 300))
-            self._transaction = Transaction.SENDER
-            self._smtputf8 = event.params.smtputf8
-        elif isinstance(event, RcptTo):
-            answer = check_positive(reply, R.RECIPIENT_OK, range(200, 300))
-            self._transaction = Transaction.RECIPIENTS
-            self._recipients += 1
-        elif isinstance(event, DataStart):
-            answer = check_positive(reply, R.START_DATA, range(354, 355))
-            self._data = DataReader(
-                max_size=self._limits.max_message_size,
-                max_header_size=self._limits.max_header_size,
-            )
-            next_state = ServerState.DATA
-        else:
-            if reply is None:
-                raise LocalProtocolError("accept(reply) of DataComplete needs the queue reply")
-            if event.error is not None:
-                raise LocalProtocolError("a refused message must be answered reject(error)")
-            answer = check_positive(reply, reply, range(200, 300))
-            self._end_transaction()
-            self._junk = 0  # a message was accepted: the session is doing real work
+    def _answer(self, reply: Reply, next_state: ServerState = ServerState.COMMAND) -> None:
         self._pending = None
         self._goto(next_state)
-        self._send(answer)
+        self._send(reply)
 
     def reject(self, reply: Reply) -> None:
         """Refuse the pending event with ``reply`` (4xx or 5xx); a ``421`` also closes."""
-        event = self._take_pending()
+        event = self._waiting()
         check_refusal(reply)
         self._pending = None
         self._goto(ServerState.COMMAND)
@@ -520,9 +521,3 @@ class ServerConnection:
         self._data = None
         self._buf.clear()
 
-
-_FRAMING_REPLIES = {
-    LineProblem.BARE_LF: R.BARE_LF_COMMAND,
-    LineProblem.BARE_CR: R.BARE_CR_COMMAND,
-    LineProblem.TOO_LONG: R.LINE_TOO_LONG,
-}

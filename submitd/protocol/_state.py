@@ -34,7 +34,7 @@ class ServerState(enum.Enum):
 
     NOT_GREETED = "not greeted"  # greet() not called yet
     COMMAND = "command"  # reading command lines
-    AWAITING_ANSWER = "awaiting answer"  # an event needs accept() or reject()
+    AWAITING_ANSWER = "awaiting answer"  # an event needs accept_...() or reject()
     SASL = "sasl"  # reading AUTH continuation lines
     DATA = "data"  # reading message content
     TLS_HANDSHAKE = "tls handshake"  # 220 queued for STARTTLS; waiting for tls_started()

@@ -11,11 +11,17 @@ import base64
 
 from submitd.protocol import (
     NEED_DATA,
+    AuthRequest,
     ConnectionClosed,
     DataComplete,
+    DataStart,
     Event,
+    Hello,
+    MailFrom,
+    NeedData,
     NeedsAnswer,
     ProtocolLimits,
+    RcptTo,
     Reply,
     ServerConnection,
     StartTLS,
@@ -49,6 +55,24 @@ def make(
     return conn
 
 
+def accept_event(conn: ServerConnection, event: Event | NeedData) -> None:
+    """Accept ``event`` with its default answer (:data:`QUEUED` for a complete message)."""
+    if isinstance(event, Hello):
+        conn.accept_hello(event)
+    elif isinstance(event, AuthRequest):
+        conn.accept_auth(event)
+    elif isinstance(event, MailFrom):
+        conn.accept_mail(event)
+    elif isinstance(event, RcptTo):
+        conn.accept_rcpt(event)
+    elif isinstance(event, DataStart):
+        conn.accept_data(event)
+    elif isinstance(event, DataComplete):
+        conn.accept_message(event, QUEUED)
+    else:
+        raise AssertionError(f"{event!r} takes no answer")
+
+
 def pump(conn: ServerConnection, data: bytes = b"") -> tuple[bytes, list[Event]]:
     """Feed ``data``, accept every event with its default answer; return replies and events."""
     if data:
@@ -61,10 +85,10 @@ def pump(conn: ServerConnection, data: bytes = b"") -> tuple[bytes, list[Event]]
         events.append(event)
         if isinstance(event, StartTLS | ConnectionClosed):
             break
-        if isinstance(event, DataComplete):
-            conn.reject(event.error) if event.error else conn.accept(QUEUED)
+        if isinstance(event, DataComplete) and event.error:
+            conn.reject(event.error)
         elif isinstance(event, NeedsAnswer):
-            conn.accept()
+            accept_event(conn, event)
     return conn.data_to_send(), events
 
 

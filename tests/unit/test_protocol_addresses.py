@@ -23,7 +23,7 @@ from submitd.protocol import (
     render_rcpt_to,
 )
 from submitd.protocol._grammar import has_control, is_hostname, replace_controls
-from tests.unit.protocol_support import HOST, RCPT_OK, SENDER_OK, ready
+from tests.unit.protocol_support import HOST, RCPT_OK, SENDER_OK, accept_event, ready
 
 CONTROL = b"501 5.1.7 Control characters are not allowed in addresses\r\n"
 UNKNOWN = b"555 5.5.4 Parameter not recognized or not implemented\r\n"
@@ -37,7 +37,7 @@ def send(conn: ServerConnection, line: bytes) -> tuple[bytes, MailFrom | RcptTo 
     event = conn.next_event()
     if event is not NEED_DATA:
         assert isinstance(event, MailFrom | RcptTo)
-        conn.accept()
+        accept_event(conn, event)
         assert conn.next_event() is NEED_DATA
         return conn.data_to_send(), event
     return conn.data_to_send(), None

@@ -17,7 +17,7 @@ from submitd.protocol import (
     ServerState,
 )
 from submitd.secret import Secret
-from tests.unit.protocol_support import connection, greeted
+from tests.unit.protocol_support import accept_event, connection, greeted
 
 SUCCESS = b"235 2.7.0 Authentication successful\r\n"
 FAILED = b"535 5.7.8 Authentication credentials invalid\r\n"
@@ -53,7 +53,7 @@ def test_plain_with_initial_response() -> None:
     conn = greeted()
     out, events = feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")
     assert (out, events) == (b"", [request("user", "secret")])
-    conn.accept()
+    accept_event(conn, events[0])
     assert conn.data_to_send() == SUCCESS
     assert conn.authenticated
 
@@ -196,8 +196,7 @@ def test_auth_command_syntax(line: bytes, reply: bytes) -> None:
 
 def test_second_auth_is_a_bad_sequence() -> None:
     conn = greeted()
-    feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")
-    conn.accept()
+    accept_event(conn, feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")[1][0])
     conn.data_to_send()
     assert feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")[0] == (
         b"503 5.5.1 Bad sequence of commands: already authenticated\r\n"
@@ -208,8 +207,7 @@ def test_auth_after_helo_is_a_bad_sequence() -> None:
     conn = connection()
     conn.greet()
     conn.receive_data(b"HELO client.example\r\n")
-    conn.next_event()
-    conn.accept()
+    accept_event(conn, conn.next_event())
     assert conn.data_to_send() == b"220 mx.example.org ESMTP submitd\r\n250 mx.example.org\r\n"
     assert feed(conn, b"AUTH PLAIN\r\n")[0] == (
         b"503 5.5.1 Bad sequence of commands: send EHLO first\r\n"
@@ -268,9 +266,3 @@ def test_bare_lf_in_sasl_line_aborts_the_exchange() -> None:
     assert out.startswith(b"500 5.5.2 Line must end with CRLF") and events == []
     assert conn.state is ServerState.COMMAND
 
-
-def test_accept_with_a_custom_success_reply() -> None:
-    conn = greeted()
-    feed(conn, b"AUTH PLAIN " + b64(b"\0user\0secret") + b"\r\n")
-    conn.accept(Reply.make(235, "2.7.0", "Welcome"))
-    assert conn.data_to_send() == b"235 2.7.0 Welcome\r\n"

@@ -7,6 +7,7 @@ import pytest
 from submitd.protocol import (
     NEED_DATA,
     ConnectionClosed,
+    DataChunk,
     DataComplete,
     DataStart,
     Hello,
@@ -26,6 +27,7 @@ from tests.unit.protocol_support import (
     QUEUED,
     RCPT_OK,
     SENDER_OK,
+    accept_event,
     connection,
     make,
     pump,
@@ -120,8 +122,9 @@ def test_ehlo_resets_the_transaction() -> None:
 def test_rejected_recipients_do_not_count_for_data() -> None:
     conn = ready()
     conn.receive_data(MAIL + RCPT + b"DATA\r\n")
-    assert isinstance(conn.next_event(), MailFrom)
-    conn.accept()
+    mail = conn.next_event()
+    assert isinstance(mail, MailFrom)
+    conn.accept_mail(mail)
     assert isinstance(conn.next_event(), RcptTo)
     conn.reject(Reply.make(550, "5.1.1", "No such user"))
     assert conn.next_event() is NEED_DATA
@@ -201,8 +204,9 @@ def test_helo_gets_a_one_line_answer() -> None:
 def test_session_keywords_are_appended_to_the_ehlo_answer() -> None:
     conn = make()
     conn.receive_data(b"EHLO c.example\r\n")
-    conn.next_event()
-    conn.accept(keywords=["X-ONE", "X-EXAMPLE a=b"])
+    hello = conn.next_event()
+    assert isinstance(hello, Hello)
+    conn.accept_hello(hello, ["X-ONE", "X-EXAMPLE a=b"])
     out = conn.data_to_send()
     assert out.endswith(b"250-AUTH PLAIN LOGIN\r\n250-X-ONE\r\n250 X-EXAMPLE a=b\r\n")
 
@@ -210,8 +214,9 @@ def test_session_keywords_are_appended_to_the_ehlo_answer() -> None:
 def test_a_session_keyword_the_core_already_offers_is_listed_once() -> None:
     conn = make()
     conn.receive_data(b"EHLO c.example\r\n")
-    conn.next_event()
-    conn.accept(keywords=["dsn", "X-EXAMPLE"])
+    hello = conn.next_event()
+    assert isinstance(hello, Hello)
+    conn.accept_hello(hello, ["dsn", "X-EXAMPLE"])
     out = conn.data_to_send()
     assert out.upper().count(b"DSN") == 1
     assert out.endswith(b"250-DSN\r\n250-AUTH PLAIN LOGIN\r\n250 X-EXAMPLE\r\n")
@@ -300,10 +305,29 @@ def test_next_event_before_answering_is_a_caller_error() -> None:
 
 def test_answer_without_a_pending_event_is_a_caller_error() -> None:
     conn = make()
-    with pytest.raises(LocalProtocolError):
-        conn.accept()
-    with pytest.raises(LocalProtocolError):
+    with pytest.raises(LocalProtocolError, match="no event"):
+        conn.accept_hello(Hello(domain="c.example", extended=True))
+    with pytest.raises(LocalProtocolError, match="no event"):
         conn.reject(Reply.make(550, "5.0.0", "No"))
+
+
+def test_an_answer_must_be_for_the_pending_event() -> None:
+    conn = ready()
+    conn.receive_data(MAIL + RCPT)
+    mail = conn.next_event()
+    assert isinstance(mail, MailFrom)
+    # A type error for a checked caller; refused at run time for anyone else.
+    with pytest.raises(LocalProtocolError, match="MailFrom"):
+        conn.accept_rcpt(mail)  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="MailFrom"):
+        conn.accept_mail(MailFrom(sender=mail.sender, params=mail.params))  # an equal copy
+    conn.accept_mail(mail)
+    rcpt = conn.next_event()
+    assert isinstance(rcpt, RcptTo)
+    with pytest.raises(LocalProtocolError, match="RcptTo"):
+        conn.accept_mail(mail)  # already answered
+    conn.accept_rcpt(rcpt)
+    assert conn.data_to_send() == SENDER_OK + RCPT_OK
 
 
 @pytest.mark.parametrize(
@@ -314,10 +338,11 @@ def test_answer_without_a_pending_event_is_a_caller_error() -> None:
 def test_reject_needs_a_proper_refusal(reply: Reply) -> None:
     conn = ready()
     conn.receive_data(MAIL)
-    conn.next_event()
+    mail = conn.next_event()
+    assert isinstance(mail, MailFrom)
     with pytest.raises(LocalProtocolError):
         conn.reject(reply)
-    conn.accept()  # the event is still pending after the misuse
+    conn.accept_mail(mail)  # the event is still pending after the misuse
     assert conn.data_to_send() == SENDER_OK
 
 
@@ -325,36 +350,50 @@ def test_data_complete_needs_a_queue_reply_and_cannot_accept_a_refused_message()
     conn = ready()
     conn.receive_data(MAIL + RCPT + b"DATA\r\nbad\nline\r\n.\r\n")
     for _ in range(3):  # MailFrom, RcptTo, DataStart
-        conn.next_event()
-        conn.accept()
+        accept_event(conn, conn.next_event())
     done = conn.next_event()
     assert isinstance(done, DataComplete) and done.error is not None
-    with pytest.raises(LocalProtocolError):
-        conn.accept()
-    with pytest.raises(LocalProtocolError):
-        conn.accept(QUEUED)
+    with pytest.raises(LocalProtocolError, match="reject"):
+        conn.accept_message(done, QUEUED)
     conn.reject(done.error)
 
 
 @pytest.mark.parametrize(
-    ("kwargs"),
-    [{"reply": Reply.make(250, "2.0.0", "custom")}, {"keywords": ["bad keyword!\x01"]},
-     {"keywords": "DSN"}],
+    "reply",
+    [Reply.make(550, "5.0.0", "Not a success"), Reply(code=250, lines=("no status",))],
 )
-def test_ehlo_answer_is_built_by_the_core(kwargs: dict[str, object]) -> None:
+def test_success_replies_from_the_session_are_checked(reply: Reply) -> None:
+    conn = ready()
+    conn.receive_data(MAIL + RCPT + b"DATA\r\nhi\r\n.\r\n")
+    accept_event(conn, conn.next_event())
+    rcpt = conn.next_event()
+    assert isinstance(rcpt, RcptTo)
+    with pytest.raises(LocalProtocolError):
+        conn.accept_rcpt(rcpt, reply)
+    conn.accept_rcpt(rcpt, Reply.make(251, "2.1.5", "Will forward"))
+    accept_event(conn, conn.next_event())
+    assert conn.next_event() == DataChunk(data=b"hi\r\n")
+    done = conn.next_event()
+    assert isinstance(done, DataComplete)
+    with pytest.raises(LocalProtocolError):
+        conn.accept_message(done, reply)
+    conn.accept_message(done, QUEUED)
+    assert conn.data_to_send().endswith(
+        b"251 2.1.5 Will forward\r\n354 End data with <CR><LF>.<CR><LF>\r\n"
+        + QUEUED.to_bytes()
+    )
+
+
+@pytest.mark.parametrize("keywords", [["bad keyword!\x01"], "DSN", ["X-A\r\n250 X-B"]])
+def test_ehlo_answer_is_built_by_the_core(keywords: list[str]) -> None:
     conn = make()
     conn.receive_data(b"EHLO c.example\r\n")
-    conn.next_event()
+    hello = conn.next_event()
+    assert isinstance(hello, Hello)
     with pytest.raises(LocalProtocolError):
-        conn.accept(**kwargs)  # type: ignore[arg-type]
-
-
-def test_keywords_only_answer_ehlo() -> None:
-    conn = ready()
-    conn.receive_data(MAIL)
-    conn.next_event()
-    with pytest.raises(LocalProtocolError):
-        conn.accept(keywords=["DSN"])
+        conn.accept_hello(hello, keywords)
+    conn.accept_hello(hello)  # the event is still pending after the misuse
+    assert conn.data_to_send().endswith(b"250 AUTH PLAIN LOGIN\r\n")
 
 
 def test_api_order_is_enforced() -> None:

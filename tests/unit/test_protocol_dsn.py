@@ -14,7 +14,7 @@ from submitd.protocol import (
     ServerConnection,
     render_mail_from,
 )
-from tests.unit.protocol_support import EHLO, RCPT_OK, SENDER_OK, make, pump, ready
+from tests.unit.protocol_support import EHLO, RCPT_OK, SENDER_OK, accept_event, make, pump, ready
 
 MAIL = b"MAIL FROM:<a@example.org>"
 RCPT = b"RCPT TO:<b@example.net>"
@@ -33,7 +33,7 @@ def send(conn: ServerConnection, line: bytes) -> tuple[bytes, MailFrom | RcptTo 
     if event is NEED_DATA:
         return conn.data_to_send(), None
     assert isinstance(event, MailFrom | RcptTo)
-    conn.accept()
+    accept_event(conn, event)
     return conn.data_to_send(), event
 
 

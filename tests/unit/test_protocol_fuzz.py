@@ -24,7 +24,7 @@ from submitd.protocol import (
     Reply,
     StartTLS,
 )
-from tests.unit.protocol_support import PLAIN, QUEUED, make
+from tests.unit.protocol_support import PLAIN, QUEUED, accept_event, make
 
 settings.register_profile("default", max_examples=150, deadline=None,
                           suppress_health_check=[HealthCheck.too_slow])
@@ -84,11 +84,11 @@ def feed(data: bytes, cuts: list[int], *, accept: bool, tls: bool) -> tuple[byte
                 if event.error is not None:
                     conn.reject(event.error)
                 else:
-                    conn.accept(QUEUED)
+                    conn.accept_message(event, QUEUED)
                     accepted += 1
             elif isinstance(event, NeedsAnswer):
                 if accept or isinstance(event, AuthRequest | DataStart):
-                    conn.accept()
+                    accept_event(conn, event)
                     if isinstance(event, DataStart):
                         in_data, data_starts = True, data_starts + 1
                 else:
