@@ -7,6 +7,12 @@
 - :class:`RawSMTPClient`: a byte-level SMTP client for protocol tests (raw lines, STARTTLS).
 - :func:`running_smarthost` / :class:`FakeSmarthost`: a recording SMTP relay on loopback for
   delivery-plugin tests (see :mod:`submitd.testing.smarthost`).
+- :func:`send_mail`: log in and send one message in one call; :class:`SMTPRefused` carries
+  the exact reply of a refusal.
+- :func:`add_user` / :class:`TestUser`: add a login to a users file (cheap hashing).
+- :func:`read_maildir` / :func:`wait_for_delivery`: the delivered messages, parsed.
+- :mod:`submitd.testing.pytest_plugin`: pytest fixtures (``submitd_server``, ...) loaded
+  automatically through the ``pytest11`` entry point.
 
 trustme is a test dependency (``pip install submitd[test]``); it is imported on use.
 """
@@ -25,16 +31,26 @@ import trio
 from ..config import Config, ListenMode, load_config
 from ..protocol._replies import Reply, parse_reply
 from ..server.app import BoundListener, Server
+from .client import SMTPRefused, send_mail, server_tls_context
+from .mailbox import TEST_HASHER, TestUser, add_user, read_maildir, wait_for_delivery
 from .smarthost import FakeSmarthost, ReceivedMessage, running_smarthost
 
 __all__ = [
+    "TEST_HASHER",
     "FakeSmarthost",
     "RawSMTPClient",
     "ReceivedMessage",
     "RunningServer",
+    "SMTPRefused",
     "TestCA",
+    "TestUser",
+    "add_user",
+    "read_maildir",
     "running_server",
     "running_smarthost",
+    "send_mail",
+    "server_tls_context",
+    "wait_for_delivery",
     "write_config",
 ]
 
@@ -100,8 +116,10 @@ def write_config(
     """Write ``directory/submitd.toml`` with a STARTTLS and an implicit-TLS listener on port 0.
 
     ``limits``, ``queue`` and ``plugins`` add keys to those tables (values as TOML would read
-    them: strings for durations, lists for ``retry``).
+    them: strings for durations, lists for ``retry``). ``directory`` may be relative: it and
+    the certificate paths are made absolute, so the file works from any working directory.
     """
+    directory = directory.resolve()
     lines = [
         f"hostname = {_toml_value(hostname)}",
         "[[listen]]",
@@ -111,8 +129,8 @@ def write_config(
         f'address = "{host}:0"',
         'mode = "implicit"',
         "[tls]",
-        f"cert = {_toml_value(ca.cert_path)}",
-        f"key = {_toml_value(ca.key_path)}",
+        f"cert = {_toml_value(ca.cert_path.resolve())}",
+        f"key = {_toml_value(ca.key_path.resolve())}",
         'handshake_timeout = "10s"',
         "[queue]",
     ]
