@@ -134,9 +134,12 @@ async def test_client_auth_parameter_is_never_passed_on(
 async def test_stolen_password_is_no_spam_cannon(
     make_config: Callable[..., Path], client_tls: ssl.SSLContext, what: str,
 ) -> None:
-    # Per-login hourly caps on messages and recipients (a stolen password's blast radius).
-    limits = {"max_messages_per_hour": 3, "max_recipients_per_hour": 3}
-    async with running_server(make_config(limits=limits)) as srv:
+    # Per-login hourly caps on messages and recipients (a stolen password's blast radius):
+    # the ratelimit plugin's table.
+    caps = {"messages_per_hour": 3, "recipients_per_hour": 3}
+    config = make_config(enable=("passwdfile", "ratelimit", "maildir"),
+                         plugins={"ratelimit": caps})
+    async with running_server(config) as srv:
         async with await connect(srv, "implicit", client_tls) as client:
             if what == "messages":
                 for _ in range(3):
