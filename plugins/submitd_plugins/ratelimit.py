@@ -12,8 +12,9 @@ Configuration (every key optional)::
     newsletter = { messages_per_hour = 2000, recipients_per_hour = 20000 }
     intern = { messages_per_hour = 20 }
 
-Limits are positive integers. Unknown keys stop the server at start (and ``check-config``)
-with an error naming the key.
+Limits are positive integers; logins are matched exactly as the authentication plugin named
+them (case included), and a session without a login is never counted. Unknown keys stop
+the server at start (and ``check-config``) with an error naming the key.
 
 Replies (RFC 3463 ``4.7.1``: delivery not authorized, temporary; a client queues the message
 and tries again)::
