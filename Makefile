@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install run lint typecheck test test-deps test-unit test-integration test-security test-external bench tls-scan fuzz clean
+.PHONY: install run lint typecheck test test-deps test-unit test-integration test-security test-external test-examples bench tls-scan fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -50,7 +50,16 @@ test-external: $(STAMP)
 	@scripts/check-test-deps external
 	$(PYTEST) -q tests/external
 
-test: test-deps lint typecheck test-unit test-integration test-security test-external
+# The example third-party plugin package (docs/plugins.md), installed into the venv as a plugin
+# author would install theirs (no new dependencies), and its own tests written with the kit.
+EXAMPLES := examples/submitd-example-limit
+test-examples: $(STAMP)
+	for dir in $(EXAMPLES); do \
+		$(BIN)/python -m pip install -q --no-deps -e $$dir && \
+		(cd $$dir && $(CURDIR)/$(BIN)/python -m pytest -q tests) || exit 1; \
+	done
+
+test: test-deps lint typecheck test-unit test-integration test-security test-external test-examples
 
 bench: $(STAMP)
 	@$(BIN)/python -c 'import aiosmtpd' 2>/dev/null || $(BIN)/python -m pip install -q aiosmtpd >&2
