@@ -68,6 +68,8 @@ CHUNK_SIZE = 64 * 1024
 _CLOSE_DEADLINE = 5.0
 #: A server that answers every SASL response with another 334 is cut off after this many.
 _MAX_SASL_STEPS = 4
+#: The error for a transaction or RSET on a connection that failed or was closed.
+_UNUSABLE = Reply.make(451, "4.4.2", "the connection is no longer usable")
 
 
 def _scan(message: MessageHandle) -> ContentScanner:
@@ -258,8 +260,7 @@ class SMTPClient:
         they were. Raises :class:`SMTPClientError` if the connection breaks.
         """
         if not self.usable:
-            reply = Reply.make(451, "4.4.2", "the connection is no longer usable")
-            raise SMTPClientError("mail", reply)
+            raise SMTPClientError("mail", _UNUSABLE)
         try:
             return await self._transaction(sender, list(recipients), message, params)
         except BaseException:
@@ -365,8 +366,7 @@ class SMTPClient:
     async def reset(self) -> None:
         """RSET: abort the current transaction. Raises :class:`SMTPClientError`."""
         if not self.usable:
-            reply = Reply.make(451, "4.4.2", "the connection is no longer usable")
-            raise SMTPClientError("reset", reply)
+            raise SMTPClientError("reset", _UNUSABLE)
         reply = await self._command(self._conn.send_rset(), "reset", self._timeouts.greeting,
                                     "RSET")
         if reply.code // 100 != 2:

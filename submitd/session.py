@@ -40,6 +40,7 @@ from .protocol import (
     is_ehlo_keyword,
     require_status,
 )
+from .protocol import catalogue as R
 from .views import AuthResult, Envelope, Recipient, SessionInfo
 
 if TYPE_CHECKING:
@@ -52,9 +53,10 @@ log = logging.getLogger("submitd.session")
 
 R_PLUGIN_FAILED = Reply.make(451, "4.3.0", "Temporary local problem, try again later")
 R_NOT_QUEUED = Reply.make(451, "4.3.0", "Temporary failure, message not queued")
-R_AUTH_INVALID = Reply.make(535, "5.7.8", "Authentication credentials invalid")
+#: The greeting when ``submitd_connect`` fails: the catalogue's reply under the name the
+#: dry run (``submitd explain``) imports.
+R_CONNECT_FAILED = R.LOCAL_PROBLEM
 R_AUTH_THROTTLED = Reply.make(454, "4.7.0", "Too many failed logins, try again later")
-R_CONNECT_FAILED = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
 # RFC 5321 §6.3: a message that has passed through too many relays is in a loop.
 R_TOO_MANY_HOPS = Reply.make(554, "5.4.6", "Too many hops: the message is looping")
 
@@ -246,7 +248,7 @@ class Session:
             log.info(logfmt("auth_ok", session=self.sid, user=username, mechanism=mechanism))
             self.conn.accept_auth(event)
             return
-        reply = (result.reply if result is not None else None) or R_AUTH_INVALID
+        reply = (result.reply if result is not None else None) or R.AUTH_FAILED
         if reply.code == 535:
             # One WARNING line per failed login, fields in this order: the fail2ban filter in
             # deploy/fail2ban/ matches it (peer= is the address to ban).

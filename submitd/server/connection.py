@@ -43,9 +43,6 @@ log = logging.getLogger("submitd.connection")
 
 R_TOO_MANY = Reply.make(421, "4.7.0", "Too many connections, try again later")
 R_TOO_OFTEN = Reply.make(421, "4.7.0", "Too many new connections from your address, try later")
-R_TIMEOUT = Reply.make(421, "4.4.2", "Timeout, closing connection")
-R_SHUTDOWN = Reply.make(421, "4.3.2", "Service shutting down, try again later")
-R_INTERNAL = Reply.make(421, "4.3.0", "Temporary local problem, closing connection")
 
 _RECEIVE_SIZE = 65536
 _REFUSAL_TIMEOUT = 5.0
@@ -194,9 +191,9 @@ class ConnectionHandler:
             with scope:
                 await driver.run(implicit)
             if scope.cancelled_caught:
-                log.info(logfmt("shutdown_closed", session=sid, peer=host, reply=R_SHUTDOWN.code,
-                                reason="the server is shutting down"))
-                conn.close(R_SHUTDOWN)
+                log.info(logfmt("shutdown_closed", session=sid, peer=host,
+                                reply=R.SHUTTING_DOWN.code, reason="the server is shutting down"))
+                conn.close(R.SHUTTING_DOWN)
                 await driver.flush_quietly()
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             log.info(logfmt("disconnect", session=sid, peer=host, reason=type(exc).__name__))
@@ -209,7 +206,7 @@ class ConnectionHandler:
         except Exception:
             # The last line of defence: log with the session id, tell the client if we can.
             log.exception(logfmt("connection_error", session=sid))
-            conn.close(R_INTERNAL)
+            conn.close(R.LOCAL_PROBLEM)
             await driver.flush_quietly()
         finally:
             with trio.CancelScope(shield=True):
@@ -423,8 +420,8 @@ class _Driver:
         # Stress mode may have moved the deadline earlier while we waited.
         why = deadline.stress_reason if scope.deadline < deadline.at else deadline.reason
         log.info(logfmt("timeout", session=self.sid, peer=self.peer, phase=deadline.phase,
-                        reply=R_TIMEOUT.code, reason=why))
-        self.conn.close(R_TIMEOUT)
+                        reply=R.TIMEOUT.code, reason=why))
+        self.conn.close(R.TIMEOUT)
         return False
 
     async def _handshake(self) -> bool:
