@@ -476,6 +476,9 @@ def _load_limits(top: _Table) -> Limits:
             values[f.name] = t.duration(f.name, _default(Limits, f.name), allow_zero=grace)
         else:
             values[f.name] = t.integer(f.name, _default(Limits, f.name))
+    if values["stress_threshold"] > 100:  # a percentage of max_connections
+        got = values["stress_threshold"]
+        raise t.error("stress_threshold", f"must be a percentage from 1 to 100, got {got}")
     return Limits(**values)
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from submitd.config import (
     DEFAULT_CONFIG_PATH,
+    Config,
     Limits,
     ListenMode,
     default_config_path,
@@ -238,6 +239,9 @@ def test_plugin_tables_cannot_be_modified(tmp_path: Path) -> None:
         ("[plugins.x]\nhook_timeout = 'never'", "plugins.x.hook_timeout", "not a duration"),
         ("hostname = 'a b'", "hostname", "fully qualified"),
         ("limits = 3", "limits", "must be a table"),
+        ("[limits]\nstress_threshold = 101", "limits.stress_threshold",
+         "must be a percentage from 1 to 100, got 101"),
+        ("[limits]\nstress_threshold = 0", "limits.stress_threshold", "at least 1"),
     ],
 )
 def test_bad_configuration_names_the_dotted_key(
@@ -252,6 +256,12 @@ def test_bad_configuration_names_the_dotted_key(
     assert info.value.path == path
     assert fragment in info.value.message
     assert str(info.value).startswith(f"{path}: {key}: ")
+
+
+@pytest.mark.parametrize("percent", [1, 100])
+def test_stress_threshold_may_be_any_percentage(tmp_path: Path, percent: int) -> None:
+    config = load(tmp_path, f"[limits]\nstress_threshold = {percent}\n")
+    assert isinstance(config, Config) and config.limits.stress_threshold == percent
 
 
 def test_toml_syntax_error_reports_the_line(tmp_path: Path) -> None:
