@@ -3,6 +3,8 @@
 The names exported here are the public plugin API; built-in plugins use nothing else.
 """
 
+from collections.abc import Mapping, Sequence
+
 from ._hookcall import blocking
 from ._logfmt import logfmt
 from .config import Config
@@ -24,6 +26,7 @@ from .views import (
 )
 
 __all__ = [
+    "SENDERS",
     "AuthResult",
     "BodyType",
     "Config",
@@ -50,3 +53,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+#: The senders each login may use, published by authentication plugins for the policy plugins
+#: (the built-in ``relay`` enforces them). In ``submitd_configure`` an auth plugin adds its
+#: view under its own name: ``config.stash.setdefault(SENDERS, {})["NAME"] = logins``, where
+#: ``logins`` maps a login to its sender patterns: ``user@example.com``, ``@example.com`` (any
+#: address at the domain) or ``<>`` (bounces), normalised as
+#: :func:`submitd.passwords.validate_sender` returns them. The mapping may change as the
+#: plugin's user data changes; readers look a login up when they need it.
+SENDERS: StashKey[dict[str, Mapping[str, Sequence[str]]]] = StashKey()

@@ -22,7 +22,7 @@ import os
 import re
 import secrets
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +47,7 @@ __all__ = [
     "file_signature",
     "hash_password",
     "min_password_length",
+    "sender_matches",
     "validate_login",
     "validate_sender",
 ]
@@ -136,6 +137,22 @@ def validate_sender(pattern: str) -> str:
     ):
         raise ValueError(f"invalid sender {pattern!r}: use user@example.com, @example.com or <>")
     return f"{local}@{domain.lower()}"
+
+
+def sender_matches(patterns: Collection[str], address: str) -> bool:
+    """Tell whether ``address`` (``""`` for ``<>``) matches one of the sender ``patterns``.
+
+    ``patterns`` are normalised as :func:`validate_sender` returns them: ``user@example.com``
+    (the local part must match exactly, the domain case-insensitively), ``@example.com`` (any
+    local part at that domain) or ``<>`` (the null reverse path, for bounces).
+    """
+    if address in ("", NO_SENDER):
+        return NO_SENDER in patterns
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return False
+    domain = domain.lower()
+    return f"{local}@{domain}" in patterns or f"@{domain}" in patterns
 
 
 def min_password_length(table: Mapping[str, object]) -> int:
@@ -287,15 +304,7 @@ class UsersFile:
         any local part at that domain. Unknown logins may use nothing.
         """
         entry = self.lookup(login)
-        if entry is None:
-            return False
-        if address in ("", NO_SENDER):
-            return NO_SENDER in entry.senders
-        local, at, domain = address.rpartition("@")
-        if not at or not local or not domain:
-            return False
-        domain = domain.lower()
-        return f"{local}@{domain}" in entry.senders or f"@{domain}" in entry.senders
+        return entry is not None and sender_matches(entry.senders, address)
 
     # --- editing (each call locks, re-reads the file, rewrites it atomically) ----------------
 

@@ -1,4 +1,4 @@
-"""passwdfile: AUTH against an argon2id users file, and sender ownership checks.
+"""passwdfile: AUTH against an argon2id users file.
 
 Configuration::
 
@@ -9,31 +9,32 @@ Configuration::
     min_password_length = 12  # `submitd user add|passwd` refuse shorter new passwords
 
 The file is re-read when it changes (no restart). A password hashed with outdated argon2
-parameters is rehashed on the next successful login (see etc/users.example). A login may use as
-envelope sender, and in the ``From:`` and ``Sender:`` header fields, only the addresses and
-``@domains`` listed for it (docs/security.md §4).
+parameters is rehashed on the next successful login (see etc/users.example).
+
+The senders listed for each login (addresses, ``@domains``, ``<>``) are published as
+:data:`submitd.SENDERS` under the name ``passwdfile``; this plugin does not check them itself.
+The ``relay`` plugin enforces them at MAIL FROM and on the ``From:`` and ``Sender:`` header
+fields, whichever plugin authenticated the login (docs/security.md §4).
 
 Uses only the public API: the names exported by :mod:`submitd` and :mod:`submitd.passwords`.
 """
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import os
 import threading
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import trio
 
 from submitd import (
+    SENDERS,
     AuthResult,
     Config,
     ConfigError,
     Credentials,
-    Envelope,
-    MailParams,
-    MessageHandle,
     Reply,
     Secret,
     SessionInfo,
@@ -46,10 +47,9 @@ from submitd.passwords import UsersFile, UsersFileError, file_signature, min_pas
 __all__ = [
     "STATE",
     "PasswdFileState",
+    "UsersSenders",
     "submitd_auth",
     "submitd_configure",
-    "submitd_data_filter",
-    "submitd_mail_from",
 ]
 
 NAME = "passwdfile"
@@ -127,13 +127,41 @@ class PasswdFileState:
         log.info(logfmt("rehashed", user=login))
 
 
+class UsersSenders(Mapping[str, tuple[str, ...]]):
+    """The senders of each login, read from the users file currently in force.
+
+    What this plugin publishes as :data:`submitd.SENDERS`: a live view, so a users file
+    re-read after an edit applies to the next MAIL FROM without a reload.
+    """
+
+    __slots__ = ("_state",)
+
+    def __init__(self, state: PasswdFileState) -> None:
+        self._state = state
+
+    def __getitem__(self, login: str) -> tuple[str, ...]:
+        entry = self._state.users.lookup(login)
+        if entry is None:
+            raise KeyError(login)
+        return entry.senders
+
+    def __iter__(self) -> Iterator[str]:
+        return (entry.login for entry in self._state.users.entries)
+
+    def __len__(self) -> int:
+        return len(self._state.users)
+
+
 #: Where :func:`submitd_configure` keeps this plugin's state.
 STATE = StashKey[PasswdFileState]()
 
 
 @hookimpl
 def submitd_configure(config: Config) -> None:
-    """Validate ``[plugins.passwdfile]``, load the users file, and set up the limiter."""
+    """Validate ``[plugins.passwdfile]``, load the users file, set up the limiter.
+
+    Publishes the logins' senders as :data:`submitd.SENDERS` ``["passwdfile"]``.
+    """
     table = config.plugin_table(NAME)
 
     def key(name: str) -> str:
@@ -163,9 +191,11 @@ def submitd_configure(config: Config) -> None:
         users = UsersFile.load(path)
     except UsersFileError as exc:
         raise ConfigError(config.path, key("path"), str(exc)) from None
-    config.stash[STATE] = PasswdFileState(
+    state = PasswdFileState(
         path=path, users=users, max_parallel=max_parallel, queue_timeout=queue_timeout
     )
+    config.stash[STATE] = state
+    config.stash.setdefault(SENDERS, {})[NAME] = UsersSenders(state)
 
 
 def _authenticate(state: PasswdFileState, login: str, password: Secret) -> AuthResult:
@@ -199,50 +229,3 @@ async def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthRe
         )
     finally:
         state.limiter.release()
-
-
-def _printable(text: str, limit: int = 200) -> str:
-    """Make client-supplied text safe for a reply line (no controls, bounded length)."""
-    clean = "".join(c if c.isprintable() else "?" for c in text)
-    return clean if len(clean) <= limit else clean[: limit - 3] + "..."
-
-
-def _refuse(what: str, address: str, login: str | None) -> Reply:
-    user = _printable(login or "(none)", 100)
-    return Reply.make(550, "5.7.1", f"{what} <{_printable(address)}> not owned by user {user}")
-
-
-def _allowed(session: SessionInfo, address: str) -> bool:
-    login = session.username
-    users = session.config.stash[STATE].users
-    return login is not None and users.sender_allowed(login, address)
-
-
-@hookimpl
-def submitd_mail_from(session: SessionInfo, sender: str, params: MailParams) -> Reply | None:
-    """Refuse an envelope sender the login may not use (``<>`` only if listed as ``<>``)."""
-    if _allowed(session, sender):
-        return None
-    return _refuse("Sender address", sender, session.username)
-
-
-@hookimpl
-def submitd_data_filter(
-    session: SessionInfo, envelope: Envelope, message: MessageHandle
-) -> Reply | None:
-    """Refuse a message whose ``From:`` or ``Sender:`` names an address the login may not use.
-
-    Addresses are taken from the parsed fields, never from display names. A message without
-    ``From:`` passes (a later plugin adds one); a field without a usable address does not.
-    """
-    for field in ("From", "Sender"):
-        values = message.get_all(field)
-        if not values:
-            continue
-        addresses = [addr for _name, addr in email.utils.getaddresses(values)]
-        if not addresses:
-            return Reply.make(550, "5.7.1", f"Header {field}: holds no address")
-        for address in addresses:
-            if not address or not _allowed(session, address):
-                return _refuse(f"Header {field}: address", address, session.username)
-    return None

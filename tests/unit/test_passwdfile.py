@@ -11,14 +11,11 @@ import pytest
 import trio
 
 from submitd import (
+    SENDERS,
     AuthResult,
     Config,
     ConfigError,
     Credentials,
-    Envelope,
-    MailParams,
-    MessageHandle,
-    Recipient,
     Secret,
     SessionInfo,
 )
@@ -77,19 +74,6 @@ def session(config: Config, username: str | None = "alice") -> SessionInfo:
 
 def creds(username: str, password: str = PASSWORD) -> Credentials:
     return Credentials(mechanism="PLAIN", username=username, authzid="", password=Secret(password))
-
-
-def message(tmp_path: Path, *headers: tuple[str, str]) -> MessageHandle:
-    path = tmp_path / "msg"
-    path.write_bytes(b"".join(f"{n}: {v}\r\n".encode() for n, v in headers) + b"\r\nbody\r\n")
-    return MessageHandle(path=path, size=path.stat().st_size, headers=list(headers), body_offset=0)
-
-
-ENVELOPE = Envelope(
-    sender="alice@example.com", recipients=(Recipient(address="bob@example.net"),),
-    params=MailParams(),
-    username="alice",
-)
 
 
 # --- configuration --------------------------------------------------------------------------
@@ -186,7 +170,7 @@ async def test_login_waits_at_most_queue_timeout_for_a_free_slot(
     start = trio.current_time()
     result = await passwdfile.submitd_auth(session(config, None), creds("alice"))
     assert trio.current_time() - start == pytest.approx(3.0)
-    assert result.accepted is False
+    assert result is not None and result.accepted is False
     assert result.reply is not None
     assert str(result.reply) == "454 4.7.0 Temporary authentication failure, try again later"
     assert limiter.borrowed_tokens == 1  # the refused login holds nothing
@@ -225,12 +209,12 @@ async def test_users_file_changes_apply_without_a_restart(
     assert await passwdfile.submitd_auth(session(config, None), creds("dave", "pw")) == (
         AuthResult.ok("dave")
     )
-    assert passwdfile.submitd_mail_from(session(config, "dave"), "dave@example.com",
-                                        MailParams()) is None
+    assert config.stash[SENDERS]["passwdfile"]["dave"] == ("dave@example.com",)
     UsersFile.load(users_path).delete_user("dave")
     assert await passwdfile.submitd_auth(session(config, None), creds("dave", "pw")) == (
         AuthResult.deny()
     )
+    assert "dave" not in config.stash[SENDERS]["passwdfile"]
 
 
 async def test_a_broken_users_file_keeps_the_previous_users(
@@ -275,82 +259,23 @@ async def test_unwritable_users_file_still_logs_in_and_stops_trying_to_rehash(
     assert attempts == ["alice"]
 
 
-# --- sender ownership -----------------------------------------------------------------------
+# --- senders: published for the relay plugin, not checked here --------------------------------
 
 
-@pytest.mark.parametrize(
-    ("login", "sender", "allowed"),
-    [
-        ("alice", "alice@example.com", True),
-        ("alice", "alice@EXAMPLE.COM", True),
-        ("alice", "anything@alias.example", True),
-        ("alice", "bob@example.com", False),
-        ("alice", "", False),
-        ("bounces", "", True),
-        ("bounces", "notify@example.com", True),
-        (None, "alice@example.com", False),
-    ],
-)
-def test_mail_from_allows_only_the_senders_listed_for_the_login(
-    config: Config, login: str | None, sender: str, allowed: bool
-) -> None:
-    reply = passwdfile.submitd_mail_from(session(config, login), sender, MailParams())
-    if allowed:
-        assert reply is None
-    else:
-        assert reply is not None
-        assert (reply.code, reply.status) == (550, "5.7.1")
-        assert reply.text == f"Sender address <{sender}> not owned by user {login or '(none)'}"
+def test_the_logins_senders_are_published_for_the_policy_plugins(config: Config) -> None:
+    published = config.stash[SENDERS]["passwdfile"]
+    assert dict(published) == {
+        "alice": ("alice@example.com", "@alias.example"),
+        "bounces": ("<>", "notify@example.com"),
+    }
+    assert published.get("mallory") is None
+    assert "ALICE" not in published  # logins match exactly
 
 
-@pytest.mark.parametrize(
-    "headers",
-    [
-        [("From", "Alice <alice@example.com>")],
-        [("From", "alice@EXAMPLE.com")],
-        [("From", '"Someone Else <boss@corp.example>" <alice@example.com>')],
-        [("From", "Alice <alice@example.com>, Team <team@alias.example>")],
-        [("From", "team@alias.example"), ("Sender", "alice@example.com")],
-        [("Subject", "no From: at all; a later plugin adds it")],
-    ],
-)
-def test_header_from_and_sender_owned_by_the_login_pass(
-    config: Config, tmp_path: Path, headers: list[tuple[str, str]]
-) -> None:
-    handle = message(tmp_path, *headers)
-    assert passwdfile.submitd_data_filter(session(config), ENVELOPE, handle) is None
-
-
-@pytest.mark.parametrize(
-    "headers",
-    [
-        [("From", "boss@corp.example")],
-        [("From", '"alice@example.com" <boss@corp.example>')],  # display name is not the address
-        [("From", "alice@example.com <boss@corp.example>")],
-        [("From", "Alice <alice@example.com>, boss@corp.example")],
-        [("From", "alice@example.com"), ("From", "boss@corp.example")],
-        [("From", "alice@example.com"), ("Sender", "boss@corp.example")],
-        [("From", "alice@example.com@corp.example")],
-        [("From", "<>")],
-        [("From", "undisclosed-recipients:;")],
-        [("From", "")],
-        [("From", "boss@corp.example\x01")],
-    ],
-)
-def test_header_addresses_not_owned_by_the_login_are_refused(
-    config: Config, tmp_path: Path, headers: list[tuple[str, str]]
-) -> None:
-    reply = passwdfile.submitd_data_filter(session(config), ENVELOPE, message(tmp_path, *headers))
-    assert reply is not None
-    assert (reply.code, reply.status) == (550, "5.7.1")
-    assert "\x01" not in reply.text
-
-
-def test_header_refusal_names_the_field_address_and_login(config: Config, tmp_path: Path) -> None:
-    handle = message(tmp_path, ("From", "Boss <boss@corp.example>"))
-    reply = passwdfile.submitd_data_filter(session(config), ENVELOPE, handle)
-    assert reply is not None
-    assert reply.text == "Header From: address <boss@corp.example> not owned by user alice"
+def test_passwdfile_only_authenticates_and_leaves_senders_to_relay() -> None:
+    assert hasattr(passwdfile, "submitd_auth")
+    for hook in ("submitd_mail_from", "submitd_rcpt_check", "submitd_data_filter"):
+        assert not hasattr(passwdfile, hook), hook
 
 
 def test_plugin_state_lives_in_the_config_stash_not_in_module_globals(
