@@ -140,7 +140,7 @@ def _within(domain: str, domains: frozenset[str]) -> bool:
 
 
 def _strings(config: Config, where: str, value: object) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
         raise ConfigError(config.path, where, "must be a list of strings")
     return list(value)
 

@@ -102,7 +102,7 @@ def _groups(config: Config, table: object) -> Mapping[str, int]:
                 raise ConfigError(config.path, f"{key}.{item}", "required")
         limit = _size(config, f"{key}.max_message_size", group["max_message_size"])
         logins = group["logins"]
-        if not isinstance(logins, list) or not all(isinstance(x, str) for x in logins):
+        if not isinstance(logins, list | tuple) or not all(isinstance(x, str) for x in logins):
             raise ConfigError(config.path, f"{key}.logins", "must be a list of strings")
         for login in logins:
             try:
