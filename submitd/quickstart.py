@@ -2,8 +2,9 @@
 
 DIR receives ``submitd.toml`` (listeners on 127.0.0.1:2587 STARTTLS and 127.0.0.1:2465
 implicit TLS), a self-signed certificate for ``localhost`` and ``127.0.0.1`` in ``tls/``, a
-users file with one login ``demo`` and a random password, the ``headers`` fix-ups
-(``Received:``, ``Date:``, ``Message-ID:``) and maildir delivery into ``mail/`` (with a
+users file with one login ``demo`` and a random password that may send as
+``demo@example.com`` (the ``relay`` plugin binds logins to their senders), the ``headers``
+fix-ups (``Received:``, ``Date:``, ``Message-ID:``) and maildir delivery into ``mail/`` (with a
 commented-out smarthost route to show how to relay instead). Nothing existing is overwritten.
 Blocking (key generation, argon2, fsync).
 """
@@ -55,12 +56,18 @@ key = "tls/{KEY_FILENAME}"
 dir = "spool"
 
 [plugins]
-enable = ["passwdfile", "headers", "maildir"]
+enable = ["passwdfile", "relay", "headers", "maildir"]
 
 # Manage logins with: @SUBMITD@ user add|passwd|senders|del|list -c @CONFIG@
 [plugins.passwdfile]
 path = "users"
 # min_password_length = 12  # `user add` and `user passwd` refuse shorter passwords
+
+# relay: a login may send only as the senders the users file lists for it (MAIL FROM, From:,
+# Sender:), plus shared mailboxes listed here. Without "relay" in `enable` a login may send as
+# any address.
+# [plugins.relay.senders]
+# "info@example.com" = ["{DEMO_LOGIN}"]
 
 # Received:, Date: and Message-ID: fix-ups (RFC 6409); these are the defaults.
 # [plugins.headers]
