@@ -151,7 +151,7 @@ async def test_sender_not_owned_is_550_logged_once_with_address_and_reason(
         reply = await client.command("MAIL FROM:<ceo@example.com>")
         assert (reply.code, reply.status) == (550, "5.7.1")
     line = one(caplog, "mail_refused")
-    assert f"peer={PEER} user={USER} sender=<ceo@example.com> plugin=passwdfile reply=550" in line
+    assert f"peer={PEER} user={USER} sender=<ceo@example.com> plugin=relay reply=550" in line
     assert f'reason="Sender address <ceo@example.com> not owned by user {USER}"' in line
     assert len(refusals_with(caplog, 550)) == 1
 
