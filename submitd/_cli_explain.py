@@ -41,7 +41,7 @@ from .plugin_manager import configure_plugins, create_plugin_manager, unconfigur
 from .protocol import RemoteProtocolError, catalogue
 from .protocol._commands import parse_mail, parse_rcpt
 from .protocol._replies import Reply
-from .session import R_CONNECT_FAILED, R_PLUGIN_FAILED, _any_reply, _refusal
+from .session import R_PLUGIN_FAILED, any_answer, refusal_answer
 from .views import Envelope, Recipient, SessionInfo
 
 __all__ = ["DRY_RUN", "ExplainRequest", "add_explain_command", "dry_run_session", "explain"]
@@ -183,10 +183,10 @@ async def _run(hooks: HookCaller, session: SessionInfo, request: ExplainRequest,
                report: _Report) -> None:
     config = session.config
     try:
-        answer = await hooks.first("submitd_connect", _refusal,
+        answer = await hooks.first("submitd_connect", refusal_answer,
                                    session=replace(session, username=None, ehlo=None))
     except PluginError as exc:
-        report.failed("connect", exc, R_CONNECT_FAILED)
+        report.failed("connect", exc, catalogue.LOCAL_PROBLEM)
         return
     if report.decided("connect", answer, None) is not None:
         return
@@ -205,7 +205,7 @@ async def _run(hooks: HookCaller, session: SessionInfo, request: ExplainRequest,
         report.core(stage, exc.reply)
         return
     try:
-        answer = await hooks.first("submitd_mail_from", _refusal, session=session,
+        answer = await hooks.first("submitd_mail_from", refusal_answer, session=session,
                                    sender=sender, params=params)
     except PluginError as exc:
         report.failed(stage, exc, R_PLUGIN_FAILED)
@@ -223,7 +223,7 @@ async def _run(hooks: HookCaller, session: SessionInfo, request: ExplainRequest,
             continue
         recipient = Recipient(address=rcpt, params=rparams)
         try:
-            answer = await hooks.first("submitd_rcpt_check", _any_reply, session=session,
+            answer = await hooks.first("submitd_rcpt_check", any_answer, session=session,
                                        envelope=envelope, recipient=recipient)
         except PluginError as exc:
             report.failed(stage, exc, R_PLUGIN_FAILED)
@@ -252,7 +252,7 @@ async def _data(hooks: HookCaller, session: SessionInfo, envelope: Envelope,
         message = MessageHandle(path=path, size=len(data), headers=headers,
                                 body_offset=body_offset, editable=True)
         try:
-            answer = await hooks.first("submitd_data_filter", _refusal, session=session,
+            answer = await hooks.first("submitd_data_filter", refusal_answer, session=session,
                                        envelope=envelope, message=message)
         except PluginError as exc:
             report.failed(stage, exc, R_PLUGIN_FAILED)

@@ -198,6 +198,11 @@ def config_warnings(
             f"would wait in the queue for [queue] max_age ({format_duration(config.queue.max_age)})"
             " and then bounce; enable one in [plugins] enable, e.g. maildir or smarthost"
         )
+    if "relay" not in config.plugins.enable:
+        warnings.append(
+            'no plugin checks senders ("relay" is not in [plugins] enable): a logged-in user '
+            "may send as any address, in MAIL FROM and in From:; add \"relay\" to enable"
+        )
     if not cert.covers(config.hostname):
         names = ", ".join(cert.names) or "none: it has no subjectAltName"
         warnings.append(

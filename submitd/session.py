@@ -47,15 +47,12 @@ if TYPE_CHECKING:
     from .mailqueue.spool import IncomingMessage, Spool
     from .server.throttle import AuthThrottle
 
-__all__ = ["ServerContext", "Session", "refusal_reason"]
+__all__ = ["ServerContext", "Session", "any_answer", "refusal_answer", "refusal_reason"]
 
 log = logging.getLogger("submitd.session")
 
 R_PLUGIN_FAILED = Reply.make(451, "4.3.0", "Temporary local problem, try again later")
 R_NOT_QUEUED = Reply.make(451, "4.3.0", "Temporary failure, message not queued")
-#: The greeting when ``submitd_connect`` fails: the catalogue's reply under the name the
-#: dry run (``submitd explain``) imports.
-R_CONNECT_FAILED = R.LOCAL_PROBLEM
 R_AUTH_THROTTLED = Reply.make(454, "4.7.0", "Too many failed logins, try again later")
 # RFC 5321 §6.3: a message that has passed through too many relays is in a loop.
 R_TOO_MANY_HOPS = Reply.make(554, "5.4.6", "Too many hops: the message is looping")
@@ -91,7 +88,8 @@ def _reply(value: object) -> Reply:
     return value
 
 
-def _refusal(value: object) -> Reply:
+def refusal_answer(value: object) -> Reply:
+    """A hook's refusal as the session sends it: a valid 4xx/5xx reply, else ValueError."""
     reply = _reply(value)
     try:
         check_refusal(reply)
@@ -100,10 +98,11 @@ def _refusal(value: object) -> Reply:
     return reply
 
 
-def _any_reply(value: object) -> Reply:
+def any_answer(value: object) -> Reply:
+    """A hook's verdict that may accept (2xx with a status) or refuse; else ValueError."""
     reply = _reply(value)
     if reply.code >= 400:
-        return _refusal(reply)
+        return refusal_answer(reply)
     if reply.code >= 300:
         raise ValueError("3xx replies are reserved for the protocol core")
     try:
@@ -122,7 +121,7 @@ def _auth_result(value: object) -> AuthResult:
     if not isinstance(value, AuthResult):
         raise TypeError(f"expected an AuthResult, got {type(value).__name__}")
     if value.reply is not None:
-        return replace(value, reply=_refusal(value.reply))
+        return replace(value, reply=refusal_answer(value.reply))
     return value
 
 
@@ -154,10 +153,10 @@ class Session:
         """Run ``submitd_connect`` and queue the greeting; False when the client is refused."""
         try:
             answer = await self.ctx.hooks.first(
-                "submitd_connect", _refusal, session=self.info
+                "submitd_connect", refusal_answer, session=self.info
             )
         except PluginError:
-            self.conn.greet(R_CONNECT_FAILED)
+            self.conn.greet(R.LOCAL_PROBLEM)
             return False
         if answer is not None:
             plugin, reply = answer
@@ -299,7 +298,7 @@ class Session:
         self._reset_transaction()
         try:
             answer = await self.ctx.hooks.first(
-                "submitd_mail_from", _refusal, session=self.info, sender=event.sender,
+                "submitd_mail_from", refusal_answer, session=self.info, sender=event.sender,
                 params=event.params,
             )
         except PluginError:
@@ -320,7 +319,7 @@ class Session:
         recipient = Recipient(address=event.recipient, params=event.params)
         try:
             answer = await self.ctx.hooks.first(
-                "submitd_rcpt_check", _any_reply, session=self.info, envelope=self._envelope(),
+                "submitd_rcpt_check", any_answer, session=self.info, envelope=self._envelope(),
                 recipient=recipient,
             )
         except PluginError:
@@ -413,7 +412,7 @@ class Session:
                 return looping
             try:
                 answer = await self.ctx.hooks.first(
-                    "submitd_data_filter", _refusal, session=self.info, envelope=envelope,
+                    "submitd_data_filter", refusal_answer, session=self.info, envelope=envelope,
                     message=message,
                 )
             except PluginError:

@@ -40,11 +40,12 @@ def users_file(tmp_path: Path, user_hash: str) -> Path:
 
 @pytest.fixture
 def make_config(tmp_path: Path, ca: TestCA, users_file: Path) -> Callable[..., Path]:
-    """Write a config with passwdfile + maildir; keyword arguments override limits/plugins."""
+    """Write a config with passwdfile + relay + maildir; keyword arguments override the rest."""
 
     def make(
-        *, enable: tuple[str, ...] = ("passwdfile", "maildir"), limits: dict[str, object] | None
-        = None, plugins: dict[str, dict[str, object]] | None = None,
+        *, enable: tuple[str, ...] = ("passwdfile", "relay", "maildir"),
+        limits: dict[str, object] | None = None,
+        plugins: dict[str, dict[str, object]] | None = None,
         queue: dict[str, object] | None = None,
     ) -> Path:
         tables: dict[str, dict[str, object]] = {}

@@ -79,11 +79,11 @@ def submitd_config(
     tmp_path: Path, submitd_ca: TestCA, submitd_user: TestUser, submitd_maildir: Path,
     submitd_settings: dict[str, Any],
 ) -> Path:
-    """``tmp_path/submitd.toml``: passwdfile and maildir, then ``submitd_settings``."""
+    """``tmp_path/submitd.toml``: passwdfile, relay and maildir, then ``submitd_settings``."""
     from . import write_config
 
     settings = dict(submitd_settings)
-    enable = ["passwdfile", "maildir", *settings.pop("enable", ())]
+    enable = ["passwdfile", "relay", "maildir", *settings.pop("enable", ())]
     plugins = {"passwdfile": {"path": str(tmp_path / "users")},
                "maildir": {"path": str(submitd_maildir)}, **settings.pop("plugins", {})}
     return write_config(tmp_path, ca=submitd_ca, enable=enable, plugins=plugins, **settings)

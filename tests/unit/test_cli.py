@@ -86,7 +86,7 @@ def test_quickstart_writes_a_working_setup_and_prints_the_password_once(
     ]
     assert config.tls is not None and config.tls.cert == cert
     assert config.queue.dir == target / "spool"
-    assert config.plugins.enable == ("passwdfile", "headers", "maildir")
+    assert config.plugins.enable == ("passwdfile", "relay", "headers", "maildir")
     assert config.plugin_table("maildir")["path"] == "mail"
     users = UsersFile.load(target / "users")
     assert users.verify("demo", Secret(password)).ok
@@ -698,10 +698,15 @@ NO_DELIVERY = (
     "every message would wait in the queue for [queue] max_age (5d) and then bounce; "
     "enable one in [plugins] enable, e.g. maildir or smarthost\n"
 )
+NO_SENDER_CHECK = (
+    'submitd: warning: no plugin checks senders ("relay" is not in [plugins] enable): a '
+    "logged-in user may send as any address, in MAIL FROM and in From:; add \"relay\" to "
+    "enable\n"
+)
 
 
 def with_maildir(setup: Path) -> None:
-    text = setup.read_text().replace('["passwdfile"]', '["passwdfile", "maildir"]')
+    text = setup.read_text().replace('["passwdfile"]', '["passwdfile", "relay", "maildir"]')
     setup.write_text(text.replace('hostname = "mail.example.org"', 'hostname = "localhost"')
                      + '[plugins.maildir]\npath = "mail"\n')
 
@@ -712,7 +717,7 @@ def test_check_config_warns_about_setups_that_silently_fail(
     assert cli.main(["check-config", "-c", str(setup)]) == 0
     captured = capsys.readouterr()
     assert captured.out.startswith("# effective configuration")
-    assert captured.err == NO_DELIVERY + (
+    assert captured.err == NO_DELIVERY + NO_SENDER_CHECK + (
         "submitd: warning: hostname mail.example.org is not among the certificate's names "
         "(localhost); clients that verify the certificate against it will refuse to connect "
         "(RFC 6125 §6.4)\n"

@@ -54,7 +54,7 @@ def test_sample_config_in_etc_loads() -> None:
     ]
     assert config.tls is not None
     assert config.tls.cert == ETC / "tls" / "fullchain.pem"
-    assert config.plugins.enable == ("passwdfile", "headers", "maildir")
+    assert config.plugins.enable == ("passwdfile", "relay", "headers", "maildir")
     assert config.plugin_table("passwdfile")["path"] == "users"
 
 

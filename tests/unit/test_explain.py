@@ -20,7 +20,7 @@ def config_path(tmp_path: Path) -> Path:
     users = tmp_path / "users"
     users.write_text(f"{USER} {HASHER.hash(PASSWORD)} {SENDER}\n")
     return write_config(tmp_path, ca=TestCA(tmp_path / "tls"),
-                        enable=["passwdfile", "headers", "maildir"],
+                        enable=["passwdfile", "relay", "headers", "maildir"],
                         plugins={"passwdfile": {"path": "users"}, "maildir": {"path": "mail"}})
 
 
@@ -65,7 +65,7 @@ async def test_a_foreign_envelope_sender_names_the_plugin_and_its_exact_reply(
     accepted, out = await run(config_path, sender="boss@example.com")
     assert not accepted
     assert stage(out, "MAIL FROM:<boss@example.com>") == (
-        "REFUSED by passwdfile: 550 5.7.1 Sender address <boss@example.com> not owned by user "
+        "REFUSED by relay: 550 5.7.1 Sender address <boss@example.com> not owned by user "
         f"{USER}")
     assert "RCPT TO" not in out and "data_filter" not in out  # the transaction never started
     assert out.splitlines()[-1] == "result: refused at MAIL FROM:<boss@example.com>"
@@ -180,7 +180,7 @@ def test_the_command_exits_0_when_accepted_and_1_when_refused(
     assert main([*base, "--from", SENDER]) == 0
     assert capsys.readouterr().out.splitlines()[-1] == "result: accepted"
     assert main([*base, "--from", "boss@example.com"]) == 1
-    assert "REFUSED by passwdfile: 550 5.7.1" in capsys.readouterr().out
+    assert "REFUSED by relay: 550 5.7.1" in capsys.readouterr().out
 
 
 def test_usage_and_configuration_errors_exit_2(

@@ -77,7 +77,8 @@ class TestSettingsOverride:
         self, submitd_server: RunningServer, submitd_user: TestUser, submitd_maildir: Path,
     ) -> None:
         u = submitd_user
-        assert submitd_server.config.plugins.enable == ("passwdfile", "maildir", "headers")
+        assert submitd_server.config.plugins.enable == (
+            "passwdfile", "relay", "maildir", "headers")
         await send_mail(submitd_server, u.login, u.password, u.sender, ["a@example.net"], BODY)
         (message,) = await wait_for_delivery(submitd_maildir)
         assert "with ESMTPSA" in message["Received"]  # the headers plugin ran
