@@ -75,6 +75,8 @@ from submitd import (
 )
 from submitd.passwords import sender_matches, validate_login, validate_sender
 
+from ._login_groups import login_groups, string_list
+
 __all__ = [
     "MAX_ADDRESS_TEXT",
     "POLICY",
@@ -139,15 +141,9 @@ def _within(domain: str, domains: frozenset[str]) -> bool:
 # --- configuration --------------------------------------------------------------------------
 
 
-def _strings(config: Config, where: str, value: object) -> list[str]:
-    if not isinstance(value, list | tuple) or not all(isinstance(v, str) for v in value):
-        raise ConfigError(config.path, where, "must be a list of strings")
-    return list(value)
-
-
 def _domains(config: Config, where: str, value: object) -> frozenset[str]:
     domains = []
-    for domain in _strings(config, where, value):
+    for domain in string_list(config, where, value):
         try:
             domains.append(validate_sender("@" + domain).removeprefix("@"))
         except ValueError:
@@ -169,7 +165,7 @@ def _rule(config: Config, where: str, table: Mapping[str, Any], base: DomainRule
 
 
 def _logins(config: Config, where: str, value: object) -> list[str]:
-    logins = _strings(config, where, value)
+    logins = string_list(config, where, value)
     for login in logins:
         try:
             validate_login(login)
@@ -195,28 +191,12 @@ def _aliases(config: Config, table: object) -> Mapping[str, tuple[str, ...]]:
 
 
 def _groups(config: Config, table: object, default: DomainRule) -> Mapping[str, DomainRule]:
-    where = f"plugins.{NAME}.group"
-    if not isinstance(table, Mapping):
-        raise ConfigError(config.path, where, "must hold [plugins.relay.group.NAME] tables")
     rules: dict[str, DomainRule] = {}
-    owner: dict[str, str] = {}
-    for name, group in table.items():
-        key = f"{where}.{name}"
-        if not isinstance(group, Mapping):
-            raise ConfigError(config.path, key, "must be a table")
-        for item in group:
-            if item not in _GROUP_KEYS:
-                raise ConfigError(config.path, f"{key}.{item}",
-                                  f"unknown key (known: {', '.join(_GROUP_KEYS)})")
-        if "logins" not in group:
-            raise ConfigError(config.path, f"{key}.logins", "required: the logins of the group")
+    groups = login_groups(config, f"plugins.{NAME}.group", table, _GROUP_KEYS,
+                          required=("logins",))
+    for key, group, logins in groups:
         rule = _rule(config, key, group, default)
-        for login in _logins(config, f"{key}.logins", group["logins"]):
-            if login in owner:
-                raise ConfigError(config.path, f"{key}.logins",
-                                  f"login {login!r} is already in group {owner[login]!r}")
-            owner[login] = name
-            rules[login] = rule
+        rules.update(dict.fromkeys(logins, rule))
     return MappingProxyType(rules)
 
 

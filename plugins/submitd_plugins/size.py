@@ -42,7 +42,8 @@ from submitd import (
     StashKey,
     hookimpl,
 )
-from submitd.passwords import validate_login
+
+from ._login_groups import login_groups
 
 __all__ = [
     "LIMITS",
@@ -84,36 +85,12 @@ def _size(config: Config, where: str, value: object) -> int:
 
 
 def _groups(config: Config, table: object) -> Mapping[str, int]:
-    where = f"plugins.{NAME}.group"
-    if not isinstance(table, Mapping):
-        raise ConfigError(config.path, where, "must hold [plugins.size.group.NAME] tables")
     by_login: dict[str, int] = {}
-    owner: dict[str, str] = {}
-    for name, group in table.items():
-        key = f"{where}.{name}"
-        if not isinstance(group, Mapping):
-            raise ConfigError(config.path, key, "must be a table")
-        for item in group:
-            if item not in _GROUP_KEYS:
-                raise ConfigError(config.path, f"{key}.{item}",
-                                  f"unknown key (known: {', '.join(_GROUP_KEYS)})")
-        for item in _GROUP_KEYS:
-            if item not in group:
-                raise ConfigError(config.path, f"{key}.{item}", "required")
+    groups = login_groups(config, f"plugins.{NAME}.group", table, _GROUP_KEYS,
+                          required=_GROUP_KEYS)
+    for key, group, logins in groups:
         limit = _size(config, f"{key}.max_message_size", group["max_message_size"])
-        logins = group["logins"]
-        if not isinstance(logins, list | tuple) or not all(isinstance(x, str) for x in logins):
-            raise ConfigError(config.path, f"{key}.logins", "must be a list of strings")
-        for login in logins:
-            try:
-                validate_login(login)
-            except ValueError as exc:
-                raise ConfigError(config.path, f"{key}.logins", str(exc)) from None
-            if login in owner:
-                raise ConfigError(config.path, f"{key}.logins",
-                                  f"login {login!r} is already in group {owner[login]!r}")
-            owner[login] = name
-            by_login[login] = limit
+        by_login.update(dict.fromkeys(logins, limit))
     return MappingProxyType(by_login)
 
 
