@@ -32,6 +32,7 @@ __all__ = [
     "INVALID_PLAIN",
     "LINE_TOO_LONG",
     "LOCAL_PROBLEM",
+    "LOGIN_HAS_CONTROL",
     "LOGIN_PASSWORD",
     "LOGIN_USERNAME",
     "MESSAGE_TOO_LARGE",
@@ -140,6 +141,8 @@ AUTH_CANCELLED = Reply.make(501, "5.0.0", "Authentication cancelled")
 INVALID_BASE64 = Reply.make(501, "5.5.2", "Invalid base64")
 INVALID_PLAIN = Reply.make(501, "5.5.2", "Malformed PLAIN response")  # RFC 4616 §2
 CREDENTIALS_NOT_UTF8 = Reply.make(501, "5.5.2", "Credentials must be UTF-8")
+# A login name is text: control characters in it would reach plugins and users files.
+LOGIN_HAS_CONTROL = Reply.make(501, "5.5.2", "Control characters are not allowed in a login")
 # docs/security.md §1: controls in an address get 5.1.7 whichever command carried them.
 CONTROL_IN_ADDRESS = Reply.make(501, "5.1.7", "Control characters are not allowed in addresses")
 NOT_IMPLEMENTED = Reply.make(502, "5.5.1", "Command not implemented")

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..secret import Secret
 from . import _catalogue as R
+from ._grammar import has_control
 from ._replies import Reply
 
 __all__ = [
@@ -113,6 +114,8 @@ def _credentials(mechanism: Mechanism, authzid: str, username: str, password: st
         return SaslFailure(reply=R.AUTH_FAILED, counted=True)
     if not username or not password:
         return SaslFailure(reply=R.AUTH_FAILED, counted=True)
+    if has_control(username):
+        return SaslFailure(reply=R.LOGIN_HAS_CONTROL)
     return Credentials(
         mechanism=mechanism.value, username=username, authzid=authzid, password=Secret(password)
     )

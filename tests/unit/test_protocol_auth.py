@@ -24,6 +24,7 @@ FAILED = b"535 5.7.8 Authentication credentials invalid\r\n"
 BAD_B64 = b"501 5.5.2 Invalid base64\r\n"
 BAD_PLAIN = b"501 5.5.2 Malformed PLAIN response\r\n"
 CANCELLED = b"501 5.0.0 Authentication cancelled\r\n"
+LOGIN_CONTROL = b"501 5.5.2 Control characters are not allowed in a login\r\n"
 TOO_MANY = b"421 4.7.0 Too many authentication failures\r\n"
 
 
@@ -163,12 +164,22 @@ def test_invalid_base64_response_line_is_refused(encoded: bytes) -> None:
         (b"admin\0user\0secret", FAILED),  # authzid is somebody else
         (b"\0\0secret", FAILED),  # empty username
         (b"\0user\0", FAILED),  # empty password
+        (b"\0us\x01er\0secret", LOGIN_CONTROL),  # a control character in the login
+        (b"\0user\x7f\0secret", LOGIN_CONTROL),
     ],
 )
 def test_malformed_plain_credentials_are_refused_without_an_event(raw: bytes, reply: bytes) -> None:
     conn = greeted()
     encoded = b64(raw) if raw else b"="
     assert feed(conn, b"AUTH PLAIN " + encoded + b"\r\n") == (reply, [])
+    assert not conn.authenticated
+
+
+def test_login_mechanism_refuses_a_user_name_with_control_characters() -> None:
+    # Found by the fuzz targets: AUTH LOGIN handed a NUL in the user name on to the plugins.
+    conn = greeted()
+    feed(conn, b"AUTH LOGIN " + b64(b"us\0er") + b"\r\n")
+    assert feed(conn, b64(b"secret") + b"\r\n") == (LOGIN_CONTROL, [])
     assert not conn.authenticated
 
 
