@@ -19,6 +19,7 @@ from typing import Any
 from . import __version__
 from ._cli_explain import add_explain_command
 from ._cli_queue import add_queue_commands
+from ._cli_smarthost import add_smarthost_commands
 from ._cli_users import add_user_commands, help_handler
 from .certs import CertificateInfo, TLSFileError, inspect_certificate, write_selfsigned
 from .config import Config, default_config_path, format_duration, load_config
@@ -128,6 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_user_commands(commands)
     add_queue_commands(commands, _config_option)
     add_explain_command(commands, _config_option)
+    add_smarthost_commands(commands, _config_option)
 
     cert_parser = commands.add_parser("cert", help="certificate helpers")
     cert_parser.set_defaults(handler=help_handler(cert_parser))
