@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import trio
 
 from .protocol import RemoteProtocolError, Reply
+from .protocol._client_oauth import is_bearer_token
 from .protocol._grammar import GrammarError, has_control, parse_hello_domain
 from .secret import Secret
 
@@ -59,11 +60,14 @@ class ClientTimeouts:
 
 @dataclass(frozen=True, kw_only=True)
 class ClientSettings:
-    """Where and how to connect. AUTH is used when both ``username`` and ``password`` are set.
+    """Where and how to connect, and how to log in.
 
     ``ssl_context`` is required for STARTTLS and implicit TLS and should verify certificates
     (``ssl.create_default_context()``); ``server_hostname`` is the name checked in the
-    certificate (default ``host``). Credentials with ``tls = NONE`` are refused.
+    certificate (default ``host``). AUTH is used when ``username`` is set, with exactly one of
+    ``password`` (AUTH PLAIN, else LOGIN) or ``oauth_token`` (AUTH XOAUTH2 with this OAuth 2.0
+    bearer token; ``username`` is then the mailbox). Credentials with ``tls = NONE`` are
+    refused. Neither secret shows in ``repr``.
     """
 
     host: str
@@ -74,6 +78,7 @@ class ClientSettings:
     helo_name: str
     username: str | None = None
     password: Secret | None = None
+    oauth_token: Secret | None = None
     timeouts: ClientTimeouts = field(default_factory=ClientTimeouts)
 
     def __post_init__(self) -> None:
@@ -83,16 +88,24 @@ class ClientSettings:
             raise ValueError("port must be between 1 and 65535")
         if self.tls is not ClientTLSMode.NONE and self.ssl_context is None:
             raise ValueError(f"tls {self.tls.value} needs an ssl_context")
-        if self.tls is ClientTLSMode.NONE and (self.username or self.password):
+        if self.tls is ClientTLSMode.NONE and (
+            self.username or self.password is not None or self.oauth_token is not None
+        ):
             raise ValueError("credentials are never sent without TLS")
-        if (self.username is None) != (self.password is None):
-            raise ValueError("username and password go together")
+        if self.password is not None and self.oauth_token is not None:
+            raise ValueError("password and oauth_token exclude each other")
+        if self.oauth_token is not None and self.username is None:
+            raise ValueError("oauth_token needs username (the mailbox)")
+        if (self.username is None) != (self.password is None and self.oauth_token is None):
+            raise ValueError("username and password (or oauth_token) go together")
         if self.password is not None and not self.password:
             raise ValueError("password is empty")
         if self.username is not None and (not self.username or has_control(self.username)):
             raise ValueError("username must be non-empty without control characters")
         if self.password is not None and "\0" in self.password.reveal():
             raise ValueError("password contains NUL")
+        if self.oauth_token is not None and not is_bearer_token(self.oauth_token.reveal()):
+            raise ValueError("oauth_token is not an RFC 6750 bearer token")
         try:
             parse_hello_domain(self.helo_name)
         except GrammarError:
@@ -108,17 +121,27 @@ class SMTPClientError(Exception):
     ``"data"``, ``"reset"`` or ``"protocol"``); ``reply`` is the server's reply or one made up
     for the failure (``421 4.4.1`` connection refused or timed out, ``454 4.7.5`` certificate
     did not verify, ``454 4.7.0`` STARTTLS not offered or the handshake failed, ``451 4.4.2``
-    connection lost or timed out, ``451 4.5.0`` malformed reply). ``str(exc)`` is one line;
-    it never holds a password.
+    connection lost or timed out, ``451 4.5.0`` malformed reply, ``504 5.5.4`` no usable AUTH
+    mechanism or XOAUTH2 not offered).
+
+    ``oauth_error`` is set when an AUTH XOAUTH2 was refused with the provider's JSON error
+    challenge (RFC 7628 §3.2.2): its ``status``, ``schemes`` and ``scope``, as in
+    ``status=401 schemes=bearer scope=https://mail.google.com/``; else None. ``str(exc)`` is
+    one line (with ``oauth_error`` when set); it never holds a password or a token.
     """
 
-    def __init__(self, stage: str, reply: Reply) -> None:
+    def __init__(self, stage: str, reply: Reply, *, oauth_error: str | None = None) -> None:
         self.stage = stage
         self.reply = reply
-        super().__init__(f"{stage}: {reply}")
+        self.oauth_error = oauth_error
+        text = f"{stage}: {reply}"
+        if oauth_error is not None:
+            text += f" (XOAUTH2 {oauth_error})"
+        super().__init__(text)
 
     def __repr__(self) -> str:
-        return f"SMTPClientError({self.stage!r}, {str(self.reply)!r})"
+        extra = f", oauth_error={self.oauth_error!r}" if self.oauth_error is not None else ""
+        return f"SMTPClientError({self.stage!r}, {str(self.reply)!r}{extra})"
 
 
 @dataclass(frozen=True, kw_only=True)

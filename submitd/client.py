@@ -8,8 +8,10 @@ errors, timeouts, a server breaking the protocol) becomes :class:`SMTPClientErro
 boundary, :meth:`SMTPClient._boundary`. The settings, result and error types (and that mapping)
 are defined in ``submitd._client_types`` and exported from here.
 
-Credentials are sent only inside TLS, never on ``tls = none``. The password appears in no
-exception, repr or log line; replies that echo it back have it blanked.
+Credentials are sent only inside TLS, never on ``tls = none``: a password with AUTH PLAIN or
+LOGIN (RFC 4954, RFC 4616), or an OAuth 2.0 bearer token with AUTH XOAUTH2 (the exchange of
+RFC 7628 in Google's and Microsoft's older framing). Neither the password nor the token
+appears in an exception, repr or log line; replies that echo them back have them blanked.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ from .protocol import (
     parse_extensions,
     plan_transaction,
 )
+from .protocol._client_oauth import XOAUTH2, offers_xoauth2, xoauth2_error
 from .secret import Secret
 from .views import Recipient
 
@@ -134,7 +137,8 @@ class SMTPClient:
             with trio.fail_after(seconds):
                 while (event := self._conn.next_event()) is NEED_DATA:
                     self._conn.receive_data(await self._stream.receive_some(CHUNK_SIZE))
-            reply = blank_secret(event.reply, self._settings.username, self._settings.password)
+            s = self._settings
+            reply = blank_secret(event.reply, s.username, s.password, oauth_token=s.oauth_token)
             _log.debug(logfmt("smtp_client_reply", remote=self.remote, to=event.to.value,
                               reply=str(reply)))
             if reply.code == 421:
@@ -151,8 +155,10 @@ class SMTPClient:
     async def connect(cls, settings: ClientSettings) -> SMTPClient:
         """Connect, read the greeting, EHLO (HELO on 5xx), STARTTLS + EHLO, then AUTH.
 
-        AUTH PLAIN is preferred, LOGIN used when PLAIN is not offered; AUTH happens only when
-        credentials are set, and only inside TLS. Raises :class:`SMTPClientError`.
+        With a password AUTH PLAIN is preferred, LOGIN used when PLAIN is not offered; with
+        an OAuth token AUTH XOAUTH2 is used and must be offered (else ``504 5.5.4``). AUTH
+        happens only when credentials are set, and only inside TLS. Raises
+        :class:`SMTPClientError` (with ``oauth_error`` when the provider refused the token).
         """
         where = f"{settings.host}:{settings.port}"
         _log.debug(logfmt("smtp_client_connect", remote=where, tls=settings.tls.value))
@@ -193,7 +199,9 @@ class SMTPClient:
             await self._start_tls()
             self._conn.tls_started()
             await self._hello()
-        if s.username and s.password:
+        if s.username and s.oauth_token:
+            await self._auth_xoauth2(s.username, s.oauth_token)
+        elif s.username and s.password:
             await self._auth(s.username, s.password)
 
     async def _start_tls(self) -> None:
@@ -228,18 +236,41 @@ class SMTPClient:
             offered = detail(self.extensions.get("AUTH", "nothing"))
             raise SMTPClientError("auth", Reply.make(504, "5.5.4", f"no usable AUTH mechanism "
                                                      f"among those offered: {offered}"))
-        seconds = self._timeouts.greeting
         data = self._conn.send_auth(mechanism, username, password)
-        reply = await self._command(data, "auth", seconds, f"AUTH {mechanism.value}")
-        for _ in range(_MAX_SASL_STEPS):
-            if reply.code != 334:
-                break
-            data = self._conn.send_auth_response()
-            reply = await self._command(data, "auth", seconds, "<SASL response>")
+        reply, _ = await self._sasl(data, mechanism.value)
         if reply.code // 100 != 2:
             raise SMTPClientError("auth", reply)
         _log.debug(logfmt("smtp_client_authenticated", remote=self.remote,
                           mechanism=mechanism.value))
+
+    async def _auth_xoauth2(self, username: str, token: Secret) -> None:
+        """AUTH XOAUTH2; a refusal keeps the provider's JSON error as ``oauth_error``."""
+        if not offers_xoauth2(self.extensions):
+            reply = Reply.make(504, "5.5.4", f"{XOAUTH2} not offered by {self.remote}")
+            raise SMTPClientError("auth", reply)
+        reply, challenge = await self._sasl(self._conn.send_auth_xoauth2(username, token),
+                                            XOAUTH2)
+        if reply.code // 100 != 2:
+            oauth_error = None
+            if challenge is not None:
+                oauth_error = xoauth2_error(challenge, secrets=(token.reveal(),))
+            raise SMTPClientError("auth", reply, oauth_error=oauth_error)
+        _log.debug(logfmt("smtp_client_authenticated", remote=self.remote, mechanism=XOAUTH2,
+                          username=username))
+
+    async def _sasl(self, data: bytes, mechanism: str) -> tuple[Reply, Reply | None]:
+        """Send the AUTH line, answer each ``334``; the final reply and the first challenge."""
+        seconds = self._timeouts.greeting
+        reply = await self._command(data, "auth", seconds, f"AUTH {mechanism}")
+        first: Reply | None = None
+        for _ in range(_MAX_SASL_STEPS):
+            if reply.code != 334:
+                break
+            if first is None:
+                first = reply
+            data = self._conn.send_auth_response()
+            reply = await self._command(data, "auth", seconds, "<SASL response>")
+        return reply, first
 
     # -- transactions -------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from ..secret import Secret
 from ._client_data import DataEncoder
+from ._client_oauth import XOAUTH2, xoauth2_initial_response
 from ._client_replies import ReplyReader, malformed
 from ._commands import RcptParams, Verb, render_command, render_mail_from, render_rcpt_to
 from ._errors import LocalProtocolError, RemoteProtocolError
@@ -265,8 +266,24 @@ class ClientConnection:
             self._sasl = [_b64(user).encode("ascii"), _b64(secret).encode("ascii")]
         return self._command(ReplyTo.AUTH, line)
 
+    def send_auth_xoauth2(self, username: str, token: Secret) -> bytes:
+        """``AUTH XOAUTH2 <initial response>`` with the mailbox and an OAuth 2.0 bearer token.
+
+        Allowed only inside TLS. A ``334`` (the server's JSON error challenge) is answered
+        with an empty line by :meth:`send_auth_response`; the final reply follows. The token
+        leaves the core only inside the returned bytes.
+        """
+        self._check_send(ReplyTo.AUTH)
+        initial = xoauth2_initial_response(username, token.reveal())
+        line = render_command(Verb.AUTH, f"{XOAUTH2} {initial}")
+        self._sasl = [b""]  # the one answer to the error challenge: an empty line
+        return self._command(ReplyTo.AUTH, line)
+
     def send_auth_response(self) -> bytes:
-        """The next SASL response after a ``334``; ``*`` (cancel) when there is none left."""
+        """The next SASL response after a ``334``; ``*`` (cancel) when there is none left.
+
+        For XOAUTH2 the one response is the empty line that acknowledges the error challenge.
+        """
         if self._state is not ClientState.AUTH_CHALLENGE:
             raise LocalProtocolError("send_auth_response() without a 334 challenge")
         self._state = ClientState.READY

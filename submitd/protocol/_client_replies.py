@@ -115,20 +115,37 @@ def parse_extensions(reply: Reply) -> Mapping[str, str]:
     return extensions
 
 
-def blank_secret(reply: Reply, username: str | None, password: Secret | None) -> Reply:
-    """``reply`` with the password, and its AUTH PLAIN and LOGIN encodings, replaced by ``***``.
+def blank_secret(
+    reply: Reply,
+    username: str | None,
+    password: Secret | None,
+    *,
+    oauth_token: Secret | None = None,
+) -> Reply:
+    """``reply`` with the credentials replaced by ``***``.
 
-    A server that echoes credentials back must not get them into logs or error messages.
+    That is the password and its AUTH PLAIN and LOGIN encodings, and the OAuth token, its
+    base64 and the XOAUTH2 initial response. A server that echoes credentials back must not
+    get them into logs or error messages.
     """
-    if password is None or not password.reveal():
-        return reply
-    raw = password.reveal().encode("utf-8", "surrogateescape")
     user = (username or "").encode("utf-8", "surrogateescape")
-    needles = (
-        password.reveal(),
-        base64.b64encode(raw).decode(),
-        base64.b64encode(b"\0" + user + b"\0" + raw).decode(),
-    )
+    needles: list[str] = []
+    if password is not None and password.reveal():
+        raw = password.reveal().encode("utf-8", "surrogateescape")
+        needles += (
+            password.reveal(),
+            base64.b64encode(raw).decode(),
+            base64.b64encode(b"\0" + user + b"\0" + raw).decode(),
+        )
+    if oauth_token is not None and oauth_token.reveal():
+        raw = oauth_token.reveal().encode("utf-8", "surrogateescape")
+        needles += (
+            oauth_token.reveal(),
+            base64.b64encode(raw).decode(),
+            base64.b64encode(b"user=" + user + b"\x01auth=Bearer " + raw + b"\x01\x01").decode(),
+        )
+    if not needles:
+        return reply
     lines = reply.lines
     for needle in sorted(needles, key=len, reverse=True):  # longest first: they overlap
         lines = tuple(line.replace(needle, "***") for line in lines)

@@ -8,6 +8,7 @@ must never break a command line, whatever the envelope holds.
 from __future__ import annotations
 
 import base64
+import json
 import os
 
 import pytest
@@ -39,6 +40,7 @@ from submitd.protocol import (
     plan_transaction,
 )
 from submitd.protocol import BodyType as Body
+from submitd.protocol._client_oauth import offers_xoauth2, xoauth2_error
 from tests.unit.protocol_support import make, pump
 
 settings.register_profile("default", max_examples=150, deadline=None,
@@ -277,6 +279,107 @@ def test_auth_refusal_never_shows_the_password_in_errors() -> None:
         conn.send_auth(Mechanism.PLAIN, "user", Secret("bad\udc80pw"))
     assert "bad" not in str(info.value) and info.value.__cause__ is None
     assert conn.expected == ()
+
+
+# -- AUTH XOAUTH2 --------------------------------------------------------------------------
+
+TOKEN = "ya29.a0AfH6SMB-token_value~x/y+z=="
+XOAUTH2_LINE = (
+    b"AUTH XOAUTH2 dXNlcj1zb21lb25lQGV4YW1wbGUuY29tAWF1dGg9QmVhcmVyIHlhMjkuYTBBZkg2U01CLXRva2Vu"
+    b"X3ZhbHVlfngveSt6PT0BAQ==\r\n"
+)
+GOOGLE_ERROR = {"status": "401", "schemes": "bearer", "scope": "https://mail.google.com/"}
+# RFC 7628 §3.2.2 / Google's XOAUTH2 page: the JSON error, base64, in a 334.
+GOOGLE_CHALLENGE = (
+    b"334 eyJzdGF0dXMiOiI0MDEiLCJzY2hlbWVzIjoiYmVhcmVyIiwic2NvcGUiOiJodHRwczovL21haWwuZ29vZ2xl"
+    b"LmNvbS8ifQ==\r\n"
+)
+
+
+def test_auth_xoauth2_sends_the_exact_initial_response_and_succeeds_on_235() -> None:
+    conn = greeted(tls_active=True)
+    line = conn.send_auth_xoauth2("someone@example.com", Secret(TOKEN))
+    assert line == XOAUTH2_LINE
+    decoded = base64.b64decode(line.split()[2])
+    assert decoded == f"user=someone@example.com\x01auth=Bearer {TOKEN}\x01\x01".encode()
+    (event,) = replies(conn, b"235 2.7.0 Accepted\r\n")
+    assert event.to is ReplyTo.AUTH and event.reply.code == 235
+    assert conn.state is ClientState.READY and conn.expected == ()
+    conn.send_mail("someone@example.com", MailParams())  # the conversation goes on
+
+
+def test_auth_xoauth2_error_challenge_is_answered_with_an_empty_line_then_535() -> None:
+    conn = greeted(tls_active=True)
+    conn.send_auth_xoauth2("someone@example.com", Secret(TOKEN))
+    (challenge,) = replies(conn, GOOGLE_CHALLENGE)
+    assert challenge.reply.code == 334 and conn.state is ClientState.AUTH_CHALLENGE
+    assert json.loads(base64.b64decode(challenge.reply.text)) == GOOGLE_ERROR
+    with pytest.raises(LocalProtocolError):
+        conn.send_mail("a@example.org", MailParams())  # the challenge must be answered first
+    empty = conn.send_auth_response()
+    assert empty == b"\r\n"
+    (final,) = replies(conn, b"535-5.7.8 Username and Password not accepted.\r\n"
+                             b"535 5.7.8 https://support.google.com/mail/?p=BadCredentials\r\n")
+    assert (final.to, final.reply.code, final.reply.status) == (ReplyTo.AUTH, 535, "5.7.8")
+    assert conn.state is ClientState.READY and conn.expected == ()
+    assert xoauth2_error(challenge.reply) == (
+        "status=401 schemes=bearer scope=https://mail.google.com/"
+    )
+    # The token went out once, inside the AUTH line, and nowhere else.
+    assert TOKEN not in empty.decode() and TOKEN not in str(challenge.reply)
+    assert TOKEN not in str(final.reply)
+    # A server that challenges again gets "*" (cancel, RFC 4954 §4), never the token.
+    conn.send_auth_xoauth2("someone@example.com", Secret(TOKEN))
+    replies(conn, GOOGLE_CHALLENGE)
+    assert conn.send_auth_response() == b"\r\n"
+    replies(conn, b"334 \r\n")
+    assert conn.send_auth_response() == b"*\r\n"
+
+
+def test_auth_xoauth2_only_inside_tls_and_with_a_well_formed_token() -> None:
+    conn = greeted()
+    with pytest.raises(LocalProtocolError, match="inside TLS"):
+        conn.send_auth_xoauth2("someone@example.com", Secret(TOKEN))
+    conn = greeted(tls_active=True)
+    for bad in ("to ken", "tok\x01en", "", "tök"):
+        with pytest.raises(ValueError, match="bearer token") as info:
+            conn.send_auth_xoauth2("someone@example.com", Secret(bad))
+        assert str(info.value) == "oauth token is not an RFC 6750 bearer token"
+    with pytest.raises(ValueError, match="username"):
+        conn.send_auth_xoauth2("some\x01one@example.com", Secret(TOKEN))
+    assert conn.expected == ()
+
+
+@pytest.mark.parametrize(("challenge", "summary"), [
+    ({"status": "400", "schemes": "Bearer mac", "scope": "https://mail.google.com/"},
+     'status=400 schemes="Bearer mac" scope=https://mail.google.com/'),
+    ({"status": 401}, "status=401"),
+    ({"status": "401\r\n250 ok", "extra": "ignored"}, 'status="401??250 ok"'),
+    ({"status": f"echo {TOKEN}"}, 'status="echo ***"'),
+    ({}, "error challenge without status, schemes or scope"),
+    (["not", "an", "object"], "unreadable error challenge (not a JSON object)"),
+])
+def test_xoauth2_error_summarises_the_challenge_and_never_the_token(
+    challenge: object, summary: str
+) -> None:
+    text = base64.b64encode(json.dumps(challenge).encode()).decode()
+    assert xoauth2_error(Reply(code=334, lines=(text,)), secrets=(TOKEN,)) == summary
+    assert xoauth2_error(Reply(code=334, lines=("%%%",))) == (
+        "unreadable error challenge (not base64 JSON)"
+    )
+
+
+def test_offers_xoauth2_reads_the_auth_keyword() -> None:
+    assert offers_xoauth2({"AUTH": "LOGIN PLAIN xoauth2"})
+    assert not offers_xoauth2({"AUTH": "PLAIN LOGIN OAUTHBEARER"})
+    assert not offers_xoauth2({})
+
+
+def test_a_server_echoing_the_token_has_it_blanked() -> None:
+    initial = XOAUTH2_LINE.split()[2].decode()
+    reply = Reply.make(535, "5.7.8", f"bad token {TOKEN}", f"for {initial}")
+    blanked = blank_secret(reply, "someone@example.com", None, oauth_token=Secret(TOKEN))
+    assert blanked.lines == ("bad token ***", "for ***")
 
 
 # -- envelope ------------------------------------------------------------------------------
