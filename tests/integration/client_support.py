@@ -25,6 +25,10 @@ from submitd.message import parse_header_section
 from submitd.testing import TestCA
 
 PASSWORD = "s3cret-Pa55word"
+TOKEN = "ya29.a0Ae4lvC-Scripted_Access~Token/42+x=="
+MAILBOX = "printer@example.org"
+#: Google's XOAUTH2 error, the JSON of RFC 7628 §3.2.2.
+OAUTH_ERROR = b'{"status":"401","schemes":"bearer","scope":"https://mail.google.com/"}'
 SENDER = "sender@example.org"
 EXTENSIONS = ("PIPELINING", "SIZE 10485760", "8BITMIME", "ENHANCEDSTATUSCODES")
 
@@ -45,9 +49,14 @@ class Script:
     ehlo_reply: bytes | None = None  # instead of the generated one
     cut_after: str | None = None  # a verb after whose reply TCP ends without close_notify
     cut_with_reset: bool = False  # ... and with a TCP RST rather than a FIN
+    tokens: tuple[str, ...] = (TOKEN,)  # bearer tokens AUTH XOAUTH2 accepts
+    oauth_error: bytes = OAUTH_ERROR  # the JSON sent, base64, in the 334 for any other token
+    # (empty: no challenge, oauth_final at once)
+    oauth_final: bytes = b"535 5.7.8 Username and Password not accepted\r\n"
     # What the server saw:
     commands: list[str] = field(default_factory=list)
-    credentials: list[tuple[str, str]] = field(default_factory=list)
+    credentials: list[tuple[str, str]] = field(default_factory=list)  # (user, password|token)
+    sasl_responses: list[bytes] = field(default_factory=list)  # answers to the XOAUTH2 334
     messages: list[bytes] = field(default_factory=list)
     connections: int = 0
 
@@ -142,6 +151,9 @@ async def _handle(script: Script, ca: TestCA, stream: trio.abc.Stream) -> None:
 
 async def _auth(script: Script, text: str, stream: trio.abc.Stream, reader: _Lines) -> None:
     words = text.split(" ")
+    if words[1].upper() == "XOAUTH2":
+        await _xoauth2(script, words[2], stream, reader)
+        return
     if words[1].upper() == "PLAIN":
         _, user, password = base64.b64decode(words[2]).decode().split("\0")
     else:
@@ -151,6 +163,22 @@ async def _auth(script: Script, text: str, stream: trio.abc.Stream, reader: _Lin
         password = base64.b64decode(await reader.line() or b"").decode()
     script.credentials.append((user, password))
     await stream.send_all(script.auth_reply)
+
+
+async def _xoauth2(script: Script, initial: str, stream: trio.abc.Stream, reader: _Lines) -> None:
+    """Google's behaviour: 235, or a 334 JSON error, the client's empty line, then 535."""
+    user, auth, *rest = base64.b64decode(initial).decode().split("\x01")
+    assert user.startswith("user=") and auth.startswith("auth=Bearer ") and rest == ["", ""]
+    token = auth.removeprefix("auth=Bearer ")
+    script.credentials.append((user.removeprefix("user="), token))
+    if token in script.tokens:
+        await stream.send_all(b"235 2.7.0 Accepted\r\n")
+        return
+    if script.oauth_error:  # else Exchange Online's way: the final reply without a challenge
+        await stream.send_all(b"334 " + base64.b64encode(script.oauth_error) + b"\r\n")
+        response = await reader.line()
+        script.sasl_responses.append(b"<closed>" if response is None else response)
+    await stream.send_all(script.oauth_final)
 
 
 @asynccontextmanager
@@ -166,13 +194,15 @@ async def serve(script: Script, ca: TestCA) -> AsyncIterator[int]:
 
 def settings(port: int, ca: TestCA, *, tls: ClientTLSMode = ClientTLSMode.STARTTLS,
              auth: bool = True, timeouts: ClientTimeouts | None = None,
-             context: ssl.SSLContext | None = None) -> ClientSettings:
+             context: ssl.SSLContext | None = None, token: str | None = None) -> ClientSettings:
+    """Settings for the scripted server; ``token`` logs in as MAILBOX with AUTH XOAUTH2."""
     return ClientSettings(
         host="127.0.0.1", port=port, tls=tls,
         ssl_context=None if tls is ClientTLSMode.NONE else (context or ca.client_context()),
         server_hostname="localhost", helo_name="relay.example.org",
-        username="relay-user" if auth else None,
-        password=Secret(PASSWORD) if auth else None,
+        username=MAILBOX if token else "relay-user" if auth else None,
+        password=Secret(PASSWORD) if auth and not token else None,
+        oauth_token=Secret(token) if token else None,
         timeouts=timeouts or ClientTimeouts(),
     )
 

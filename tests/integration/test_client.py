@@ -25,9 +25,11 @@ from submitd.client import (
 from submitd.testing import TestCA, running_server
 from tests.integration.client_support import (
     EXTENSIONS,
+    MAILBOX,
     MESSAGE,
     PASSWORD,
     SENDER,
+    TOKEN,
     Script,
     rcpts,
     serve,
@@ -235,6 +237,69 @@ async def test_refused_auth_carries_the_server_reply_and_never_the_password(
     assert "bad credentials" in str(info.value)
 
 
+async def test_xoauth2_logs_in_as_the_mailbox_and_the_message_goes_through(
+    ca: TestCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="submitd")
+    script = Script(auth=("PLAIN", "LOGIN", "XOAUTH2"))
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path, token=TOKEN)
+    assert got == {"a@example.net": (250, "2.0.0")}
+    assert script.credentials == [(MAILBOX, TOKEN)]  # XOAUTH2, not PLAIN, though both offered
+    assert script.messages == [MESSAGE] and script.sasl_responses == []
+    assert "mechanism=XOAUTH2" in caplog.text
+    assert TOKEN not in caplog.text
+
+
+async def test_xoauth2_refused_with_googles_json_challenge(
+    ca: TestCA, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="submitd")
+    # The server echoes the token in its final reply: it is blanked like a password.
+    script = Script(auth=("XOAUTH2",), tokens=(),
+                    oauth_final=f"535 5.7.8 Username and Password not accepted: {TOKEN}\r\n"
+                    .encode())
+    async with serve(script, ca) as port:
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(settings(port, ca, token=TOKEN))
+    error = info.value
+    assert error.stage == "auth" and (error.reply.code, error.reply.status) == (535, "5.7.8")
+    assert error.oauth_error == "status=401 schemes=bearer scope=https://mail.google.com/"
+    assert script.sasl_responses == [b""]  # the challenge was answered with an empty line
+    assert script.credentials == [(MAILBOX, TOKEN)]
+    assert str(error) == ("auth: 535 5.7.8 Username and Password not accepted: *** (XOAUTH2 "
+                          "status=401 schemes=bearer scope=https://mail.google.com/)")
+    initial = base64.b64encode(f"user={MAILBOX}\x01auth=Bearer {TOKEN}\x01\x01".encode())
+    for text in (str(error), repr(error), caplog.text):
+        assert TOKEN not in text and initial.decode() not in text
+    assert not any(c.startswith("MAIL") for c in script.commands)
+    assert script.commands[-1] == "AUTH"  # no QUIT: the attempt ended at the refusal
+
+
+async def test_xoauth2_not_offered_is_504_at_stage_auth_never_a_password_fallback(
+    ca: TestCA,
+) -> None:
+    script = Script(auth=("PLAIN", "LOGIN"))
+    async with serve(script, ca) as port:
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(settings(port, ca, token=TOKEN))
+    assert info.value.stage == "auth" and info.value.oauth_error is None
+    assert str(info.value.reply) == "504 5.5.4 XOAUTH2 not offered by 127.0.0.1"
+    assert "AUTH" not in script.commands and script.credentials == []
+
+
+async def test_a_refusal_without_challenge_has_no_oauth_error(ca: TestCA) -> None:
+    # Exchange Online answers a bad token at once with 535 5.7.3, no 334.
+    script = Script(auth=("LOGIN", "XOAUTH2"), tokens=(), oauth_error=b"",
+                    oauth_final=b"535 5.7.3 Authentication unsuccessful\r\n")
+    async with serve(script, ca) as port:
+        with pytest.raises(SMTPClientError) as info:
+            await SMTPClient.connect(settings(port, ca, token=TOKEN))
+    assert info.value.stage == "auth" and info.value.oauth_error is None
+    assert str(info.value) == "auth: 535 5.7.3 Authentication unsuccessful"
+    assert script.sasl_responses == [] and script.credentials == [(MAILBOX, TOKEN)]
+
+
 async def test_without_pipelining_a_refused_mail_answers_every_recipient_then_rset(
     ca: TestCA, tmp_path: Path
 ) -> None:
@@ -411,3 +476,26 @@ def test_settings_refuse_half_credentials_and_missing_tls_context(ca: TestCA) ->
                                 ssl_context=ca.client_context(), helo_name="me.example",
                                 username="u", password=Secret(PASSWORD)))
     assert PASSWORD not in shown
+
+
+def test_settings_take_a_token_or_a_password_never_both_never_without_tls(ca: TestCA) -> None:
+    def make(*, username: str | None = None, password: Secret | None = None,
+             oauth_token: Secret | None = None,
+             tls: ClientTLSMode = ClientTLSMode.STARTTLS) -> ClientSettings:
+        context = None if tls is ClientTLSMode.NONE else ca.client_context()
+        return ClientSettings(host="h.example", port=587, tls=tls, ssl_context=context,
+                              helo_name="me.example", username=username, password=password,
+                              oauth_token=oauth_token)
+
+    with pytest.raises(ValueError, match="exclude each other"):
+        make(username=MAILBOX, password=Secret(PASSWORD), oauth_token=Secret(TOKEN))
+    with pytest.raises(ValueError, match="needs username"):
+        make(oauth_token=Secret(TOKEN))
+    with pytest.raises(ValueError, match="never sent without TLS"):
+        make(tls=ClientTLSMode.NONE, username=MAILBOX, oauth_token=Secret(TOKEN))
+    for bad in ("", "two words", "tab\there", "ünïcode"):
+        with pytest.raises(ValueError, match="bearer token") as info:
+            make(username=MAILBOX, oauth_token=Secret(bad))
+        assert str(info.value) == "oauth_token is not an RFC 6750 bearer token"
+    ok = make(username=MAILBOX, oauth_token=Secret(TOKEN))
+    assert ok.password is None and TOKEN not in repr(ok) and TOKEN not in str(ok)
