@@ -21,6 +21,8 @@ from typing import Any
 from submitd import Config, ConfigError, Secret, logfmt
 from submitd.client import ClientTimeouts, ClientTLSMode
 
+from ._smarthost_oauth import OAuthSettings, parse_oauth
+
 __all__ = [
     "DEFAULT_ROUTE",
     "HostAddress",
@@ -38,7 +40,7 @@ log = logging.getLogger("submitd.plugins.smarthost")
 # Keys a route may set; the top-level table may set them too (they form the default route).
 _CONNECTION_KEYS = (
     "host", "hosts", "port", "tls", "ca_file", "tls_server_name", "username", "password_file",
-    "password_env", "client_cert", "client_key",
+    "password_env", "client_cert", "client_key", "oauth",
 )
 _TOP_ONLY_KEYS = (
     "host_down_time", "connect_timeout", "command_timeout", "data_timeout", "reuse_time",
@@ -90,6 +92,7 @@ class Route:
     username: str | None = None
     password: Secret | None = field(default=None, repr=False)
     fingerprint: str = field(default="", repr=False, compare=False)
+    oauth: OAuthSettings | None = field(default=None, repr=False, compare=False)
 
     def matches(self, sender: str) -> bool:
         """True if this route's ``senders`` list names ``sender`` ("" is ``<>``)."""
@@ -273,6 +276,16 @@ def _parse_route(table: _Table, name: str, *, senders: tuple[str, ...]) -> Route
         raise table.error("tls", f'must be "starttls", "implicit" or "none", not {tls_name!r}'
                           ) from None
     hosts = _parse_hosts(table, tls)
+    oauth = None
+    if "oauth" in table.data:
+        # The token is the credential (RFC 7628); the mailbox is the AUTH identity.
+        for key in ("username", "password_file", "password_env"):
+            if key in table.data:
+                raise table.error(key, "has no use with oauth (the mailbox is the login)")
+        if tls is ClientTLSMode.NONE:
+            raise table.error("oauth", 'AUTH is never sent with tls = "none"; use starttls '
+                                       "or implicit")
+        oauth = parse_oauth(table.config, table.key("oauth"), table.data["oauth"])
     username, password = _parse_credentials(table, tls)
     server_name = table.string("tls_server_name")
     if server_name is not None and not _is_host(server_name):
@@ -286,15 +299,18 @@ def _parse_route(table: _Table, name: str, *, senders: tuple[str, ...]) -> Route
         context = _ssl_context(table)
     return Route(name=name, senders=senders, hosts=hosts, tls=tls, ssl_context=context,
                  server_name=server_name, username=username, password=password,
-                 fingerprint=_fingerprint(table, tls, server_name, username, password))
+                 fingerprint=_fingerprint(table, tls, server_name, username, password, oauth),
+                 oauth=oauth)
 
 
 def _fingerprint(table: _Table, tls: ClientTLSMode, server_name: str | None,
-                 username: str | None, password: Secret | None) -> str:
+                 username: str | None, password: Secret | None,
+                 oauth: OAuthSettings | None = None) -> str:
     """A digest of the connection settings; it holds no secret a log line could reveal."""
     digest = hashlib.sha256()
     for part in (tls.value, server_name or "", username or "",
-                 password.reveal() if password is not None else ""):
+                 password.reveal() if password is not None else "",
+                 oauth.fingerprint if oauth is not None else ""):
         digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
     for key in ("ca_file", "client_cert", "client_key"):
         path = table.path(key)

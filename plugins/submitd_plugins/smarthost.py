@@ -46,17 +46,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import trio
 
 from submitd import (
     Config,
+    ConfigError,
     DeliveryOutcome,
     Envelope,
     MessageHandle,
     OutcomeKind,
     Recipient,
     Reply,
+    Secret,
     StashKey,
     hookimpl,
     logfmt,
@@ -64,10 +67,11 @@ from submitd import (
 from submitd.client import ClientSettings, SMTPClient, SMTPClientError, TransactionResult
 
 from ._smarthost_config import HostAddress, Route, SmarthostSettings, parse_settings
+from ._smarthost_oauth import TOKENS, Token, TokenCache, TokenError, fetch_token
 from ._smarthost_pool import ConnectionPool, Lease, MarkDown, MarkDownTable, discard
 
-__all__ = ["MARKDOWN", "STATE", "SmarthostState", "submitd_configure", "submitd_deliver",
-           "submitd_unconfigure"]
+__all__ = ["MARKDOWN", "STATE", "ProbeResult", "SmarthostState", "probe", "submitd_configure",
+           "submitd_deliver", "submitd_unconfigure"]
 
 log = logging.getLogger("submitd.plugins.smarthost")
 
@@ -83,18 +87,27 @@ class SmarthostState:
     ``markdown`` reads and writes ``table``, the server-lifetime record of failed hosts.
     """
 
-    __slots__ = ("markdown", "pool", "settings")
+    __slots__ = ("markdown", "pool", "settings", "tokens")
 
-    def __init__(self, settings: SmarthostSettings, table: MarkDownTable | None = None) -> None:
+    def __init__(self, settings: SmarthostSettings, table: MarkDownTable | None = None,
+                 tokens: TokenCache | None = None) -> None:
         self.settings = settings
+        self.tokens = tokens if tokens is not None else TokenCache()
         self.markdown = MarkDown(down_time=settings.host_down_time, clock=trio.current_time,
                                  table=table)
         self.pool: ConnectionPool[SMTPClient] = ConnectionPool(
             reuse_time=settings.reuse_time, max_messages=settings.max_messages_per_connection
         )
 
-    def client_settings(self, route: Route, host: HostAddress) -> ClientSettings:
-        """How to reach ``host`` of ``route``."""
+    def client_settings(self, route: Route, host: HostAddress, *, mailbox: str | None = None,
+                        token: Secret | None = None) -> ClientSettings:
+        """How to reach ``host`` of ``route``; with ``token``, AUTH XOAUTH2 as ``mailbox``."""
+        if token is not None:
+            return ClientSettings(
+                host=host.host, port=host.port, tls=route.tls, ssl_context=route.ssl_context,
+                server_hostname=route.server_name, helo_name=self.settings.helo_name,
+                username=mailbox, oauth_token=token, timeouts=self.settings.timeouts,
+            )
         return ClientSettings(
             host=host.host,
             port=host.port,
@@ -119,7 +132,8 @@ def submitd_configure(config: Config) -> None:
     """Validate ``[plugins.smarthost]``, read the password, and build the TLS contexts."""
     settings = parse_settings(config)
     table = config.server_stash.setdefault(MARKDOWN, MarkDownTable())
-    config.stash[STATE] = SmarthostState(settings, table)
+    tokens = config.server_stash.setdefault(TOKENS, TokenCache())
+    config.stash[STATE] = SmarthostState(settings, table, tokens)
     routes = [*(r.name for r in settings.routes), *(["default"] if settings.default else [])]
     log.info(logfmt("smarthost_configured", routes=",".join(routes)))
 
@@ -174,10 +188,30 @@ class _Attempt:
         self.recipients = recipients
         self.tried: set[HostAddress] = set()
         self.last: tuple[HostAddress, SMTPClientError] | None = None
+        oauth = route.oauth
+        # With OAuth and mailbox = "sender", a connection is logged in as one sender's mailbox.
+        self.mailbox = oauth.mailbox_for(envelope.sender) if oauth is not None else None
+        self.pool_key = route.name
+        if oauth is not None and oauth.mailbox is None:
+            self.pool_key = f"{route.name}\0{self.mailbox}"
+        self.token: Token | None = None
+        self.token_fresh = False
+        self.token_retried = False
 
     async def run(self) -> dict[str, DeliveryOutcome]:
+        try:
+            return await self._run()
+        except _Defer as defer:
+            return self._all(DeliveryOutcome.temporary(defer.reply, remote=defer.remote))
+
+    async def _run(self) -> dict[str, DeliveryOutcome]:
+        if self.route.oauth is not None and self.mailbox is None:
+            raise _Defer(Reply.make(451, "4.7.0", _bounded(
+                f"route {self.route.name} authenticates as the sender's mailbox (OAuth2 "
+                "mailbox = \"sender\") and a bounce (<>) has none: set mailbox to an address "
+                "with send-as rights, or route <> elsewhere")))
         pool = self.state.pool
-        lease = await pool.take(self.route.name)
+        lease = await pool.take(self.pool_key)
         while True:
             if lease is None:
                 lease = await self._connect()
@@ -225,20 +259,76 @@ class _Attempt:
             if host in self.tried or self.state.markdown.is_down(self.route, host):
                 continue
             self.tried.add(host)
-            log.info(logfmt("smarthost_connect", queue_id=self.envelope.queue_id,
-                            route=self.route.name, host=host, tls=self.route.tls.value))
-            try:
-                client = await SMTPClient.connect(self.state.client_settings(self.route, host))
-            except SMTPClientError as exc:
-                self._mark_down(host, exc)
-                continue
-            self.state.markdown.clear(self.route, host)
-            return Lease(route=self.route.name, host=host, client=client)
+            while True:
+                log.info(logfmt("smarthost_connect", queue_id=self.envelope.queue_id,
+                                route=self.route.name, host=host, tls=self.route.tls.value))
+                token = await self._token()
+                settings = self.state.client_settings(
+                    self.route, host, mailbox=self.mailbox,
+                    token=token.value if token is not None else None)
+                try:
+                    client = await SMTPClient.connect(settings)
+                except SMTPClientError as exc:
+                    if token is not None and exc.stage == "auth" and exc.reply.code != 504:
+                        self._token_refused(host, token, exc)
+                        continue  # once more, with a token fetched just now
+                    self._mark_down(host, exc)
+                    break
+                self.state.markdown.clear(self.route, host)
+                return Lease(route=self.pool_key, host=host, client=client)
         return None
+
+    def _token_key(self) -> tuple[str, ...]:
+        oauth = self.route.oauth
+        assert oauth is not None
+        return (self.route.name, self.mailbox or "", oauth.fingerprint)
+
+    async def _token(self) -> Token | None:
+        """The route's access token for the mailbox (None without OAuth); raises _Defer."""
+        oauth = self.route.oauth
+        if oauth is None:
+            return None
+        if self.token is not None:
+            return self.token
+        mailbox = self.mailbox
+
+        async def fetch() -> Token:
+            log.info(logfmt("smarthost_token_request", queue_id=self.envelope.queue_id,
+                            route=self.route.name, mailbox=mailbox,
+                            provider=oauth.provider.value, endpoint=oauth.endpoint_host))
+            token = await fetch_token(oauth, mailbox)
+            log.info(logfmt("smarthost_token", route=self.route.name, mailbox=mailbox,
+                            endpoint=token.host, expires_in=round(token.lifetime)))
+            return token
+
+        try:
+            self.token, self.token_fresh = await self.state.tokens.get(self._token_key(), fetch)
+        except TokenError as exc:
+            log.warning(logfmt("smarthost_token_failed", queue_id=self.envelope.queue_id,
+                               route=self.route.name, mailbox=mailbox, error=str(exc)))
+            reply = (Reply.make(451, "4.4.3", _bounded(str(exc))) if exc.unreachable
+                     else Reply.make(454, "4.7.0", _bounded(str(exc))))
+            raise _Defer(reply) from None
+        return self.token
+
+    def _token_refused(self, host: HostAddress, token: Token, exc: SMTPClientError) -> None:
+        """AUTH XOAUTH2 refused: a cached token is dropped and fetched once more; else defer."""
+        log.warning(logfmt("smarthost_token_refused", queue_id=self.envelope.queue_id,
+                           route=self.route.name, host=host, mailbox=self.mailbox,
+                           cached=not self.token_fresh, error=exc))
+        self.state.tokens.invalidate(self._token_key(), token)
+        self.token = None
+        if self.token_fresh or self.token_retried:
+            oauth_error = f" ({exc.oauth_error})" if exc.oauth_error else ""
+            reply = Reply.make(454, "4.7.0", _bounded(
+                f"AUTH XOAUTH2 as {self.mailbox} refused by {host}: {exc.reply.code} "
+                f"{exc.reply.text}{oauth_error}"))
+            raise _Defer(reply, remote=host.host)
+        self.token_retried = True
 
     async def _drop_idle(self) -> None:
         """After one stale idle connection, the others of this route are likely stale too."""
-        while (lease := await self.state.pool.take(self.route.name)) is not None:
+        while (lease := await self.state.pool.take(self.pool_key)) is not None:
             await discard(lease)
 
     def _mark_down(self, host: HostAddress, exc: SMTPClientError) -> None:
@@ -282,7 +372,105 @@ class _Attempt:
         return outcomes
 
 
+class _Defer(Exception):
+    """Give up this attempt: every recipient is deferred with ``reply``."""
+
+    def __init__(self, reply: Reply, remote: str | None = None) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+        self.remote = remote
+
+
 def _bounded(text: str, limit: int = 400) -> str:
     """Keep a synthesised reply line within RFC 5321 §4.5.3.1.5 and free of controls."""
     clean = "".join(c if c.isprintable() else "?" for c in text)
     return clean if len(clean) <= limit else clean[: limit - 3] + "..."
+
+
+@dataclass(frozen=True, kw_only=True)
+class ProbeResult:
+    """What :func:`probe` found: ``ok``, the ``stage`` that failed (or "done"), one line."""
+
+    ok: bool
+    stage: str  # "token" | "dns" | "connect" | "tls" | "auth" | "done"
+    detail: str
+
+
+_PROBE_STAGES = {"connect": "connect", "tls": "tls", "starttls": "tls", "auth": "auth"}
+
+
+async def probe(config: Config, route: str | None, *, mailbox: str | None = None
+                ) -> ProbeResult:
+    """Check a route without sending mail: token, DNS, connect, TLS, AUTH, then QUIT.
+
+    ``route`` is a route name (None: the default route); ``mailbox`` is the mailbox to log in
+    as on an OAuth2 route with ``mailbox = "sender"``. The detail never holds a secret.
+    Raises ``ConfigError`` when the plugin is not configured or the route does not exist.
+    """
+    state = config.stash.get(STATE, None)
+    if state is None:
+        raise ConfigError(config.path, "plugins.smarthost", "the smarthost plugin is not "
+                                                            "configured")
+    chosen = _route_named(config, state.settings, route)
+    done: list[str] = []
+    token: Token | None = None
+    oauth = chosen.oauth
+    if oauth is not None:
+        mailbox = mailbox or oauth.mailbox
+        if mailbox is None:
+            return ProbeResult(ok=False, stage="token", detail=(
+                f'route {chosen.name} authenticates as the sender (mailbox = "sender"): '
+                "name the mailbox to test with --mailbox ADDR"))
+        try:
+            token = await fetch_token(oauth, mailbox)
+        except TokenError as exc:
+            return ProbeResult(ok=False, stage="token", detail=str(exc))
+        done.append(f"token from {token.host} (expires in {_minutes(token.lifetime)})")
+    failure = ProbeResult(ok=False, stage="dns", detail="the route has no host")
+    for host in chosen.hosts:
+        try:
+            await trio.socket.getaddrinfo(host.host, host.port, type=trio.socket.SOCK_STREAM)
+        except OSError as exc:
+            failure = ProbeResult(ok=False, stage="dns", detail=f"{host.host}: {exc}")
+            continue
+        settings = state.client_settings(chosen, host, mailbox=mailbox,
+                                         token=token.value if token is not None else None)
+        try:
+            client = await SMTPClient.connect(settings)
+        except SMTPClientError as exc:
+            failure = ProbeResult(ok=False, stage=_PROBE_STAGES.get(exc.stage, "connect"),
+                                  detail=_bounded(f"{host}: {exc}"))
+            continue
+        try:
+            version = getattr(client, "tls_version", None)
+            if chosen.tls.value != "none":
+                done.append(f"TLS{' ' + version if version else ''} ({chosen.tls.value}) "
+                            f"to {host}")
+            else:
+                done.append(f"connected to {host} without TLS")
+            if token is not None:
+                done.append(f"AUTH XOAUTH2 as {mailbox} accepted")
+            elif chosen.username is not None:
+                done.append(f"AUTH as {chosen.username} accepted")
+        finally:
+            await client.aclose()
+        return ProbeResult(ok=True, stage="done", detail=", ".join(done))
+    return failure
+
+
+def _route_named(config: Config, settings: SmarthostSettings, name: str | None) -> Route:
+    if name is None or name == "default":
+        if settings.default is None:
+            raise ConfigError(config.path, "plugins.smarthost", "there is no default route "
+                              "(no host or hosts): name a route")
+        return settings.default
+    for route in settings.routes:
+        if route.name == name:
+            return route
+    names = ", ".join(r.name for r in settings.routes) or "none"
+    raise ConfigError(config.path, "plugins.smarthost.route",
+                      f"no route named {name!r} (routes: {names})")
+
+
+def _minutes(seconds: float) -> str:
+    return f"{round(seconds / 60)}m" if seconds >= 60 else f"{round(seconds)}s"
