@@ -336,6 +336,15 @@ def test_auth_xoauth2_error_challenge_is_answered_with_an_empty_line_then_535() 
     assert conn.send_auth_response() == b"*\r\n"
 
 
+def test_auth_xoauth2_carries_an_entra_sized_jwt_on_one_line() -> None:
+    # Exchange Online access tokens are JWTs of 2-3 KB; RFC 4954 §4 allows 12288 octets.
+    jwt = ".".join(base64.urlsafe_b64encode(os.urandom(n)).decode().rstrip("=")
+                   for n in (60, 1800, 256))
+    line = greeted(tls_active=True).send_auth_xoauth2("someone@example.com", Secret(jwt))
+    assert 2500 < len(line) < 12288 and line.count(b"\r\n") == 1
+    assert base64.b64decode(line.split()[2]).split(b"\x01")[1] == f"auth=Bearer {jwt}".encode()
+
+
 def test_auth_xoauth2_only_inside_tls_and_with_a_well_formed_token() -> None:
     conn = greeted()
     with pytest.raises(LocalProtocolError, match="inside TLS"):
