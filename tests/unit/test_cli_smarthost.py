@@ -1,0 +1,148 @@
+"""``submitd smarthost test``: one line says whether a route logs in, against a fake relay.
+
+The command runs in a worker thread (it calls ``trio.run`` itself) while the fake smarthost
+serves on loopback in the test's event loop; the bound of every test is the fake's own
+``WAIT_LIMIT`` and the command's deadline.
+"""
+
+from __future__ import annotations
+
+import socket
+from functools import partial
+from pathlib import Path
+
+import pytest
+import trio
+
+from submitd import cli
+from submitd.testing import TestCA, running_smarthost, write_config
+
+RELAY_USER = "relay-user"
+RELAY_PASSWORD = "relay pass \u00e9 2026"
+
+
+@pytest.fixture
+def ca(tmp_path: Path) -> TestCA:
+    return TestCA(tmp_path / "tls")
+
+
+def relay_config(tmp_path: Path, ca: TestCA, port: int, *, password: str = RELAY_PASSWORD,
+                 more: str = "") -> Path:
+    """A configuration whose default route is the fake relay on ``port`` (STARTTLS, AUTH)."""
+    secret = tmp_path / "smarthost.secret"
+    secret.write_text(password + "\n")
+    path = write_config(tmp_path, ca=ca, enable=["smarthost"], plugins={"smarthost": {
+        "host": "127.0.0.1", "port": port, "tls": "starttls", "ca_file": str(ca.ca_path),
+        "username": RELAY_USER, "password_file": str(secret), "connect_timeout": "5s",
+        "command_timeout": "5s",
+    }})
+    path.write_text(path.read_text() + more)
+    return path
+
+
+async def smarthost_test(config: Path, *args: str) -> int:
+    argv = ["smarthost", "test", "-c", str(config), *args]
+    return await trio.to_thread.run_sync(partial(cli.main, argv))
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+    return port
+
+
+async def test_a_password_route_that_logs_in_prints_ok_and_sends_no_mail(
+    tmp_path: Path, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_smarthost(ca=ca, username=RELAY_USER, password=RELAY_PASSWORD) as fake:
+        config = relay_config(tmp_path, ca, fake.port)
+        status = await smarthost_test(config)
+        out, err = capsys.readouterr()
+        assert status == 0, err
+        (line,) = out.splitlines()
+        assert line.startswith("ok: ")
+        assert RELAY_USER in line
+        assert "TLS" in line
+        assert RELAY_PASSWORD not in out + err
+        assert fake.messages == []
+        assert fake.connections == 1
+
+
+async def test_a_wrong_password_fails_at_auth_with_the_relays_535(
+    tmp_path: Path, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_smarthost(ca=ca, username=RELAY_USER, password=RELAY_PASSWORD) as fake:
+        config = relay_config(tmp_path, ca, fake.port, password="not the password")
+        status = await smarthost_test(config)
+    out, err = capsys.readouterr()
+    assert status == 1, err
+    (line,) = out.splitlines()
+    assert line.startswith("failed at auth: ")
+    assert f"127.0.0.1:{fake.port}" in line
+    assert " 535 " in line
+    assert "not the password" not in out + err
+
+
+async def test_a_closed_port_fails_at_connect(
+    tmp_path: Path, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = relay_config(tmp_path, ca, closed_port())
+    status = await smarthost_test(config)
+    out, err = capsys.readouterr()
+    assert status == 1, err
+    (line,) = out.splitlines()
+    assert line.startswith("failed at connect")
+    assert "127.0.0.1" in line
+
+
+async def test_a_named_route_is_tested_instead_of_the_default_route(
+    tmp_path: Path, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async with running_smarthost(ca=ca) as partner:
+        route = (
+            "[[plugins.smarthost.route]]\n"
+            'name = "partner"\n'
+            'senders = ["@sales.example.org"]\n'
+            f'hosts = ["127.0.0.1:{partner.port}"]\n'
+            f'ca_file = "{ca.ca_path}"\n'
+        )
+        config = relay_config(tmp_path, ca, closed_port(), more=route)
+        status = await smarthost_test(config, "partner")
+        out, err = capsys.readouterr()
+        assert status == 0, out + err
+        assert out.startswith("ok: ")
+        assert partner.connections == 1
+
+
+async def test_an_unknown_route_is_a_usage_error_naming_the_routes_that_exist(
+    tmp_path: Path, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    route = (
+        "[[plugins.smarthost.route]]\n"
+        'name = "partner"\n'
+        'senders = ["@sales.example.org"]\n'
+        'hosts = ["relay.partner.example:465"]\n'
+        'tls = "implicit"\n'
+    )
+    config = relay_config(tmp_path, ca, closed_port(), more=route)
+    status = await smarthost_test(config, "parnter")
+    out, err = capsys.readouterr()
+    assert status == 2
+    assert out == ""
+    assert "parnter" in err
+    assert "partner" in err.replace("parnter", "")
+
+
+def test_without_the_smarthost_plugin_enabled_it_is_a_configuration_error(
+    tmp_path: Path, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = write_config(tmp_path, ca=ca, enable=[])
+    assert cli.main(["smarthost", "test", "-c", str(config)]) == 2
+    assert "'smarthost' is not enabled" in capsys.readouterr().err
+
+
+def test_smarthost_alone_lists_its_actions(capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli.main(["smarthost"]) == 2
+    assert "test" in capsys.readouterr().err
