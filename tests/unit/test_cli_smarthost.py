@@ -7,7 +7,10 @@ serves on loopback in the test's event loop; the bound of every test is the fake
 
 from __future__ import annotations
 
+import json
+import re
 import socket
+import tomllib
 from functools import partial
 from pathlib import Path
 
@@ -146,3 +149,85 @@ def test_without_the_smarthost_plugin_enabled_it_is_a_configuration_error(
 def test_smarthost_alone_lists_its_actions(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["smarthost"]) == 2
     assert "test" in capsys.readouterr().err
+
+
+# --- the configurations in the OAuth2 guides pass check-config as written --------------------
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
+
+
+def guide_configs(page: str) -> list[str]:
+    """The ``toml`` blocks of ``docs/PAGE`` that configure a route (with a ``[plugins]`` header
+    dropped: the test's own configuration enables the plugin)."""
+    text = (DOCS / page).read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)
+    return [re.sub(r"\[plugins\]\nenable = .*\n\n?", "", b) for b in blocks
+            if "[plugins.smarthost.oauth]" in b]
+
+
+def write_rsa_pair(cert: Path, key: Path) -> None:
+    """An RSA certificate and key (Entra's certificate credential is RS256)."""
+    import datetime as dt
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from cryptography.x509.oid import NameOID
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "submitd relay")])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+                   .public_key(private.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(now).not_valid_after(now + dt.timedelta(days=30))
+                   .sign(private, hashes.SHA256()))
+    cert.parent.mkdir(parents=True, exist_ok=True)
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key.write_bytes(private.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption()))
+
+
+def service_account_key(path: Path) -> None:
+    """A JSON key shaped like the one the Google Cloud console downloads."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    private = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                serialization.NoEncryption()).decode()
+    path.write_text(json.dumps({
+        "type": "service_account", "project_id": "example", "private_key_id": "k1",
+        "private_key": pem, "client_email": "submitd-relay@example.iam.gserviceaccount.com",
+        "client_id": "123456789012345678901", "token_uri": "https://oauth2.googleapis.com/token",
+    }))
+
+
+def guide_examples() -> list[tuple[str, str]]:
+    examples = [("microsoft-365", block) for block in guide_configs("microsoft-365.md")]
+    text = (DOCS / "microsoft-365.md").read_text()
+    certificate = re.search(r"```toml\n(client_cert = .*?)```", text, flags=re.DOTALL)
+    assert certificate is not None, "the certificate variant is shown"
+    examples.append(("microsoft-365-certificate", re.sub(
+        r"client_secret_file = .*\n", certificate.group(1), examples[0][1])))
+    examples += [("google-workspace", block) for block in guide_configs("google-workspace.md")]
+    return examples
+
+
+@pytest.mark.parametrize(("page", "example"), guide_examples(),
+                         ids=[f"{p}-{i}" for i, (p, _) in enumerate(guide_examples())])
+def test_the_oauth_guides_configurations_pass_check_config(
+    tmp_path: Path, ca: TestCA, page: str, example: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    table = tomllib.loads(example)["plugins"]["smarthost"]["oauth"]
+    for key in ("client_secret_file", "refresh_token_file"):
+        if key in table:
+            (tmp_path / table[key]).write_text("not-the-real-secret\n")
+    if "client_cert" in table:
+        write_rsa_pair(tmp_path / table["client_cert"], tmp_path / table["client_key"])
+    if "key_file" in table:
+        service_account_key(tmp_path / table["key_file"])
+    path = write_config(tmp_path, ca=ca, enable=["smarthost"])
+    path.write_text(path.read_text() + "\n" + example)
+    assert cli.main(["check-config", "-c", str(path)]) == 0, capsys.readouterr().err
+    assert "not-the-real-secret" not in capsys.readouterr().out
