@@ -461,12 +461,16 @@ async def fetch_token(settings: OAuthSettings, mailbox: str | None) -> Token:
         except ValueError:
             body = None
     if response.status_code != 200 or not isinstance(body, dict):
+        status = response.status_code
         if isinstance(body, dict) and isinstance(body.get("error"), str):
-            text = f"{body['error']}: {body.get('error_description') or ''}".rstrip(": ")
-            raise TokenError(f"token request refused by {host}: {_clean(text, secrets)}",
-                             unreachable=response.status_code >= 500)
-        raise TokenError(f"token endpoint unreachable: {host} answered HTTP "
-                         f"{response.status_code}", unreachable=True)
+            text = _clean(f"{body['error']}: {body.get('error_description') or ''}"
+                          .rstrip(": "), secrets)
+            if status >= 500:
+                raise TokenError(f"token endpoint unreachable: {host} answered HTTP {status}: "
+                                 f"{text}", unreachable=True)
+            raise TokenError(f"token request refused by {host}: {text}", unreachable=False)
+        raise TokenError(f"token endpoint unreachable: {host} answered HTTP {status}",
+                         unreachable=True)
     token, expires_in = body.get("access_token"), body.get("expires_in", 3600)
     if isinstance(expires_in, str) and expires_in.isdigit():
         expires_in = int(expires_in)  # some endpoints send it as a string

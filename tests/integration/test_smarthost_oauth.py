@@ -149,8 +149,8 @@ async def test_token_endpoint_failure_keeps_the_message_queued_and_says_why(
     caplog.set_level(logging.DEBUG)
     recorder = Recorder()
     expected = {
-        "503": (451, "4.4.3", "token request refused by 127.0.0.1: temporarily_unavailable: "
-                              "The service is down for maintenance"),
+        "503": (451, "4.4.3", "token endpoint unreachable: 127.0.0.1 answered HTTP 503: "
+                              "temporarily_unavailable: The service is down for maintenance"),
         "hang": (451, "4.4.3", "token endpoint unreachable: 127.0.0.1 did not answer "
                                "within 1s"),
         "refuse": (454, "4.7.0", "token request refused by 127.0.0.1: invalid_client: "
