@@ -22,6 +22,7 @@ from submitd.testing import TestCA, running_smarthost, write_config
 
 RELAY_USER = "relay-user"
 RELAY_PASSWORD = "relay pass \u00e9 2026"
+ENTRA_SECRET = "entra~client~secret~C3"
 
 
 @pytest.fixture
@@ -231,3 +232,41 @@ def test_the_oauth_guides_configurations_pass_check_config(
     path.write_text(path.read_text() + "\n" + example)
     assert cli.main(["check-config", "-c", str(path)]) == 0, capsys.readouterr().err
     assert "not-the-real-secret" not in capsys.readouterr().out
+
+
+# --- against the OAuth2 stand-ins: a token endpoint and an XOAUTH2 SMTP server ----------------
+
+
+async def test_an_oauth_route_fetches_a_token_and_logs_in_as_the_mailbox(
+    tmp_path: Path, ca: TestCA, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tests.integration.oauth_support import oauth_provider, oauth_toml
+
+    secret = tmp_path / "entra.secret"
+    secret.write_text(ENTRA_SECRET + "\n")
+    async with oauth_provider(ca) as (endpoint, smtp):
+        config = write_config(tmp_path, ca=ca, enable=["smarthost"], plugins={"smarthost": {
+            "host": "127.0.0.1", "port": smtp.port, "tls": "starttls",
+            "ca_file": str(ca.ca_path)}})
+        config.write_text(config.read_text() + oauth_toml({
+            "provider": "entra", "tenant": "contoso.example", "client_id": "app-1234",
+            "client_secret_file": str(secret), "token_url": endpoint.url,
+            "ca_file": str(ca.ca_path), "mailbox": "sender"}))
+
+        assert await smarthost_test(config, "--mailbox", "alice@example.org") == 0
+        ok, err = capsys.readouterr()
+        assert ok == (f"ok: token from 127.0.0.1 (expires in 60m), TLS (starttls) to "
+                      f"127.0.0.1:{smtp.port}, AUTH XOAUTH2 as alice@example.org accepted\n"), err
+        assert len(endpoint.requests) == 1
+        assert [user for user, _ in smtp.logins] == ["alice@example.org"]
+
+        endpoint.mode = "refuse"
+        assert await smarthost_test(config, "--mailbox", "alice@example.org") == 1
+        refused, err = capsys.readouterr()
+        assert refused.startswith("failed at token: token request refused by 127.0.0.1: "
+                                  "invalid_client"), refused + err
+        assert len(smtp.logins) == 1, "no SMTP connection without a token"
+    assert smtp.messages == []
+    for text in (ok, refused, err):
+        assert ENTRA_SECRET not in text
+        assert all(issued.token not in text for issued in endpoint.issued)
