@@ -4,8 +4,9 @@ The configuration is loaded and the plugins are loaded and configured exactly as
 serve`` does (:func:`create_plugin_manager`, :func:`configure_plugins`), so a password file,
 a client certificate, a CA file or an OAuth2 key that start-up would refuse is refused here
 with the same message. Then the ``smarthost`` plugin's ``probe(config, route)`` runs: for an
-OAuth2 route it fetches a token, then it connects to the route's first host, starts TLS and
-authenticates (password, or XOAUTH2 with the token), and quits. No mail is sent.
+OAuth2 route it fetches a token, then it connects to the route's hosts in order until one
+answers, starts TLS and authenticates (password, or XOAUTH2 with the token), and quits. No mail
+is sent.
 
 The whole test runs under :data:`DEADLINE`; the route's own timeouts (``connect_timeout``,
 ``command_timeout``, the OAuth2 ``timeout``) apply inside it.
@@ -70,8 +71,8 @@ def add_smarthost_commands(
     actions = parser.add_subparsers(dest="smarthost_command", metavar="ACTION")
     p = actions.add_parser(
         "test", help="log in to a route's relay (fetching an OAuth2 token first); sends no mail",
-        description="Fetch the route's OAuth2 token (if it uses one), connect to its first "
-        "host, start TLS and authenticate, then quit without sending mail. Prints one line: "
+        description="Fetch the route's OAuth2 token (if it uses one), connect to its hosts in "
+        "order, start TLS and authenticate, then quit without sending mail. Prints one line: "
         "what worked, or the stage that failed. Exit 0 ok, 1 failed, 2 for a usage or "
         "configuration error.",
     )
