@@ -13,6 +13,7 @@ provider's ``334`` base64 JSON challenge, then ``535``. Messages are recorded.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -207,6 +208,32 @@ class _Handler:
         return "250 2.0.0 Ok: queued"
 
 
+class _Controller(Controller):
+    """aiosmtpd's Controller that can close every open connection before it stops."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.sessions: list[SMTP] = []
+
+    def factory(self) -> SMTP:
+        smtp = super().factory()
+        self.sessions.append(smtp)
+        return smtp
+
+    def stop(self, no_assert: bool = False) -> None:
+        # Connections left open (an idle pooled one, a half-closed one) would outlive the loop.
+        async def abort_all() -> None:
+            for smtp in self.sessions:
+                for transport in (smtp.transport, smtp._original_transport):
+                    if isinstance(transport, asyncio.Transport):
+                        transport.abort()
+            for _ in range(3):  # let connection_lost run
+                await asyncio.sleep(0)
+
+        asyncio.run_coroutine_threadsafe(abort_all(), self.loop).result(timeout=10)
+        super().stop(no_assert)
+
+
 class XOAuth2Server:
     """aiosmtpd on 127.0.0.1 with STARTTLS and AUTH XOAUTH2 checked against ``endpoint``."""
 
@@ -219,7 +246,7 @@ class XOAuth2Server:
             self.port = int(s.getsockname()[1])
         tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         tls.load_cert_chain(str(ca.cert_path), str(ca.key_path))
-        self.controller = Controller(
+        self.controller = _Controller(
             _Handler(self), hostname="127.0.0.1", port=self.port, server_hostname="smtp.test",
             tls_context=tls, require_starttls=True, auth_required=True, auth_require_tls=True,
             auth_exclude_mechanism=["PLAIN", "LOGIN"],

@@ -10,14 +10,19 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jwt
 import pytest
 import trio
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 
 from submitd import OutcomeKind
+from submitd.config import load_config
 from submitd.testing import RawSMTPClient, RunningServer, TestCA, running_server
+from submitd_plugins import smarthost
 from tests.integration.oauth_support import TokenEndpoint, XOAuth2Server, oauth_provider, oauth_toml
 from tests.integration.test_queue_control import submitd_queue
-from tests.integration.test_smarthost import PLAIN, Recorder, message
+from tests.integration.test_smarthost import PLAIN, Recorder, message, submit
 from tests.support import RECIPIENT, SENDER
 
 CLIENT_SECRET = "entra~client~secret~Q8"
@@ -196,3 +201,71 @@ async def test_fifty_concurrent_deliveries_share_one_token_request(
     assert len(endpoint.requests) == 1
     assert [o.kind for _, o in outcomes] == [OutcomeKind.DELIVERED] * 50
     assert len(smtp.messages) == 50
+
+
+def service_account(tmp_path: Path, endpoint: TokenEndpoint) -> tuple[Path, rsa.RSAPrivateKey]:
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    path = tmp_path / "sa.json"
+    path.write_text(json.dumps({
+        "type": "service_account", "client_email": "relay@proj.iam.gserviceaccount.com",
+        "private_key_id": "kid-1", "token_uri": endpoint.url,
+        "private_key": key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()).decode()}))
+    return path, key
+
+
+async def test_google_service_account_gets_a_token_per_sender_mailbox(
+    make_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext, tmp_path: Path,
+) -> None:
+    recorder = Recorder()
+    other = "sales@alias.example"
+    async with oauth_provider(ca) as (endpoint, smtp):
+        key_file, key = service_account(tmp_path, endpoint)
+        config = make_config(enable=("passwdfile", "smarthost"), plugins={"smarthost": {
+            "host": "127.0.0.1", "port": smtp.port, "ca_file": str(ca.ca_path),
+            "reuse_time": "30s"}})
+        config.write_text(config.read_text() + oauth_toml({
+            "provider": "google-service-account", "key_file": str(key_file),
+            "ca_file": str(ca.ca_path)}))
+        async with running_server(config, extra_plugins=[("recorder", recorder)]) as srv:
+            for n, sender in enumerate((SENDER, other, SENDER, other)):
+                await submit(srv, client_tls, sender=sender, body=message(sender, f"g{n}"))
+                await recorder.wait_for_outcomes(n + 1)
+    assert [o.kind for _, o in recorder.outcomes] == [OutcomeKind.DELIVERED] * 4
+    assert [(m.login, m.sender) for m in smtp.messages] == [
+        (SENDER, SENDER), (other, other), (SENDER, SENDER), (other, other)]
+    assert len(smtp.logins) == 2, "one pooled connection per mailbox, reused"
+    subjects = []
+    for form in endpoint.requests:
+        assert form["grant_type"] == "urn:ietf:params:oauth:grant-type:jwt-bearer"
+        claims = jwt.decode(form["assertion"], key.public_key(), algorithms=["RS256"],
+                            audience=endpoint.url)
+        assert claims["iss"] == "relay@proj.iam.gserviceaccount.com"
+        assert claims["scope"] == "https://mail.google.com/"
+        subjects.append(claims["sub"])
+    assert subjects == [SENDER, other], "RFC 7523 sub: the sender's mailbox"
+
+
+async def test_probe_reports_each_stage_without_sending_mail(
+    oauth_config: Callable[..., Path], ca: TestCA,
+) -> None:
+    async with oauth_provider(ca) as (endpoint, smtp):
+        config = load_config(oauth_config(endpoint, smtp))
+        smarthost.submitd_configure(config)
+        try:
+            ok = await smarthost.probe(config, None, mailbox=SENDER)
+            no_mailbox = await smarthost.probe(config, None)
+            for issued in endpoint.issued:
+                endpoint.revoke(issued.token)
+            endpoint.mode = "refuse"
+            token_failed = await smarthost.probe(config, None, mailbox=SENDER)
+        finally:
+            smarthost.submitd_unconfigure(config)
+    assert ok.ok and ok.stage == "done"
+    assert ok.detail == (f"token from 127.0.0.1 (expires in 60m), TLS (starttls) to "
+                         f"127.0.0.1:{smtp.port}, AUTH XOAUTH2 as {SENDER} accepted")
+    assert not no_mailbox.ok and no_mailbox.stage == "token" and "--mailbox" in no_mailbox.detail
+    assert not token_failed.ok and token_failed.stage == "token"
+    assert token_failed.detail.startswith("token request refused by 127.0.0.1: invalid_client")
+    assert not smtp.messages and [u for u, _ in smtp.logins] == [SENDER]

@@ -244,3 +244,20 @@ async def test_bounce_on_a_sender_mailbox_route_is_deferred_with_the_reason(
     assert outcome.kind is OutcomeKind.TEMPORARY
     assert (outcome.reply.code, outcome.reply.status) == (451, "4.7.0")
     assert "a bounce (<>) has none" in outcome.reply.text
+
+
+def test_plugin_imports_without_the_extra_and_says_how_to_get_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import subprocess
+    import sys
+
+    blocked = "import sys; sys.modules['httpx'] = sys.modules['jwt'] = None; "
+    subprocess.run([sys.executable, "-c", blocked + "import submitd_plugins.smarthost"],
+                   check=True, timeout=60)  # importing the plugin needs neither
+    monkeypatch.setitem(sys.modules, "httpx", None)  # "not installed"
+    monkeypatch.setitem(sys.modules, "jwt", None)
+    settings(tmp_path, ROUTE)  # nor does a route without OAuth
+    exc = error(tmp_path, entra(tmp_path))
+    assert exc.key == "plugins.smarthost.oauth"
+    assert "pip install 'submitd[oauth]'" in exc.message
