@@ -15,9 +15,10 @@ domain-wide delegation: ``sub`` is the mailbox) and the refresh-token grant (§6
 sent with httpx and the JWTs signed with PyJWT, both from the ``oauth`` extra and imported
 only when a route uses OAuth.
 
-Tokens are cached per (route, mailbox) in ``config.server_stash`` and refreshed when less than
-5 minutes (or a tenth of their lifetime, if shorter) remain; one request serves every
-delivery waiting for the same token. No token, secret or assertion is ever logged.
+Tokens are cached per (route, mailbox) in ``config.server_stash`` (see ``_smarthost_pool``)
+and refreshed when less than 5 minutes (or a tenth of their lifetime, if shorter) remain;
+one request serves every delivery waiting for the same token. No token, secret or
+assertion is ever logged.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,14 +39,12 @@ from urllib.parse import urlsplit
 
 import trio
 
-from submitd import Config, ConfigError, Secret, StashKey
+from submitd import Config, ConfigError, Secret
 
 __all__ = [
-    "TOKENS",
     "OAuthSettings",
     "Provider",
     "Token",
-    "TokenCache",
     "TokenError",
     "build_assertion",
     "fetch_token",
@@ -117,6 +116,11 @@ class OAuthSettings:
         """The token endpoint's host, for log lines and the probe."""
         return urlsplit(self.token_url).hostname or self.token_url
 
+    @property
+    def per_mailbox(self) -> bool:
+        """Whether tokens differ per mailbox (Google's ``sub``); an Entra app token does not."""
+        return self.provider is Provider.GOOGLE
+
     def mailbox_for(self, sender: str) -> str | None:
         """The mailbox to authenticate as for ``sender`` ("" is ``<>``); None if there is none."""
         if self.mailbox is not None:
@@ -132,6 +136,7 @@ class Token:
     expires_at: float
     lifetime: float
     host: str
+    refresh_token: Secret | None = field(default=None, repr=False)  # a rotated one, if sent
 
     def due(self, now: float) -> bool:
         """True when it should be replaced before use."""
@@ -403,15 +408,17 @@ def build_assertion(settings: OAuthSettings, mailbox: str | None, *,
                       headers=headers)
 
 
-def _form(settings: OAuthSettings, mailbox: str | None) -> dict[str, str]:
+def _form(settings: OAuthSettings, mailbox: str | None,
+          refresh_token: Secret | None) -> dict[str, str]:
     if settings.provider is Provider.GOOGLE:
         return {"grant_type": _JWT_BEARER, "assertion": build_assertion(settings, mailbox)}
     form: dict[str, str] = {}
     if settings.provider is Provider.ENTRA:
         form["grant_type"] = "client_credentials"
     else:
-        assert settings.refresh_token is not None
-        form.update(grant_type="refresh_token", refresh_token=settings.refresh_token.reveal())
+        refresh_token = refresh_token or settings.refresh_token
+        assert refresh_token is not None
+        form.update(grant_type="refresh_token", refresh_token=refresh_token.reveal())
     assert settings.client_id is not None
     form["client_id"] = settings.client_id
     if settings.scope:
@@ -432,11 +439,15 @@ def _clean(text: str, secrets: list[str]) -> str:
     return clean if len(clean) <= ERROR_TEXT_LIMIT else clean[: ERROR_TEXT_LIMIT - 3] + "..."
 
 
-async def fetch_token(settings: OAuthSettings, mailbox: str | None) -> Token:
-    """POST the grant to the token endpoint under ``settings.timeout``; raise TokenError."""
+async def fetch_token(settings: OAuthSettings, mailbox: str | None, *,
+                      refresh_token: Secret | None = None) -> Token:
+    """POST the grant to the token endpoint under ``settings.timeout``; raise TokenError.
+
+    ``refresh_token`` replaces the configured one (RFC 6749 §6: the provider may rotate it).
+    """
     import httpx
 
-    form = _form(settings, mailbox)
+    form = _form(settings, mailbox, refresh_token)
     secrets = [v for k, v in form.items() if k not in ("grant_type", "client_id", "scope",
                                                          "client_assertion_type")]
     host = settings.endpoint_host
@@ -478,47 +489,8 @@ async def fetch_token(settings: OAuthSettings, mailbox: str | None) -> Token:
             or not isinstance(expires_in, int) or expires_in <= 0):
         raise TokenError(f"token request to {host}: no usable access_token/expires_in in the "
                          "answer", unreachable=False)
+    rotated = body.get("refresh_token")
     return Token(value=Secret(token), expires_at=trio.current_time() + expires_in,
-                 lifetime=float(expires_in), host=host)
-
-
-# --- the cache -------------------------------------------------------------------------------
-
-Fetcher = Callable[[], Awaitable[Token]]
-
-
-class TokenCache:
-    """Tokens per key, single-flight: concurrent callers of one key share one request.
-
-    Lives in ``config.server_stash`` (a reload keeps the tokens: the key holds the route's
-    OAuth fingerprint). Only the event loop touches it.
-    """
-
-    def __init__(self) -> None:
-        self._tokens: dict[tuple[str, ...], Token] = {}
-        self._locks: dict[tuple[str, ...], trio.Lock] = {}
-        self.requests = 0  # token requests made (for logs and tests)
-
-    async def get(self, key: tuple[str, ...], fetch: Fetcher) -> tuple[Token, bool]:
-        """A token for ``key`` and whether it was fetched just now (False: from the cache)."""
-        token = self._tokens.get(key)
-        if token is not None and not token.due(trio.current_time()):
-            return token, False
-        lock = self._locks.setdefault(key, trio.Lock())
-        async with lock:
-            token = self._tokens.get(key)  # another caller may have fetched it meanwhile
-            if token is not None and not token.due(trio.current_time()):
-                return token, False
-            self.requests += 1
-            token = await fetch()
-            self._tokens[key] = token
-            return token, True
-
-    def invalidate(self, key: tuple[str, ...], token: Token) -> None:
-        """Forget ``token`` (the server refused it), unless it was replaced already."""
-        if self._tokens.get(key) is token:
-            del self._tokens[key]
-
-
-#: Where the token cache lives in ``config.server_stash``.
-TOKENS = StashKey[TokenCache]()
+                 lifetime=float(expires_in), host=host,
+                 refresh_token=Secret(rotated) if isinstance(rotated, str) and rotated
+                 and rotated.isprintable() else None)

@@ -1,26 +1,27 @@
-"""The smarthost plugin's run-time state: hosts marked down, and idle connections kept for reuse.
+"""The smarthost plugin's run-time state: hosts marked down, idle connections, OAuth2 tokens.
 
 The connection pool belongs to one configuration (a reload closes its idle connections). The
 record of failed hosts, :class:`MarkDownTable`, lives in ``config.server_stash`` and so
 survives a reload; :class:`MarkDown` reads it with the current configuration's
-``host_down_time`` and routes.
+``host_down_time`` and routes. The OAuth2 access tokens, :class:`TokenCache`, live there too.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
 import trio
 
-from submitd import logfmt
+from submitd import Secret, StashKey, logfmt
 
 from ._smarthost_config import HostAddress, Route
+from ._smarthost_oauth import Token
 
-__all__ = ["ConnectionPool", "Lease", "MarkDown", "MarkDownTable"]
+__all__ = ["TOKENS", "ConnectionPool", "Lease", "MarkDown", "MarkDownTable", "TokenCache"]
 
 log = logging.getLogger("submitd.plugins.smarthost")
 
@@ -236,3 +237,45 @@ async def discard(lease: Lease[C]) -> None:
     """Close a connection (QUIT, bounded), even while the caller is being cancelled."""
     with trio.CancelScope(shield=True), trio.move_on_after(CLOSE_TIMEOUT):
         await lease.client.aclose()
+
+
+Fetcher = Callable[[], Awaitable[Token]]
+
+
+class TokenCache:
+    """Tokens per key, single-flight: concurrent callers of one key share one request.
+
+    Lives in ``config.server_stash`` (a reload keeps the tokens: the key holds the route's
+    OAuth fingerprint). Only the event loop touches it.
+    """
+
+    def __init__(self) -> None:
+        self._tokens: dict[tuple[str, ...], Token] = {}
+        self._locks: dict[tuple[str, ...], trio.Lock] = {}
+        self.requests = 0  # token requests made (for logs and tests)
+        #: The latest refresh token a provider rotated to, by the route's OAuth fingerprint.
+        self.refresh_tokens: dict[str, Secret] = {}
+
+    async def get(self, key: tuple[str, ...], fetch: Fetcher) -> tuple[Token, bool]:
+        """A token for ``key`` and whether it was fetched just now (False: from the cache)."""
+        token = self._tokens.get(key)
+        if token is not None and not token.due(trio.current_time()):
+            return token, False
+        lock = self._locks.setdefault(key, trio.Lock())
+        async with lock:
+            token = self._tokens.get(key)  # another caller may have fetched it meanwhile
+            if token is not None and not token.due(trio.current_time()):
+                return token, False
+            self.requests += 1
+            token = await fetch()
+            self._tokens[key] = token
+            return token, True
+
+    def invalidate(self, key: tuple[str, ...], token: Token) -> None:
+        """Forget ``token`` (the server refused it), unless it was replaced already."""
+        if self._tokens.get(key) is token:
+            del self._tokens[key]
+
+
+#: Where the token cache lives in ``config.server_stash``.
+TOKENS = StashKey[TokenCache]()

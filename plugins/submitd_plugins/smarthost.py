@@ -67,8 +67,16 @@ from submitd import (
 from submitd.client import ClientSettings, SMTPClient, SMTPClientError, TransactionResult
 
 from ._smarthost_config import HostAddress, Route, SmarthostSettings, parse_settings
-from ._smarthost_oauth import TOKENS, Token, TokenCache, TokenError, fetch_token
-from ._smarthost_pool import ConnectionPool, Lease, MarkDown, MarkDownTable, discard
+from ._smarthost_oauth import Token, TokenError, fetch_token
+from ._smarthost_pool import (
+    TOKENS,
+    ConnectionPool,
+    Lease,
+    MarkDown,
+    MarkDownTable,
+    TokenCache,
+    discard,
+)
 
 __all__ = ["MARKDOWN", "STATE", "ProbeResult", "SmarthostState", "probe", "submitd_configure",
            "submitd_deliver", "submitd_unconfigure"]
@@ -281,7 +289,8 @@ class _Attempt:
     def _token_key(self) -> tuple[str, ...]:
         oauth = self.route.oauth
         assert oauth is not None
-        return (self.route.name, self.mailbox or "", oauth.fingerprint)
+        mailbox = self.mailbox or "" if oauth.per_mailbox else ""
+        return (self.route.name, mailbox, oauth.fingerprint)
 
     async def _token(self) -> Token | None:
         """The route's access token for the mailbox (None without OAuth); raises _Defer."""
@@ -296,7 +305,11 @@ class _Attempt:
             log.info(logfmt("smarthost_token_request", queue_id=self.envelope.queue_id,
                             route=self.route.name, mailbox=mailbox,
                             provider=oauth.provider.value, endpoint=oauth.endpoint_host))
-            token = await fetch_token(oauth, mailbox)
+            rotated = self.state.tokens.refresh_tokens
+            token = await fetch_token(oauth, mailbox,
+                                      refresh_token=rotated.get(oauth.fingerprint))
+            if token.refresh_token is not None:
+                rotated[oauth.fingerprint] = token.refresh_token
             log.info(logfmt("smarthost_token", route=self.route.name, mailbox=mailbox,
                             endpoint=token.host, expires_in=round(token.lifetime)))
             return token

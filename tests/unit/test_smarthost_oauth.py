@@ -17,12 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from submitd import Envelope, MailParams, MessageHandle, OutcomeKind, Recipient, Secret
 from submitd_plugins import smarthost
-from submitd_plugins._smarthost_oauth import (
-    Provider,
-    Token,
-    TokenCache,
-    build_assertion,
-)
+from submitd_plugins._smarthost_oauth import Provider, Token, build_assertion
+from submitd_plugins._smarthost_pool import TokenCache
 from tests.unit.smarthost_support import configured, error, settings
 
 ROUTE = '[plugins.smarthost]\nhost = "smtp.office365.com"\n'
