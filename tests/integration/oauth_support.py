@@ -137,8 +137,11 @@ class TokenEndpoint:
             token = f"ya29.token-{len(self.issued) + 1}-{int(now * 1000)}"
             self.issued.append(Issued(token=token, form=form, issued_at=now,
                                       expires_at=now + self.lifetime))
-        return "200 OK", json.dumps({"access_token": token, "token_type": "Bearer",
-                                     "expires_in": self.lifetime}).encode()
+        answer: dict[str, object] = {"access_token": token, "token_type": "Bearer",
+                                     "expires_in": self.lifetime}
+        if form.get("grant_type") == "refresh_token":  # rotated, as Microsoft does
+            answer["refresh_token"] = f"rotated-rt-{len(self.issued)}"
+        return "200 OK", json.dumps(answer).encode()
 
 
 async def _read_request(stream: trio.abc.Stream) -> bytes | None:

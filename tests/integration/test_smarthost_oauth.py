@@ -269,3 +269,49 @@ async def test_probe_reports_each_stage_without_sending_mail(
     assert not token_failed.ok and token_failed.stage == "token"
     assert token_failed.detail.startswith("token request refused by 127.0.0.1: invalid_client")
     assert not smtp.messages and [u for u, _ in smtp.logins] == [SENDER]
+
+
+async def test_entra_app_token_serves_every_sender_mailbox(
+    oauth_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
+) -> None:
+    recorder = Recorder()
+    other = "sales@alias.example"
+    async with oauth_provider(ca) as (endpoint, smtp):
+        async with running_server(oauth_config(endpoint, smtp),
+                                  extra_plugins=[("recorder", recorder)]) as srv:
+            for n, sender in enumerate((SENDER, other)):
+                await submit(srv, client_tls, sender=sender, body=message(sender, f"e{n}"))
+                await recorder.wait_for_outcomes(n + 1)
+    assert [(m.login, m.sender) for m in smtp.messages] == [(SENDER, SENDER), (other, other)]
+    assert len(endpoint.requests) == 1, "a client-credentials token is the app's, not a user's"
+
+
+async def test_refresh_token_provider_uses_the_rotated_refresh_token(
+    make_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    recorder = Recorder()
+    (tmp_path / "rt").write_text("initial-refresh-token\n")
+    async with oauth_provider(ca) as (endpoint, smtp):
+        config = make_config(enable=("passwdfile", "smarthost"), plugins={"smarthost": {
+            "host": "127.0.0.1", "port": smtp.port, "ca_file": str(ca.ca_path),
+            "reuse_time": "0s"}})
+        config.write_text(config.read_text() + oauth_toml({
+            "provider": "refresh-token", "client_id": "desktop-app",
+            "refresh_token_file": str(tmp_path / "rt"), "token_url": endpoint.url,
+            "ca_file": str(ca.ca_path), "mailbox": "relay@example.com"}))
+        async with running_server(config, extra_plugins=[("recorder", recorder)]) as srv:
+            await submit_many(srv, client_tls, 1)
+            await recorder.wait_for_outcomes(1)
+            endpoint.revoke(endpoint.issued[0].token)
+            await submit_many(srv, client_tls, 1)
+            await recorder.wait_for_outcomes(2)
+    assert [o.kind for _, o in recorder.outcomes] == [OutcomeKind.DELIVERED] * 2
+    assert [f["refresh_token"] for f in endpoint.requests] == [
+        "initial-refresh-token", "rotated-rt-1"]
+    assert all(f["grant_type"] == "refresh_token" and f["client_id"] == "desktop-app"
+               and "client_secret" not in f for f in endpoint.requests)
+    assert [m.login for m in smtp.messages] == ["relay@example.com"] * 2
+    for secret in ("initial-refresh-token", "rotated-rt-1"):
+        assert secret not in caplog.text
