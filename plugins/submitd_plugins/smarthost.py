@@ -25,6 +25,20 @@ Configuration (every key optional unless noted)::
     hosts = ["relay.partner.example:465"]
     tls = "implicit"                      # connection and credential keys as above
 
+    [plugins.smarthost.oauth]             # or [plugins.smarthost.route.oauth]: AUTH XOAUTH2
+    provider = "entra"                    # entra | google-service-account | refresh-token
+    tenant = "contoso.onmicrosoft.com"    # entra: tenant, client_id, client_secret_file or
+    client_id = "00000000-..."            #   client_cert + client_key
+    client_secret_file = "entra.secret"   # google: key_file; refresh-token: client_id,
+    mailbox = "sender"                    #   refresh_token_file, token_url, mailbox = address
+    # scope, token_url, ca_file (the token endpoint's CA), timeout = "30s"
+
+With ``oauth`` the route logs in as a mailbox (the envelope sender's with ``mailbox =
+"sender"``, else the one given) with an access token instead of a password; no username or
+password keys then. Tokens are cached and refreshed early; a token the server refuses is
+fetched once more; a token endpoint that is down or slow defers the message (``451 4.4.3``).
+:func:`probe` checks a route (token, DNS, TLS, AUTH) for ``submitd smarthost test``.
+
 Hosts of a route are tried in order; a host that fails to connect, to start TLS, to greet or
 to log in is marked down for ``host_down_time`` and skipped meanwhile. When every host of the
 route is marked down the attempt is deferred at once with ``451 4.4.1``. Replies become

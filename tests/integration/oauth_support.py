@@ -59,6 +59,7 @@ class TokenEndpoint:
         self.issued: list[Issued] = []
         self.revoked: set[str] = set()
         self.rejections = 0  # tokens the SMTP server refused
+        self.accepted = True  # False: the SMTP server refuses every token (no mailbox rights)
         self.port = 0
         self._lock = threading.Lock()
         self._changed = trio.Event()
@@ -75,7 +76,8 @@ class TokenEndpoint:
         """Issued here, not revoked, not expired (called from the SMTP server's thread)."""
         with self._lock:
             found = [i for i in self.issued if i.token == token]
-            ok = bool(found) and token not in self.revoked and time.time() < found[0].expires_at
+            ok = (self.accepted and bool(found) and token not in self.revoked
+                  and time.time() < found[0].expires_at)
             if not ok:
                 self.rejections += 1
             return ok

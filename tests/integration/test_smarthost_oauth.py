@@ -315,3 +315,26 @@ async def test_refresh_token_provider_uses_the_rotated_refresh_token(
     assert [m.login for m in smtp.messages] == ["relay@example.com"] * 2
     for secret in ("initial-refresh-token", "rotated-rt-1"):
         assert secret not in caplog.text
+
+
+async def test_a_fresh_token_the_server_refuses_defers_with_the_providers_error(
+    oauth_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    recorder = Recorder()
+    async with oauth_provider(ca) as (endpoint, smtp):
+        endpoint.accepted = False  # e.g. the app has no rights on the mailbox
+        config = oauth_config(endpoint, smtp, queue={"retry": ["1h"]})
+        async with running_server(config, extra_plugins=[("recorder", recorder)]) as srv:
+            await submit_many(srv, client_tls, 1)
+            ((_, outcome),) = await recorder.wait_for_outcomes(1)
+            status, out, _ = await submitd_queue(config, "list")
+    assert outcome.kind is OutcomeKind.TEMPORARY
+    assert (outcome.reply.code, outcome.reply.status) == (454, "4.7.0")
+    assert outcome.reply.text == (
+        f"AUTH XOAUTH2 as {SENDER} refused by 127.0.0.1:{smtp.port}: 535 Username and "
+        "Password not accepted (status=401 schemes=bearer scope=https://mail.google.com/)")
+    assert len(endpoint.requests) == 1, "a token fetched just now is not fetched again"
+    assert status == 0 and "AUTH XOAUTH2 as" in out and "status=401" in out
+    assert_no_secrets(caplog.text, endpoint)
