@@ -104,17 +104,16 @@ async def test_token_close_to_expiry_is_refreshed_before_use(
     oauth_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
 ) -> None:
     recorder = Recorder()
-    # 3 s tokens: refreshed once less than a tenth of the lifetime (0.3 s) remains.
-    async with oauth_provider(ca, lifetime=3) as (endpoint, smtp):
+    # 5 s tokens: refreshed once less than a tenth of the lifetime (0.5 s) remains.
+    async with oauth_provider(ca, lifetime=5) as (endpoint, smtp):
         async with running_server(oauth_config(endpoint, smtp),
                                   extra_plugins=[("recorder", recorder)]) as srv:
             await submit_many(srv, client_tls, 1)
             await recorder.wait_for_outcomes(1)
             first = endpoint.issued[0]
-            await trio.sleep(1.0)
             await submit_many(srv, client_tls, 1)  # well before the margin: the same token
             await recorder.wait_for_outcomes(2)
-            await trio.sleep(first.expires_at - 0.2 - time.time())
+            await trio.sleep(first.expires_at - 0.45 - time.time())
             await submit_many(srv, client_tls, 1)  # inside the margin, still valid
             await recorder.wait_for_outcomes(3)
     assert [o.kind for _, o in recorder.outcomes] == [OutcomeKind.DELIVERED] * 3
