@@ -106,6 +106,15 @@ class SMTPClient:
         return f"<SMTPClient {s.host}:{s.port} tls={s.tls.value} usable={self.usable}>"
 
     @property
+    def tls_version(self) -> str | None:
+        """The TLS version in use (``"TLSv1.3"``), or None on a plaintext connection."""
+        stream = self._stream
+        if isinstance(stream, trio.SSLStream):
+            version = stream.version()
+            return str(version) if version else None
+        return None
+
+    @property
     def usable(self) -> bool:
         """False after an error, a 421, or :meth:`aclose`."""
         return self._usable and not self._closed and self._conn.state is ClientState.READY

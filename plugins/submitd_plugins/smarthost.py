@@ -445,7 +445,7 @@ async def probe(config: Config, route: str | None, *, mailbox: str | None = None
     if oauth is not None:
         mailbox = mailbox or oauth.mailbox
         if mailbox is None:
-            return ProbeResult(ok=False, stage="token", detail=(
+            raise ConfigError(config.path, "plugins.smarthost.oauth.mailbox", (
                 f'route {chosen.name} authenticates as the sender (mailbox = "sender"): '
                 "name the mailbox to test with --mailbox ADDR"))
         try:
@@ -465,11 +465,12 @@ async def probe(config: Config, route: str | None, *, mailbox: str | None = None
         try:
             client = await SMTPClient.connect(settings)
         except SMTPClientError as exc:
+            why = str(exc.reply) + (f" (XOAUTH2 {exc.oauth_error})" if exc.oauth_error else "")
             failure = ProbeResult(ok=False, stage=_PROBE_STAGES.get(exc.stage, "connect"),
-                                  detail=_bounded(f"{host}: {exc}"))
+                                  detail=_bounded(f"{host}: {why}"))
             continue
         try:
-            version = getattr(client, "tls_version", None)
+            version = client.tls_version
             if chosen.tls.value != "none":
                 done.append(f"TLS{' ' + version if version else ''} ({chosen.tls.value}) "
                             f"to {host}")
@@ -494,7 +495,9 @@ def _route_named(config: Config, settings: SmarthostSettings, name: str | None) 
     for route in settings.routes:
         if route.name == name:
             return route
-    names = ", ".join(r.name for r in settings.routes) or "none"
+    known = (["default"] if settings.default is not None else []) + [
+        r.name for r in settings.routes]
+    names = ", ".join(known) or "none"
     raise ConfigError(config.path, "plugins.smarthost.route",
                       f"no route named {name!r} (routes: {names})")
 

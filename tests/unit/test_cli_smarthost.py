@@ -255,7 +255,7 @@ async def test_an_oauth_route_fetches_a_token_and_logs_in_as_the_mailbox(
 
         assert await smarthost_test(config, "--mailbox", "alice@example.org") == 0
         ok, err = capsys.readouterr()
-        assert ok == (f"ok: token from 127.0.0.1 (expires in 60m), TLS (starttls) to "
+        assert ok == (f"ok: token from 127.0.0.1 (expires in 60m), TLS TLSv1.3 (starttls) to "
                       f"127.0.0.1:{smtp.port}, AUTH XOAUTH2 as alice@example.org accepted\n"), err
         assert len(endpoint.requests) == 1
         assert [user for user, _ in smtp.logins] == ["alice@example.org"]
