@@ -104,8 +104,9 @@ async def test_token_close_to_expiry_is_refreshed_before_use(
     oauth_config: Callable[..., Path], ca: TestCA, client_tls: ssl.SSLContext,
 ) -> None:
     recorder = Recorder()
-    # 5 s tokens: refreshed once less than a tenth of the lifetime (0.5 s) remains.
-    async with oauth_provider(ca, lifetime=5) as (endpoint, smtp):
+    # 10 s tokens: refreshed once less than a tenth of the lifetime (1 s) remains; the first
+    # two messages have 9 s to go through, which a loaded machine needs.
+    async with oauth_provider(ca, lifetime=10) as (endpoint, smtp):
         async with running_server(oauth_config(endpoint, smtp),
                                   extra_plugins=[("recorder", recorder)]) as srv:
             await submit_many(srv, client_tls, 1)
@@ -113,7 +114,7 @@ async def test_token_close_to_expiry_is_refreshed_before_use(
             first = endpoint.issued[0]
             await submit_many(srv, client_tls, 1)  # well before the margin: the same token
             await recorder.wait_for_outcomes(2)
-            await trio.sleep(first.expires_at - 0.45 - time.time())
+            await trio.sleep(first.expires_at - 0.6 - time.time())
             await submit_many(srv, client_tls, 1)  # inside the margin, still valid
             await recorder.wait_for_outcomes(3)
     assert [o.kind for _, o in recorder.outcomes] == [OutcomeKind.DELIVERED] * 3
