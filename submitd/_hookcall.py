@@ -256,17 +256,14 @@ class HookCaller:
                     log.error(logfmt("plugin_bad_answer", plugin=plugin, hook=name, key=key,
                                      error=exc))
                     out.failed[key] = plugin
-                else:
-                    out.plugins[key] = plugin
         return out
 
 
 class HandledSet(Generic[K, T]):
-    """The answers of a *handled-set* walk: per key, the value and the plugin that gave it."""
+    """The answers of a *handled-set* walk: per key, the value or the plugin that failed on it."""
 
     def __init__(self) -> None:
         self.answers: dict[K, T] = {}
-        self.plugins: dict[K, str] = {}
         #: Keys a plugin took but failed on (raised, timed out, or answered with a bad value).
         self.failed: dict[K, str] = {}
 
