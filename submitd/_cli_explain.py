@@ -33,11 +33,11 @@ from typing import TextIO
 
 import trio
 
+from ._cli_common import config_from_args, configured_plugins
 from ._hookcall import HookCaller
-from .config import Config, default_config_path, load_config
+from .config import Config
 from .errors import ConfigError, PluginError, UsageError
 from .message import MessageHandle, parse_header_section
-from .plugin_manager import configure_plugins, create_plugin_manager, unconfigure_plugins
 from .protocol import RemoteProtocolError, catalogue
 from .protocol._commands import parse_mail, parse_rcpt
 from .protocol._replies import Reply
@@ -94,8 +94,7 @@ def cmd_explain(args: argparse.Namespace) -> int:
     """``submitd explain``: print the dry run; 0 accepted, 1 refused."""
     if args.size is not None and args.size < 0:
         raise UsageError("--size must be zero or more bytes")
-    path: Path | None = args.config
-    config = load_config(path if path is not None else default_config_path())
+    config = config_from_args(args)
     request = ExplainRequest(user=args.user, sender=args.sender, recipients=tuple(args.rcpt),
                              size=args.size, header_from=args.header_from)
     import sys
@@ -159,9 +158,7 @@ async def explain(config: Config, request: ExplainRequest, out: TextIO,
 
     ``extra_plugins`` are registered as ``Server(extra_plugins=...)`` registers them.
     """
-    pm = create_plugin_manager(config, extra=extra_plugins)
-    configure_plugins(pm, config)
-    try:
+    with configured_plugins(config, extra=extra_plugins) as pm:
         hooks = HookCaller(pm, config.plugins)
         session = dry_run_session(config, request.user)
         report = _Report(out)
@@ -175,8 +172,6 @@ async def explain(config: Config, request: ExplainRequest, out: TextIO,
         print(f"result: {verdict}" + (f" at {', '.join(report.refused)}" if report.refused
                                       else ""), file=out)
         return not report.refused
-    finally:
-        unconfigure_plugins(pm, config)
 
 
 async def _run(hooks: HookCaller, session: SessionInfo, request: ExplainRequest,

@@ -28,9 +28,10 @@ from typing import TypeVar
 
 import trio
 
+from ._cli_common import config_from_args
 from ._cli_users import help_handler
 from ._queue_display import as_json, details, format_sender, printable, summary, totals
-from .config import Config, default_config_path, load_config
+from .config import Config
 from .errors import SpoolError
 from .mailqueue import (
     QueueEntryMissing,
@@ -102,11 +103,6 @@ def add_queue_commands(
     )
 
 
-def _load(args: argparse.Namespace) -> Config:
-    path: Path | None = args.config
-    return load_config(path if path is not None else default_config_path())
-
-
 def _spool(config: Config) -> Spool:
     return Spool(config.queue.dir, max_header_size=config.limits.max_header_size)
 
@@ -169,7 +165,7 @@ async def _records(spool: Spool, queue_ids: Iterable[str]) -> list[QueueRecord]:
 @_guarded
 def cmd_queue_list(args: argparse.Namespace) -> int:
     """``submitd queue list [--json]``: every queued message, oldest first."""
-    spool = _spool(_load(args))
+    spool = _spool(config_from_args(args))
 
     async def main() -> list[QueueRecord]:
         return await _records(spool, await spool.queued_ids())
@@ -193,7 +189,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
 @_guarded
 def cmd_queue_show(args: argparse.Namespace) -> int:
     """``submitd queue show ID``: the envelope, the header section and each recipient's history."""
-    config = _load(args)
+    config = config_from_args(args)
     spool = _spool(config)
     queue_id = _queue_id(args.queue_id)
     queued = _run(partial(spool.load, queue_id))  # reads at most [limits] max_header_size
@@ -220,7 +216,7 @@ def cmd_queue_show(args: argparse.Namespace) -> int:
 @_guarded
 def cmd_queue_flush(args: argparse.Namespace) -> int:
     """``submitd queue flush [ID]``: attempt one message, or every message, now."""
-    config = _load(args)
+    config = config_from_args(args)
     queue_id = None if args.queue_id is None else _queue_id(args.queue_id)
 
     async def offline(spool: Spool) -> str:
@@ -276,7 +272,7 @@ def cmd_queue_release(args: argparse.Namespace) -> int:
 
 
 def _set_held(args: argparse.Namespace, *, held: bool) -> int:
-    config = _load(args)
+    config = config_from_args(args)
     queue_id = _queue_id(args.queue_id)
     verb = "held" if held else "released"
 
@@ -294,7 +290,7 @@ def _set_held(args: argparse.Namespace, *, held: bool) -> int:
 @_guarded
 def cmd_queue_delete(args: argparse.Namespace) -> int:
     """``submitd queue delete ID [--bounce]``: remove a message, silently or with a bounce."""
-    config = _load(args)
+    config = config_from_args(args)
     queue_id = _queue_id(args.queue_id)
     bounce: bool = args.bounce
 

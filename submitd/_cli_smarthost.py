@@ -21,15 +21,14 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Protocol, TextIO
 
 import trio
 
+from ._cli_common import config_from_args, configured_plugins
 from ._cli_users import help_handler
-from .config import Config, default_config_path, format_duration, load_config
+from .config import Config, format_duration
 from .errors import ConfigError
-from .plugin_manager import configure_plugins, create_plugin_manager, unconfigure_plugins
 
 __all__ = ["DEADLINE", "add_smarthost_commands", "smarthost_test"]
 
@@ -87,8 +86,7 @@ def add_smarthost_commands(
 
 def cmd_smarthost_test(args: argparse.Namespace) -> int:
     """``submitd smarthost test [ROUTE]``: print the probe's line; 0 ok, 1 failed."""
-    path: Path | None = args.config
-    config = load_config(path if path is not None else default_config_path())
+    config = config_from_args(args)
     ok = trio.run(smarthost_test, config, args.route, args.mailbox, sys.stdout)
     return EXIT_OK if ok else EXIT_FAILED
 
@@ -100,9 +98,7 @@ async def smarthost_test(config: Config, route: str | None, mailbox: str | None,
     Returns True when the probe succeeded. Raises :class:`ConfigError` when the smarthost
     plugin is not enabled, or for whatever its configuration (or the route name) gets wrong.
     """
-    pm = create_plugin_manager(config)
-    configure_plugins(pm, config)
-    try:
+    with configured_plugins(config) as pm:
         probe = _probe_of(config, pm.get_plugin(_PLUGIN))
         options = {} if mailbox is None else {"mailbox": mailbox}
         with trio.move_on_after(deadline):
@@ -111,8 +107,6 @@ async def smarthost_test(config: Config, route: str | None, mailbox: str | None,
             return result.ok
         print(f"failed at timeout: no result within {format_duration(deadline)}", file=out)
         return False
-    finally:
-        unconfigure_plugins(pm, config)
 
 
 def _probe_of(config: Config, plugin: object) -> _Probe:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .config import default_config_path, load_config
+from ._cli_common import config_from_args
 from .errors import ConfigError, UsageError
 from .passwords import (
     DEFAULT_MIN_PASSWORD_LENGTH,
@@ -127,8 +127,7 @@ def _target(args: argparse.Namespace) -> tuple[Path, int]:
     if args.file is not None:
         path: Path = args.file
         return path, DEFAULT_MIN_PASSWORD_LENGTH
-    config_path: Path | None = args.config
-    config = load_config(config_path if config_path is not None else default_config_path())
+    config = config_from_args(args)
     table = config.plugin_table("passwdfile")
     raw = table.get("path")
     if not isinstance(raw, str) or not raw:

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from ._cli_common import config_from_args, configured_plugins
 from ._cli_explain import add_explain_command
 from ._cli_queue import add_queue_commands
 from ._cli_smarthost import add_smarthost_commands
 from ._cli_users import add_user_commands, help_handler
 from .certs import CertificateInfo, TLSFileError, inspect_certificate, write_selfsigned
-from .config import Config, default_config_path, format_duration, load_config
+from .config import Config, default_config_path, format_duration
 from .errors import ConfigError, SubmitdError, UsageError
 from .quickstart import quickstart, submitd_executable
 
@@ -150,17 +151,12 @@ def _config_option(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _load(args: argparse.Namespace) -> Config:
-    path: Path | None = args.config
-    return load_config(path if path is not None else default_config_path())
-
-
 # --- serve, check-config, quickstart, cert --------------------------------------------------
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
     """``submitd serve``: run the server until it is stopped (see :func:`run_server`)."""
-    config = _load(args)
+    config = config_from_args(args)
     from .server import run_server  # the server pulls in everything; only load it here
 
     return run_server(config, log_level=args.log_level)
@@ -172,14 +168,11 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     Setups that start but silently fail are reported on stderr as ``submitd: warning: ...``
     lines; they do not change the exit code.
     """
-    config = _load(args)
+    config = config_from_args(args)
     cert = _check_certificate(config)
-    from .plugin_manager import configure_plugins, create_plugin_manager
-
-    pm = create_plugin_manager(config)
-    configure_plugins(pm, config)
-    print(render_config(config, cert), end="")
-    delivers = [impl.plugin_name for impl in pm.hook.submitd_deliver.get_hookimpls()]
+    with configured_plugins(config) as pm:
+        print(render_config(config, cert), end="")
+        delivers = [impl.plugin_name for impl in pm.hook.submitd_deliver.get_hookimpls()]
     for warning in config_warnings(config, cert, delivers):
         _warn(warning)
     return EXIT_OK
