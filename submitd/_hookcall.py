@@ -29,6 +29,7 @@ import trio
 from ._logfmt import logfmt
 from .config import Config, PluginsConfig
 from .errors import PluginError, Reject
+from .mailqueue._outcomes import UNHANDLED
 from .message import MessageHandle
 from .protocol._grammar import replace_controls
 from .protocol._replies import Reply
@@ -84,7 +85,6 @@ def error_text(exc: BaseException) -> str:
         text = text[: _MAX_ERROR_TEXT - 3] + "..."
     return text or "-"
 
-_NOT_HANDLED = Reply.make(451, "4.3.0", "No delivery plugin accepted this recipient")
 _PLUGIN_FAILED = Reply.make(451, "4.3.0", "Delivery plugin failed, will retry")
 
 
@@ -306,7 +306,7 @@ class PluginDelivery:
                                plugin=plugin, rcpt=address))
             outcomes[address] = DeliveryOutcome.temporary(_PLUGIN_FAILED)
         for recipient in recipients:
-            outcomes.setdefault(recipient.address, DeliveryOutcome.temporary(_NOT_HANDLED))
+            outcomes.setdefault(recipient.address, UNHANDLED)
         return outcomes
 
     async def delivery_result(
