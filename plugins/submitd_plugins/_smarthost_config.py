@@ -21,7 +21,7 @@ from typing import Any
 from submitd import Config, ConfigError, Secret, logfmt
 from submitd.client import ClientTimeouts, ClientTLSMode
 
-from ._smarthost_oauth import OAuthSettings, parse_oauth
+from ._smarthost_oauth import OAuthSettings, parse_oauth, read_secret_line
 
 __all__ = [
     "DEFAULT_ROUTE",
@@ -406,30 +406,10 @@ def _parse_credentials(table: _Table, tls: ClientTLSMode) -> tuple[str | None, S
     if not sources:
         raise table.error("username", "needs a password: password_file or password_env")
     if sources[0] == "password_file":
-        password = _read_password_file(table)
-    else:
-        password = _read_password_env(table)
-    return username, Secret(password)
-
-
-def _read_password_file(table: _Table) -> str:
-    path = table.path("password_file")
-    assert path is not None
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise table.error("password_file", f"cannot read {path}: {exc.strerror or exc}"
-                          ) from None
-    first = data.split(b"\n", 1)[0].rstrip(b"\r\n")
-    try:
-        text = first.decode("utf-8")
-    except UnicodeDecodeError:
-        raise table.error("password_file", f"{path}: the first line is not UTF-8") from None
-    if not text:
-        raise table.error("password_file", f"{path}: the first line is empty")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-        raise table.error("password_file", f"{path}: the password holds control characters")
-    return text
+        path = table.path("password_file")
+        assert path is not None
+        return username, read_secret_line(path, lambda m: table.error("password_file", m))
+    return username, Secret(_read_password_env(table))
 
 
 def _read_password_env(table: _Table) -> str:

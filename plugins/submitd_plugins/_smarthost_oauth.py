@@ -31,7 +31,7 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +49,7 @@ __all__ = [
     "build_assertion",
     "fetch_token",
     "parse_oauth",
+    "read_secret_line",
 ]
 
 log = logging.getLogger("submitd.plugins.smarthost")
@@ -191,14 +192,31 @@ class _Keys:
         """The first line of a secret file, read like ``password_file``."""
         if name not in self.data:
             return None
-        first = self.read(name).split(b"\n", 1)[0].rstrip(b"\r\n")
-        try:
-            text = first.decode("utf-8")
-        except UnicodeDecodeError:
-            raise self.error(name, "the first line is not UTF-8") from None
-        if not text or any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
-            raise self.error(name, "the first line is empty or holds control characters")
-        return Secret(text)
+        path = self.path(name, required=True)
+        assert path is not None
+        return read_secret_line(path, lambda message: self.error(name, message))
+
+
+def read_secret_line(path: Path, error: Callable[[str], ConfigError]) -> Secret:
+    """The first line of the file at ``path``, trailing CR/LF stripped, as a :class:`Secret`.
+
+    ``error(message)`` builds the :class:`ConfigError` (naming the key) raised for a file that
+    cannot be read, or whose first line is not UTF-8, is empty or holds control characters.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(f"cannot read {path}: {exc.strerror or exc}") from None
+    first = data.split(b"\n", 1)[0].rstrip(b"\r\n")
+    try:
+        text = first.decode("utf-8")
+    except UnicodeDecodeError:
+        raise error(f"{path}: the first line is not UTF-8") from None
+    if not text:
+        raise error(f"{path}: the first line is empty")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+        raise error(f"{path}: the first line holds control characters")
+    return Secret(text)
 
 
 def parse_oauth(config: Config, prefix: str, data: object) -> OAuthSettings:
