@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, NoReturn
 
 from ..protocol._events import BodyType, DsnReturn, MailParams
-from ..protocol._grammar import check_envid, check_orcpt, parse_notify
+from ..protocol._grammar import check_envid, check_orcpt, has_control, parse_notify
 from ..protocol._replies import Reply
 from ..views import RecipientParams
 from ._records import (
@@ -31,9 +30,6 @@ from ._records import (
 )
 
 __all__ = ["decode_record"]
-
-# Envelope strings never hold control characters (the session refused them).
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 def _reject(constant: str) -> NoReturn:
@@ -89,7 +85,8 @@ def _time(obj: Mapping[str, Any], key: str) -> float:
 
 
 def _text(value: Any, what: str, *, empty: bool = True) -> str:
-    if not isinstance(value, str) or _CONTROL.search(value) or (not empty and not value):
+    # Envelope strings never hold control characters (the session refused them).
+    if not isinstance(value, str) or has_control(value) or (not empty and not value):
         raise ValueError(f"{what} is not a valid string")
     return value
 

@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 from email.utils import format_datetime
 
 from ..protocol._events import BodyType, MailParams
-from ..protocol._grammar import GrammarError, decode_xtext, encode_xtext
+from ..protocol._grammar import GrammarError, decode_xtext, encode_xtext, replace_controls
 from ..protocol._replies import Reply
 from ..views import Envelope, Recipient
 
@@ -164,7 +164,7 @@ def returnable(message: bytes) -> bool:
 
 def _one_line(value: str) -> str:
     """Controls (CR, LF, NUL, DEL, ...) become spaces; runs of whitespace collapse."""
-    return " ".join(re.sub(r"[\x00-\x1f\x7f]", " ", value).split())
+    return " ".join(replace_controls(value, " ").split())
 
 
 def _xtext(value: str) -> str:
