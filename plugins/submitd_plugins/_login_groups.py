@@ -1,4 +1,4 @@
-"""``[plugins.NAME.group.GROUP]`` tables: named groups of logins sharing one setting.
+"""Table checks the built-in plugins share, and ``[plugins.NAME.group.GROUP]`` tables.
 
 ``relay`` and ``size`` both let an operator give several logins their own rule. The tables
 are read the same way: known keys only, ``logins`` required, every login valid and in one
@@ -13,7 +13,17 @@ from typing import Any
 from submitd import Config, ConfigError
 from submitd.passwords import validate_login
 
-__all__ = ["login_groups", "string_list"]
+__all__ = ["login_groups", "reject_unknown_keys", "string_list"]
+
+
+def reject_unknown_keys(
+    config: Config, where: str, table: Mapping[str, Any], known: Sequence[str]
+) -> None:
+    """Raise a ConfigError naming ``where.KEY`` for the first key of ``table`` not in ``known``."""
+    for key in table:
+        if key not in known:
+            raise ConfigError(config.path, f"{where}.{key}",
+                              f"unknown key (known: {', '.join(known)})")
 
 
 def string_list(config: Config, where: str, value: object) -> list[str]:
@@ -39,10 +49,7 @@ def login_groups(
         key = f"{where}.{name}"
         if not isinstance(group, Mapping):
             raise ConfigError(config.path, key, "must be a table")
-        for item in group:
-            if item not in keys:
-                raise ConfigError(config.path, f"{key}.{item}",
-                                  f"unknown key (known: {', '.join(keys)})")
+        reject_unknown_keys(config, key, group, keys)
         for item in required:
             if item not in group:
                 raise ConfigError(config.path, f"{key}.{item}", "required")

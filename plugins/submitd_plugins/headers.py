@@ -68,6 +68,8 @@ from submitd import (
     hookimpl,
 )
 
+from ._login_groups import reject_unknown_keys
+
 __all__ = [
     "SETTINGS",
     "HeadersSettings",
@@ -126,11 +128,10 @@ _MSG_ID = re.compile(
 def submitd_configure(config: Config) -> None:
     """Validate ``[plugins.headers]`` (four booleans) into ``config.stash``."""
     table = config.plugin_table(NAME)
+    reject_unknown_keys(config, f"plugins.{NAME}", table, _KEYS)
     values: dict[str, bool] = {}
     for key, value in table.items():
         where = f"plugins.{NAME}.{key}"
-        if key not in _KEYS:
-            raise ConfigError(config.path, where, f"unknown key (known: {', '.join(_KEYS)})")
         if not isinstance(value, bool):
             raise ConfigError(config.path, where, "must be true or false")
         values[key] = value

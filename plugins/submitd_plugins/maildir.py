@@ -51,6 +51,8 @@ from submitd import (
 )
 from submitd.durable import fsync_dir, write_all
 
+from ._login_groups import reject_unknown_keys
+
 __all__ = ["MAILDIR_PATH", "STALE_TMP_AGE", "submitd_configure", "submitd_deliver"]
 
 #: Where ``submitd_configure`` stores the resolved Maildir path on ``config.stash``.
@@ -61,7 +63,7 @@ STALE_TMP_AGE = 36 * 3600.0
 
 log = logging.getLogger("submitd.plugins.maildir")
 
-_KNOWN_KEYS = frozenset({"path"})
+_KNOWN_KEYS = ("path",)
 _SUBDIRS = ("tmp", "new", "cur")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
@@ -73,9 +75,7 @@ _SAFE_QUEUE_ID = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
 def submitd_configure(config: Config) -> None:
     """Validate ``[plugins.maildir]``, create ``tmp/ new/ cur/`` and clear stale ``tmp/`` files."""
     table = config.plugin_table("maildir")
-    for key in table:
-        if key not in _KNOWN_KEYS:
-            raise ConfigError(config.path, f"plugins.maildir.{key}", "unknown key")
+    reject_unknown_keys(config, "plugins.maildir", table, _KNOWN_KEYS)
     raw = table.get("path")
     if raw is None:
         raise ConfigError(config.path, "plugins.maildir.path", "required (the Maildir to fill)")

@@ -44,6 +44,8 @@ from submitd import (
 )
 from submitd.passwords import UsersFile, UsersFileError, file_signature, min_password_length
 
+from ._login_groups import reject_unknown_keys
+
 __all__ = [
     "STATE",
     "PasswdFileState",
@@ -167,9 +169,7 @@ def submitd_configure(config: Config) -> None:
     def key(name: str) -> str:
         return f"plugins.{NAME}.{name}"
 
-    for name in table:
-        if name not in _KEYS:
-            raise ConfigError(config.path, key(name), f"unknown key (known: {', '.join(_KEYS)})")
+    reject_unknown_keys(config, f"plugins.{NAME}", table, _KEYS)
     raw_path = table.get("path")
     if not isinstance(raw_path, str) or not raw_path:
         raise ConfigError(config.path, key("path"), "required: the users file (a string)")

@@ -74,6 +74,7 @@ from submitd import (
     logfmt,
 )
 
+from ._login_groups import reject_unknown_keys
 from ._ratelimit_store import CounterStore, Kind, SharedStore, StoreError, Usage
 
 __all__ = [
@@ -150,10 +151,8 @@ def _limits(config: Config, where: str, table: Mapping[str, Any], base: LoginLim
     """Read the limit keys of ``table`` over ``base``; the other known keys are returned."""
     values: dict[str, int] = {}
     rest: dict[str, Any] = {}
+    reject_unknown_keys(config, where, table, known)
     for key, value in table.items():
-        if key not in known:
-            raise ConfigError(config.path, f"{where}.{key}",
-                              f"unknown key (known: {', '.join(known)})")
         if key in _LIMIT_KEYS:
             values[key] = _limit(config, f"{where}.{key}", value)
         else:

@@ -75,7 +75,7 @@ from submitd import (
 )
 from submitd.passwords import sender_matches, validate_login, validate_sender
 
-from ._login_groups import login_groups, string_list
+from ._login_groups import login_groups, reject_unknown_keys, string_list
 
 __all__ = [
     "MAX_ADDRESS_TEXT",
@@ -204,10 +204,7 @@ def _groups(config: Config, table: object, default: DomainRule) -> Mapping[str, 
 def submitd_configure(config: Config) -> None:
     """Validate ``[plugins.relay]`` into a :class:`RelayPolicy` in ``config.stash``."""
     table = config.plugin_table(NAME)
-    for key in table:
-        if key not in _KEYS:
-            raise ConfigError(config.path, f"plugins.{NAME}.{key}",
-                              f"unknown key (known: {', '.join(_KEYS)})")
+    reject_unknown_keys(config, f"plugins.{NAME}", table, _KEYS)
     default = _rule(config, f"plugins.{NAME}", table, DomainRule())
     config.stash[POLICY] = RelayPolicy(
         aliases=_aliases(config, table.get("senders", {})),

@@ -43,7 +43,7 @@ from submitd import (
     hookimpl,
 )
 
-from ._login_groups import login_groups
+from ._login_groups import login_groups, reject_unknown_keys
 
 __all__ = [
     "LIMITS",
@@ -98,10 +98,7 @@ def _groups(config: Config, table: object) -> Mapping[str, int]:
 def submitd_configure(config: Config) -> None:
     """Validate ``[plugins.size]`` into :class:`SizeLimits` in ``config.stash``."""
     table = config.plugin_table(NAME)
-    for key in table:
-        if key not in _KEYS:
-            raise ConfigError(config.path, f"plugins.{NAME}.{key}",
-                              f"unknown key (known: {', '.join(_KEYS)})")
+    reject_unknown_keys(config, f"plugins.{NAME}", table, _KEYS)
     default = config.limits.max_message_size
     if "max_message_size" in table:
         default = _size(config, f"plugins.{NAME}.max_message_size", table["max_message_size"])
