@@ -14,7 +14,8 @@ What it shares with the ``submitd serve`` it is compared with:
 - AUTH PLAIN: the login and argon2id hash come from the same users file, verified with
   argon2-cffi's default parameters in a worker thread (aiosmtpd's own ``authenticator`` hook is
   synchronous and would stall the event loop, which submitd never does).
-- MAIL FROM: refused unless the logged-in user owns the address (as ``passwdfile`` does).
+- MAIL FROM: refused unless the logged-in user's users-file line lists the address (the rule
+  ``relay`` applies, :func:`submitd.passwords.sender_matches`).
 - Storage: before answering ``250`` the message goes into a Maildir (``tmp/``, fsync, rename
   into ``new/``, fsync ``new/``), in a worker thread. submitd does *more* before its 250 (spool
   file and sidecar fsynced, two directories fsynced) and delivers to the Maildir afterwards.
@@ -42,26 +43,10 @@ import argon2
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, Session
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from submitd.passwords import UsersFile, sender_matches
+
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
-
-
-def load_users(path: Path) -> dict[str, tuple[str, frozenset[str]]]:
-    """``login -> (hash, senders)`` from a submitd users file (comments and blanks skipped)."""
-    users: dict[str, tuple[str, frozenset[str]]] = {}
-    for line in path.read_text().splitlines():
-        fields = line.split()
-        if not fields or fields[0].startswith("#"):
-            continue
-        users[fields[0]] = (fields[1], frozenset(s.lower() for s in fields[2:]))
-    return users
-
-
-def sender_allowed(senders: frozenset[str], address: str) -> bool:
-    """The ``passwdfile`` rule: the exact address, or ``@domain`` for its domain."""
-    address = address.lower()
-    domain = address.rpartition("@")[2]
-    return address in senders or f"@{domain}" in senders
 
 
 class Maildir:
@@ -97,7 +82,7 @@ class Maildir:
 class Handler:
     """aiosmtpd hooks: sender ownership, any recipient, Maildir storage before 250."""
 
-    def __init__(self, users: dict[str, tuple[str, frozenset[str]]], maildir: Maildir) -> None:
+    def __init__(self, users: UsersFile, maildir: Maildir) -> None:
         self.users = users
         self.maildir = maildir
 
@@ -106,8 +91,8 @@ class Handler:
         mail_options: list[str],
     ) -> str:
         login = session.auth_data
-        entry = self.users.get(login) if isinstance(login, str) else None
-        if entry is None or not sender_allowed(entry[1], address):
+        entry = self.users.lookup(login) if isinstance(login, str) else None
+        if entry is None or not sender_matches(entry.senders, address):
             return f"550 5.7.1 Sender address <{address}> not owned by user {login}"
         envelope.mail_from = address
         envelope.mail_options.extend(mail_options)
@@ -140,7 +125,7 @@ class SubmissionSMTP(SMTP):
     """aiosmtpd's SMTP with AUTH PLAIN verified off the event loop."""
 
     hasher = argon2.PasswordHasher()  # argon2-cffi's defaults, as submitd's users file uses
-    users: dict[str, tuple[str, frozenset[str]]] = {}
+    users: UsersFile = UsersFile(path=Path("users"))
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -159,11 +144,11 @@ class SubmissionSMTP(SMTP):
             await self.push("501 5.5.2 Cannot split the credentials")
             return AuthResult(success=False, handled=True)
         name = login.decode("utf-8", "replace")
-        entry = self.users.get(name)
+        entry = self.users.lookup(name)
         if entry is None:
             return AuthResult(success=False)
         loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, self._verify, entry[0], password)
+        ok = await loop.run_in_executor(None, self._verify, entry.hash, password)
         if not ok:
             return AuthResult(success=False)
         return AuthResult(success=True, auth_data=name)
@@ -180,7 +165,7 @@ async def serve(args: argparse.Namespace) -> None:
     from submitd.server.tls import make_server_context
 
     tls = make_server_context(TLSConfig(cert=Path(args.cert), key=Path(args.key)))
-    users = load_users(Path(args.users))
+    users = UsersFile.load(Path(args.users))
     handler = Handler(users, Maildir(Path(args.maildir)))
     SubmissionSMTP.users = users
     loop = asyncio.get_running_loop()
