@@ -1,13 +1,14 @@
 """What several ``submitd`` subcommands share.
 
-The configuration named by ``--config``, and the plugins loaded and configured exactly as
-``submitd serve`` does.
+The help for a command given without its action, the configuration named by ``--config``,
+and the plugins loaded and configured exactly as ``submitd serve`` does.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -34,3 +35,13 @@ def configured_plugins(
         yield pm
     finally:
         unconfigure_plugins(pm, config)
+
+
+def help_handler(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """A handler for a command given without its action: its help on stderr, exit 2 (usage)."""
+
+    def show(args: argparse.Namespace) -> int:
+        parser.print_help(sys.stderr)
+        return 2
+
+    return show

@@ -28,8 +28,7 @@ from typing import TypeVar
 
 import trio
 
-from ._cli_common import config_from_args
-from ._cli_users import help_handler
+from ._cli_common import config_from_args, help_handler
 from ._queue_display import as_json, details, format_sender, printable, summary, totals
 from .config import Config
 from .errors import SpoolError

@@ -25,8 +25,7 @@ from typing import Protocol, TextIO
 
 import trio
 
-from ._cli_common import config_from_args, configured_plugins
-from ._cli_users import help_handler
+from ._cli_common import config_from_args, configured_plugins, help_handler
 from .config import Config, format_duration
 from .errors import ConfigError
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ._cli_common import config_from_args
+from ._cli_common import config_from_args, help_handler
 from .errors import ConfigError, UsageError
 from .passwords import (
     DEFAULT_MIN_PASSWORD_LENGTH,
@@ -27,7 +27,7 @@ from .passwords import (
 )
 from .secret import Secret
 
-__all__ = ["add_user_commands", "help_handler"]
+__all__ = ["add_user_commands"]
 
 EXIT_OK = 0
 
@@ -88,16 +88,6 @@ def add_user_commands(commands: Any) -> None:
     p = user.add_parser("list", help="list logins and their senders")
     _users_file_options(p)
     p.set_defaults(handler=cmd_user_list)
-
-
-def help_handler(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """A handler for a command given without its action: its help on stderr, exit 2 (usage)."""
-
-    def show(args: argparse.Namespace) -> int:
-        parser.print_help(sys.stderr)
-        return 2
-
-    return show
 
 
 def _users_file_options(p: argparse.ArgumentParser) -> None:

@@ -17,11 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from ._cli_common import config_from_args, configured_plugins
+from ._cli_common import config_from_args, configured_plugins, help_handler
 from ._cli_explain import add_explain_command
 from ._cli_queue import add_queue_commands
 from ._cli_smarthost import add_smarthost_commands
-from ._cli_users import add_user_commands, help_handler
+from ._cli_users import add_user_commands
 from .certs import CertificateInfo, TLSFileError, inspect_certificate, write_selfsigned
 from .config import Config, default_config_path, format_duration
 from .errors import ConfigError, SubmitdError, UsageError
