@@ -20,7 +20,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
@@ -53,7 +53,6 @@ EXIT_FAILURE = 1
 
 _T = TypeVar("_T")
 Handler = Callable[[argparse.Namespace], int]
-_CONCURRENT_READS = 16
 
 
 class QueueCommandError(Exception):
@@ -137,25 +136,17 @@ def _guarded(handler: Callable[[argparse.Namespace], int]) -> Callable[[argparse
 # --- reading the spool ----------------------------------------------------------------------
 
 
-async def _records(spool: Spool, queue_ids: Iterable[str]) -> list[QueueRecord]:
-    """Read the sidecars of ``queue_ids`` concurrently, in order; vanished ones are skipped."""
-    ids = list(queue_ids)
-    found: dict[str, QueueRecord] = {}
-    limiter = trio.CapacityLimiter(_CONCURRENT_READS)
+async def _records(spool: Spool) -> list[QueueRecord]:
+    """Every queued message's record, oldest first, each sidecar read once in one thread trip.
 
-    async def read(queue_id: str) -> None:
-        async with limiter:
-            try:
-                found[queue_id] = await spool.load_record(queue_id)
-            except QueueEntryMissing:
-                pass  # delivered or deleted while we were listing
-            except SpoolError as exc:  # unreadable: the server moves it to corrupt/
-                print(f"submitd: skipping {queue_id}: {exc}", file=sys.stderr)
+    Messages delivered or deleted meanwhile are left out; unreadable ones are named on stderr
+    (the server moves them to ``corrupt/``).
+    """
 
-    async with trio.open_nursery() as nursery:
-        for queue_id in ids:
-            nursery.start_soon(read, queue_id)
-    return [found[i] for i in ids if i in found]
+    def warn(queue_id: str, reason: str) -> None:
+        print(f"submitd: skipping {queue_id}: {reason}", file=sys.stderr)
+
+    return [record for _, record in await spool.list_records(on_unreadable=warn)]
 
 
 # --- queue list -----------------------------------------------------------------------------
@@ -167,7 +158,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     spool = _spool(config_from_args(args))
 
     async def main() -> list[QueueRecord]:
-        return await _records(spool, await spool.queued_ids())
+        return await _records(spool)
 
     records = _run(main)
     now = time.time()
@@ -237,7 +228,7 @@ def cmd_queue_flush(args: argparse.Namespace) -> int:
 async def _make_due(spool: Spool, ids: list[str], *, single: bool) -> tuple[int, list[str]]:
     now = time.time()
     due, held = 0, []
-    records = [await spool.load_record(ids[0])] if single else await _records(spool, ids)
+    records = [await spool.load_record(ids[0])] if single else await _records(spool)
     for record in records:
         if record.held and single:
             raise QueueCommandError(f"{record.queue_id} is held: release it first")

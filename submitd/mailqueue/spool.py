@@ -234,15 +234,20 @@ class Spool:
         """
         return await trio.to_thread.run_sync(self._load_sync, queue_id)
 
-    async def list_records(self) -> list[tuple[str, QueueRecord]]:
+    async def list_records(
+        self, *, on_unreadable: Callable[[str, str], None] | None = None
+    ) -> list[tuple[str, QueueRecord]]:
         """Every committed message with its record, oldest first (one worker-thread trip).
 
         Each sidecar is read once. Messages removed while listing are left out, and so are
-        unreadable ones (the runner moves those to ``corrupt/`` when it reaches them).
+        unreadable ones (the runner moves those to ``corrupt/`` when it reaches them);
+        ``on_unreadable(queue_id, reason)`` hears about each of those, from the worker thread.
         """
-        return await trio.to_thread.run_sync(self._list_records_sync)
+        return await trio.to_thread.run_sync(self._list_records_sync, on_unreadable)
 
-    def _list_records_sync(self) -> list[tuple[str, QueueRecord]]:
+    def _list_records_sync(
+        self, on_unreadable: Callable[[str, str], None] | None
+    ) -> list[tuple[str, QueueRecord]]:
         try:
             names = os.listdir(self.layout.env)
         except FileNotFoundError:
@@ -256,8 +261,11 @@ class Spool:
                 continue
             try:
                 out.append((queue_id, self._read_record_sync(queue_id)))
-            except (QueueEntryMissing, QueueEntryCorrupt):
-                continue
+            except QueueEntryMissing:
+                continue  # delivered or deleted while listing
+            except SpoolError as exc:
+                if on_unreadable is not None:
+                    on_unreadable(queue_id, str(exc))
         return out
 
     def _read_record_sync(self, queue_id: str) -> QueueRecord:

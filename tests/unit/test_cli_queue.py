@@ -659,3 +659,15 @@ async def test_the_scope_it_reports_stops_it_and_removes_the_socket(tmp_path: Pa
 async def test_send_request_to_nobody_says_so(tmp_path: Path) -> None:
     with pytest.raises(ControlError, match="no server answers on"):
         await send_request(tmp_path / "control.sock", ControlRequest(op="flush"))
+
+
+def test_list_names_an_unreadable_sidecar_and_shows_the_others(
+    config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    good, bad = build(config, partial(enqueue, sender="alice@example.org"),
+                      partial(enqueue, sender="alice@example.org"))
+    (spool_of(config).layout.env_path(bad)).write_text('{"version": 2, "created": NaN}\n')
+    assert queue(config, "list", "--json") == 0
+    captured = capsys.readouterr()
+    assert [m["id"] for m in json.loads(captured.out)["messages"]] == [good]
+    assert captured.err.startswith(f"submitd: skipping {bad}: ")
