@@ -736,17 +736,36 @@ async def test_second_runner_on_the_same_spool_refuses_and_touches_nothing(
         pass
 
 
-async def test_stop_lets_the_attempt_in_flight_finish_and_record_its_outcome(
-    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
-) -> None:
+async def stop_while_delivering(
+    spool: Spool, tmp_path: Path, *, duration: float, stops: list[tuple[float, float]]
+) -> tuple[str, FakeHooks]:
+    """Queue one message, stop the runner while its attempt (``duration`` s) is in flight.
+
+    ``stops`` are ``(wait, grace)`` pairs: sleep ``wait`` seconds, then ``runner.stop(grace)``.
+    Returns when the runner has returned.
+    """
     await spool.recover()
     queue_id = await commit(spool)
-    hooks = FakeHooks(always(DeliveryOutcome.delivered()), duration=10.0)
+    hooks = FakeHooks(always(DeliveryOutcome.delivered()), duration=duration)
     runner = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
     async with trio.open_nursery() as nursery:
         await nursery.start(runner.run)
         await hooks.delivering.wait()
-        runner.stop(grace=300.0)
+        for wait, grace in stops:
+            await trio.sleep(wait)
+            runner.stop(grace=grace)
+    return queue_id, hooks
+
+
+def abandoned(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "attempt_abandoned" in r.getMessage()]
+
+
+async def test_stop_lets_the_attempt_in_flight_finish_and_record_its_outcome(
+    spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock
+) -> None:
+    queue_id, hooks = await stop_while_delivering(spool, tmp_path, duration=10.0,
+                                                  stops=[(0.0, 300.0)])
     assert trio.current_time() <= 300.0
     assert [(q, r.address) for q, r, _ in hooks.results] == [(queue_id, "b@example.net")]
     assert await spool.queued_ids() == []
@@ -755,19 +774,13 @@ async def test_stop_lets_the_attempt_in_flight_finish_and_record_its_outcome(
 async def test_stop_abandons_an_attempt_that_outlasts_the_grace_and_logs_it(
     spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await spool.recover()
-    queue_id = await commit(spool)
-    hooks = FakeHooks(always(DeliveryOutcome.delivered()), duration=100.0)
-    runner = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
     with caplog.at_level(logging.INFO, logger="submitd.queue"):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(runner.run)
-            await hooks.delivering.wait()
-            runner.stop(grace=5.0)
+        queue_id, hooks = await stop_while_delivering(spool, tmp_path, duration=100.0,
+                                                      stops=[(0.0, 5.0)])
     assert trio.current_time() == 5.0
     assert hooks.results == []
-    abandoned = [r.getMessage() for r in caplog.records if "attempt_abandoned" in r.getMessage()]
-    assert len(abandoned) == 1 and f"queue_id={queue_id}" in abandoned[0]
+    lines = abandoned(caplog)
+    assert len(lines) == 1 and f"queue_id={queue_id}" in lines[0]
     record = await spool.load_record(queue_id)  # untouched: attempted again after a restart
     assert record.recipients[0].attempts == 0
 
@@ -775,19 +788,11 @@ async def test_stop_abandons_an_attempt_that_outlasts_the_grace_and_logs_it(
 async def test_a_second_stop_shortens_the_grace_of_the_first(
     spool: Spool, tmp_path: Path, autojump_clock: trio.abc.Clock, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # SIGTERM gives deliveries 300 s; a second SIGTERM after 7 s means "stop now".
-    await spool.recover()
-    queue_id = await commit(spool)
-    hooks = FakeHooks(always(DeliveryOutcome.delivered()), duration=100.0)
-    runner = QueueRunner(spool, hooks, queue_config(tmp_path), clock=clock)
+    # SIGTERM gives deliveries 300 s; a second SIGTERM after 7 s means "stop now"; a later,
+    # longer grace never extends it again.
     with caplog.at_level(logging.INFO, logger="submitd.queue"):
-        async with trio.open_nursery() as nursery:
-            await nursery.start(runner.run)
-            await hooks.delivering.wait()
-            runner.stop(grace=300.0)
-            await trio.sleep(7.0)
-            runner.stop(grace=0.0)
-            runner.stop(grace=600.0)  # a later, longer grace never extends it again
+        queue_id, hooks = await stop_while_delivering(
+            spool, tmp_path, duration=100.0, stops=[(0.0, 300.0), (7.0, 0.0), (0.0, 600.0)])
     assert trio.current_time() == 7.0
     assert hooks.results == []
-    assert any(f"attempt_abandoned queue_id={queue_id}" in r.getMessage() for r in caplog.records)
+    assert any(f"attempt_abandoned queue_id={queue_id}" in line for line in abandoned(caplog))
