@@ -6,10 +6,11 @@ Every deadline is configured short (about a second) so the tests stay fast.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
@@ -53,6 +54,25 @@ async def assert_cut(client: RawSMTPClient, within: tuple[float, float], start: 
     assert await client.at_eof()
 
 
+async def assert_cut_while_trickling(
+    client: RawSMTPClient, pieces: Iterable[bytes], interval: float,
+    within: tuple[float, float],
+) -> None:
+    """Send ``pieces`` one every ``interval`` s until the server cuts the client (assert_cut)."""
+    start = trio.current_time()
+
+    async def trickle() -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            for piece in pieces:
+                await client.send(piece)
+                await trio.sleep(interval)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trickle)
+        await assert_cut(client, within, start)
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.parametrize("mode", MODES)
 async def test_idle_session_that_never_logs_in_is_cut_at_the_preauth_timeout(
     make_config: Callable[..., Path], client_tls: ssl.SSLContext,
@@ -94,20 +114,11 @@ async def test_one_byte_at_a_time_is_cut_at_the_command_timeout_from_the_first_b
     caplog.set_level(logging.INFO)
     async with running_server(make_config(limits={"command_timeout": "1s"})) as srv:
         async with await open_session(srv, mode, client_tls) as client:
-            start = trio.current_time()
-
-            async def trickle() -> None:
-                # Each byte comes well within a second of the last: a per-read deadline
-                # would never fire.
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    for byte in b"MAIL FROM:<" + SENDER.encode() + b">":
-                        await client.send(bytes([byte]))
-                        await trio.sleep(0.3)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trickle)
-                await assert_cut(client, (0.9, 2), start)
-                nursery.cancel_scope.cancel()
+            # Each byte comes well within a second of the last: a per-read deadline would
+            # never fire.
+            command = b"MAIL FROM:<" + SENDER.encode() + b">"
+            await assert_cut_while_trickling(client, (bytes([b]) for b in command), 0.3,
+                                             (0.9, 2))
         await slots_freed(srv)
         assert await srv.server.spool.queued_ids() == []
     (line,) = timeouts(caplog)
@@ -128,19 +139,9 @@ async def test_data_below_the_minimum_rate_is_cut(
             assert (await client.command(f"MAIL FROM:<{SENDER}>")).code == 250
             assert (await client.command(f"RCPT TO:<{RECIPIENT}>")).code == 250
             assert (await client.command("DATA")).code == 354
-            start = trio.current_time()
-
-            async def trickle() -> None:  # 50 bytes/s, a read every 0.2 s
-                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                    await client.send(b"Subject: slow\r\n\r\n")
-                    while True:
-                        await client.send(b"x" * 9 + b"\n")
-                        await trio.sleep(0.2)
-
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(trickle)
-                await assert_cut(client, (0.9, 2.5), start)
-                nursery.cancel_scope.cancel()
+            # 50 bytes/s, a read every 0.2 s.
+            body = itertools.chain([b"Subject: slow\r\n\r\n"], itertools.repeat(b"x" * 9 + b"\n"))
+            await assert_cut_while_trickling(client, body, 0.2, (0.9, 2.5))
         await slots_freed(srv)
         assert await srv.server.spool.queued_ids() == []
     (line,) = timeouts(caplog)
