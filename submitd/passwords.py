@@ -29,14 +29,17 @@ from pathlib import Path
 import argon2
 from argon2.exceptions import InvalidHashError, VerificationError
 
+from ._authcache import DEFAULT_CACHE_ENTRIES, CredentialCache
 from .durable import fsync_dir, write_all
 from .errors import SubmitdError
 from .protocol._grammar import has_control, is_hostname
 from .secret import Secret
 
 __all__ = [
+    "DEFAULT_CACHE_ENTRIES",
     "DEFAULT_MIN_PASSWORD_LENGTH",
     "NO_SENDER",
+    "CredentialCache",
     "NoSuchUserError",
     "UserEntry",
     "UserExistsError",

@@ -7,9 +7,17 @@ Configuration::
     max_parallel = 4        # concurrent argon2 verifications (default: number of CPUs)
     queue_timeout = "10s"   # longest wait for a verification slot before 454 4.7.0
     min_password_length = 12  # `submitd user add|passwd` refuse shorter new passwords
+    cache_ttl = "10m"       # how long a verified login and password skip argon2 (0: never)
 
 The file is re-read when it changes (no restart). A password hashed with outdated argon2
 parameters is rehashed on the next successful login (see etc/users.example).
+
+A successful verification is remembered for ``cache_ttl`` in a
+:class:`~submitd.passwords.CredentialCache` (an HMAC digest under a per-process random key,
+never the password), so an application that logs in once per message pays for argon2 once.
+Failures are never remembered; a password change, a deleted login or any new version of the
+users file ends what was remembered at once. The failed-login throttle applies to every
+attempt as before: the server checks it before this plugin is asked.
 
 The senders listed for each login (addresses, ``@domains``, ``<>``) are published as
 :data:`submitd.SENDERS` under the name ``passwdfile``; this plugin does not check them itself.
@@ -42,7 +50,13 @@ from submitd import (
     hookimpl,
     logfmt,
 )
-from submitd.passwords import UsersFile, UsersFileError, file_signature, min_password_length
+from submitd.passwords import (
+    CredentialCache,
+    UsersFile,
+    UsersFileError,
+    file_signature,
+    min_password_length,
+)
 
 from ._login_groups import reject_unknown_keys
 
@@ -55,28 +69,38 @@ __all__ = [
 ]
 
 NAME = "passwdfile"
-_KEYS = ("path", "max_parallel", "queue_timeout", "min_password_length")
+_KEYS = ("path", "max_parallel", "queue_timeout", "min_password_length", "cache_ttl")
 _DEFAULT_QUEUE_TIMEOUT = "10s"
+_DEFAULT_CACHE_TTL = "10m"
 
 log = logging.getLogger("submitd.plugins.passwdfile")
 _UNREADABLE: tuple[int, ...] = ()  # stands for "stat failed" where a signature is expected
 
 
 class PasswdFileState:
-    """What this plugin keeps in ``config.stash``: the users, and the verification limiter.
+    """What this plugin keeps in ``config.stash``: the users, the verification limiter, the cache.
 
     ``users`` is replaced (never mutated) from worker threads under ``lock`` when the file
-    changes; readers on the event loop see either the old or the new version.
+    changes; readers on the event loop see either the old or the new version. ``cache`` is
+    used on the event loop only. A reload builds a new state, with an empty cache.
     """
 
-    __slots__ = ("_broken", "limiter", "lock", "path", "queue_timeout", "rehash_failed", "users")
+    __slots__ = ("_broken", "cache", "limiter", "lock", "path", "queue_timeout",
+                 "rehash_failed", "users")
 
     def __init__(
-        self, *, path: Path, users: UsersFile, max_parallel: int, queue_timeout: float
+        self,
+        *,
+        path: Path,
+        users: UsersFile,
+        max_parallel: int,
+        queue_timeout: float,
+        cache: CredentialCache | None = None,
     ) -> None:
         self.path = path
         self.users = users
         self.limiter = trio.CapacityLimiter(max_parallel)
+        self.cache = cache if cache is not None else CredentialCache(ttl=0)
         self.queue_timeout = queue_timeout
         self.lock = threading.Lock()
         self._broken: tuple[int, ...] | None = None  # version that failed to parse (log once)
@@ -113,20 +137,27 @@ class PasswdFileState:
                 log.info(logfmt("users_file_reloaded", path=self.path, users=len(self.users)))
             return self.users
 
-    def rehash(self, users: UsersFile, login: str, password: Secret) -> None:
-        """Store a fresh hash for ``login`` after a successful login (blocking)."""
+    def rehash(self, users: UsersFile, login: str, password: Secret) -> bool:
+        """Store a fresh hash for ``login`` after a successful login (blocking).
+
+        Return True when the file may have changed (the login's hash in ``users`` is no
+        longer the one on disk), False when ``users`` stays in force (a read-only file).
+        """
         entry = users.lookup(login)
-        if entry is None or self.rehash_failed == users.signature:
-            return  # a read-only file: do not pay for a hash that cannot be stored
+        if entry is None:
+            return True
+        if self.rehash_failed == users.signature:
+            return False  # a read-only file: do not pay for a hash that cannot be stored
         try:
             updated = users.rehash(login, password, entry.hash)
         except (OSError, UsersFileError) as exc:
             log.warning(logfmt("rehash_not_stored", user=login, path=self.path, error=exc))
             self.rehash_failed = users.signature
-            return
+            return False
         with self.lock:
             self.users = updated
         log.info(logfmt("rehashed", user=login))
+        return True
 
 
 class UsersSenders(Mapping[str, tuple[str, ...]]):
@@ -183,6 +214,12 @@ def submitd_configure(config: Config) -> None:
     if queue_timeout <= 0:
         raise ConfigError(config.path, key("queue_timeout"), "must be longer than zero")
     try:
+        cache_ttl = config.parse_duration(table.get("cache_ttl", _DEFAULT_CACHE_TTL))
+    except ValueError as exc:
+        raise ConfigError(config.path, key("cache_ttl"), str(exc)) from None
+    if cache_ttl < 0:
+        raise ConfigError(config.path, key("cache_ttl"), "must be zero (no cache) or longer")
+    try:
         min_password_length(table)  # used by `submitd user`; checked here so start-up says so
     except ValueError as exc:
         raise ConfigError(config.path, key("min_password_length"), str(exc)) from None
@@ -192,31 +229,50 @@ def submitd_configure(config: Config) -> None:
     except UsersFileError as exc:
         raise ConfigError(config.path, key("path"), str(exc)) from None
     state = PasswdFileState(
-        path=path, users=users, max_parallel=max_parallel, queue_timeout=queue_timeout
+        path=path, users=users, max_parallel=max_parallel, queue_timeout=queue_timeout,
+        cache=CredentialCache(ttl=cache_ttl),
     )
     config.stash[STATE] = state
     config.stash.setdefault(SENDERS, {})[NAME] = UsersSenders(state)
 
 
-def _authenticate(state: PasswdFileState, login: str, password: Secret) -> AuthResult:
-    """Verify in a worker thread; rehash on success if the parameters are outdated."""
+def _authenticate(
+    state: PasswdFileState, login: str, password: Secret
+) -> tuple[AuthResult, UsersFile | None]:
+    """Verify in a worker thread; rehash on success if the parameters are outdated.
+
+    Also return the users file the password was verified against, when it is still the
+    version in force (what the cache may remember the success against), else None.
+    """
     users = state.current_users()
     result = users.verify(login, password)
     if not result.ok:
-        return AuthResult.deny()
-    if result.needs_rehash:
-        state.rehash(users, login, password)
-    return AuthResult.ok(login)
+        return AuthResult.deny(), None
+    if result.needs_rehash and state.rehash(users, login, password):
+        # A new version of the file: the next login verifies once against it, then hits.
+        return AuthResult.ok(login), None
+    return AuthResult.ok(login), users
 
 
 @hookimpl
 async def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthResult | None:
     """Check the login and password against the users file (off the event loop).
 
-    At most ``max_parallel`` verifications run at once; a login that waits longer than
+    A login and password verified less than ``cache_ttl`` ago against the same users file
+    are accepted without argon2 (one ``stat`` of the file, in a worker thread). Otherwise at
+    most ``max_parallel`` verifications run at once; a login that waits longer than
     ``queue_timeout`` for a slot is refused with ``454 4.7.0`` (docs/security.md §3).
     """
     state = session.config.stash[STATE]
+    login, password = credentials.username, credentials.password
+    cache = state.cache
+    digest = cache.digest(login, password)  # None when the cache is disabled
+    if cache.may_hold(digest):
+        users = await trio.to_thread.run_sync(state.current_users)
+        if cache.verified(digest, login, users):
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(logfmt("auth_cached", session=session.session_id, user=login))
+            return AuthResult.ok(login)
     with trio.move_on_after(state.queue_timeout) as waiting:
         await state.limiter.acquire()
     if waiting.cancelled_caught:  # a cancelled acquire() never holds the limiter
@@ -224,8 +280,11 @@ async def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthRe
             Reply.make(454, "4.7.0", "Temporary authentication failure, try again later")
         )
     try:
-        return await trio.to_thread.run_sync(
-            _authenticate, state, credentials.username, credentials.password
+        result, verified_against = await trio.to_thread.run_sync(
+            _authenticate, state, login, password
         )
     finally:
         state.limiter.release()
+    if verified_against is not None:
+        cache.store(digest, login, verified_against)
+    return result

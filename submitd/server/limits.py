@@ -19,10 +19,15 @@ __all__ = ["ConnectionLimiter", "Refused", "Slot"]
 
 @dataclass(slots=True, eq=False)
 class Slot:
-    """One admitted connection: its address, and whether it still counts as not logged in."""
+    """One admitted connection: its address, and whether it still counts as not logged in.
+
+    ``released`` tells whether it was given back: :meth:`ConnectionLimiter.release` may be
+    called early, when the session ends, and again when the socket is closed.
+    """
 
     ip: str
     unauthenticated: bool = True
+    released: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,9 +54,13 @@ class ConnectionLimiter:
     ``max_unauthenticated`` open sessions that have not logged in yet, and a rate per address:
     a token bucket holding ``max_rate`` connections, refilled at ``max_rate`` per
     ``rate_window`` seconds — a burst of ``max_rate`` connections passes, then one more each
-    ``rate_window / max_rate`` seconds. Only admitted connections take a token. The rate table
-    holds at most ``max_addresses`` addresses: when it is full, addresses whose bucket has
-    refilled are forgotten first (they are as good as new), then the longest quiet half.
+    ``rate_window / max_rate`` seconds. Only admitted connections take a token, and a
+    connection that logs in gives its token back (never beyond ``max_rate``): the rate
+    limits addresses that connect without logging in, not an application that reconnects once
+    per message (its logins are throttled on their own, :mod:`submitd.server.throttle`, and
+    its open connections capped by ``max_per_ip``). The rate table holds at most
+    ``max_addresses`` addresses: when it is full, addresses whose bucket has refilled are
+    forgotten first (they are as good as new), then the longest quiet half.
     """
 
     def __init__(
@@ -114,20 +123,33 @@ class ConnectionLimiter:
         return Slot(ip=ip)
 
     def logged_in(self, slot: Slot) -> None:
-        """The session on ``slot`` authenticated: it no longer counts as unauthenticated."""
-        if slot.unauthenticated:
-            slot.unauthenticated = False
-            self.unauthenticated -= 1
+        """The session on ``slot`` authenticated: it no longer counts as unauthenticated.
+
+        Its address gets back the rate token the connection took (at most ``max_rate``).
+        """
+        if slot.unauthenticated and not slot.released:
+            self._leave_unauthenticated(slot)
+            bucket = self._buckets.get(slot.ip)
+            if bucket is not None:  # None: forgotten since, as good as full
+                bucket.tokens = min(float(self.max_rate), bucket.tokens + 1.0)
 
     def release(self, slot: Slot) -> None:
-        """Give back ``slot`` (the connection ended)."""
-        self.logged_in(slot)
+        """Give back ``slot`` (the session or the connection ended); later calls do nothing."""
+        if slot.released:
+            return
+        slot.released = True
+        self._leave_unauthenticated(slot)
         self.total -= 1
         left = self._per_ip[slot.ip] - 1
         if left:
             self._per_ip[slot.ip] = left
         else:
             del self._per_ip[slot.ip]
+
+    def _leave_unauthenticated(self, slot: Slot) -> None:
+        if slot.unauthenticated:
+            slot.unauthenticated = False
+            self.unauthenticated -= 1
 
     def count(self, ip: str) -> int:
         """Open connections from ``ip``."""

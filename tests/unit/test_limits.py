@@ -89,6 +89,57 @@ def test_unauthenticated_sessions_are_capped_until_they_log_in() -> None:
     assert (lim.total, lim.unauthenticated) == (0, 0)
 
 
+def test_connections_that_log_in_give_their_rate_token_back() -> None:
+    # An application that reconnects once per message: 100 connections from one address in
+    # one second, each logging in, all pass (the bucket holds 30 and refills 3 per second).
+    clock = Clock()
+    lim = ConnectionLimiter.from_limits(Limits(), clock=clock)
+    for _ in range(100):
+        clock.now += 0.01
+        slot = admitted(lim, "192.0.2.7")
+        lim.logged_in(slot)
+        lim.release(slot)
+    assert (lim.total, lim.unauthenticated) == (0, 0)
+    # Connections that do not log in are still limited: 30 pass, the 31st is refused.
+    outcomes = []
+    for _ in range(31):
+        outcome = lim.acquire("192.0.2.7")
+        outcomes.append(outcome)
+        if isinstance(outcome, Slot):
+            lim.release(outcome)  # closed without logging in
+    assert [isinstance(o, Slot) for o in outcomes] == [True] * 30 + [False]
+    refused = outcomes[-1]
+    assert isinstance(refused, Refused) and refused.rate
+
+
+def test_a_refund_never_fills_the_bucket_beyond_the_rate() -> None:
+    clock = Clock()
+    lim = ConnectionLimiter(max_total=100, max_per_ip=100, max_rate=5, rate_window=10.0,
+                            clock=clock)
+    slots = [admitted(lim, "192.0.2.7") for _ in range(3)]
+    clock.now += 60.0  # the bucket refills to its cap of 5 ...
+    for slot in slots:  # ... and the three refunds add nothing on top
+        lim.logged_in(slot)
+        lim.logged_in(slot)  # counted once
+    outcomes = [isinstance(lim.acquire("192.0.2.7"), Slot) for _ in range(6)]
+    assert outcomes == [True] * 5 + [False]
+
+
+def test_a_released_connection_gives_nothing_back_and_release_is_idempotent() -> None:
+    clock = Clock()
+    lim = ConnectionLimiter(max_total=100, max_per_ip=2, max_rate=2, rate_window=10.0,
+                            clock=clock)
+    first, second = admitted(lim, "192.0.2.7"), admitted(lim, "192.0.2.7")
+    lim.release(first)  # the session ended early (before the TLS close) ...
+    lim.release(first)  # ... and again when the socket closed: counted once
+    assert (lim.total, lim.count("192.0.2.7"), lim.unauthenticated) == (1, 1, 1)
+    lim.logged_in(first)  # too late: a released slot refunds nothing
+    refused = lim.acquire("192.0.2.7")
+    assert isinstance(refused, Refused) and refused.rate
+    lim.logged_in(second)  # a live session that logs in does
+    assert isinstance(lim.acquire("192.0.2.7"), Slot)
+
+
 def test_configure_takes_the_limits_table() -> None:
     lim = ConnectionLimiter.from_limits(Limits(max_connection_rate=5, max_unauthenticated=7))
     assert (lim.max_total, lim.max_per_ip, lim.max_rate, lim.max_unauthenticated) == (
