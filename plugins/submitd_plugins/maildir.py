@@ -7,9 +7,11 @@ The embedded default of ``submitd quickstart``. Configuration::
 
 Each message becomes one file (whatever its recipients): written to ``tmp/`` in a worker
 thread, starting with ``Return-Path: <sender>`` and followed by the stored message (CRLF line
-endings, as stored), fsynced, renamed into ``new/`` and ``new/`` fsynced. A failure leaves no
-file in ``new/``, is logged with the operating system's error, and answers ``451 4.3.0`` for
-every recipient, so the queue retries.
+endings, as stored), fsynced, renamed into ``new/`` and ``new/`` fsynced. The fsync of ``new/``
+is shared by the deliveries running at the same time (:class:`submitd.durable.DirectorySync`):
+each returns only after an fsync of ``new/`` that started after its own rename succeeded. A
+failure leaves no file in ``new/``, is logged with the operating system's error, and answers
+``451 4.3.0`` for every recipient, so the queue retries.
 
 File names are ``SECONDS.Q<queue id>.<host>``: ``SECONDS`` is when the message was received
 (stored with it), the queue ID makes the name unique, and ``<host>`` is this machine's name
@@ -49,7 +51,7 @@ from submitd import (
     hookimpl,
     logfmt,
 )
-from submitd.durable import fsync_dir, write_all
+from submitd.durable import DirectorySync, write_all
 
 from ._login_groups import reject_unknown_keys
 
@@ -69,6 +71,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Queue IDs are short and alphanumeric; anything else never becomes part of a file name.
 _SAFE_QUEUE_ID = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
+# Concurrent deliveries share their fsyncs of new/ (one per batch instead of one each).
+_NEW_DIR_SYNC = DirectorySync()
 
 
 @hookimpl
@@ -198,7 +202,7 @@ def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> 
             os.close(fd)
         os.rename(tmp, final)
         renamed = True
-        fsync_dir(final.parent)
+        _NEW_DIR_SYNC.sync(final.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             (final if renamed else tmp).unlink()

@@ -1,8 +1,12 @@
 """Receiving one message into the spool and committing it (see :mod:`.spool` for the rules).
 
-The commit runs as one worker-thread call, so a cancellation can never stop it half-way:
-either every step ran (fsynced message, fsynced sidecar, both renamed, directories fsynced)
-or the files it made are removed again and :class:`SpoolError` is raised.
+The temp file is created by the first worker-thread trip that writes (a small message: the
+one in :meth:`IncomingMessage.finish`), not by :meth:`Spool.open_incoming`. The commit runs as
+one worker-thread call, so a cancellation can never stop it half-way: either every step ran
+(fsynced message, fsynced sidecar, both renamed, directories fsynced) or the files it made are
+removed again and :class:`SpoolError` is raised. In that call the message's own files are
+fsynced by its own thread; the two directory fsyncs are shared with the commits running at
+the same time (group commit, :class:`submitd.durable.DirectorySync`).
 """
 
 from __future__ import annotations
@@ -36,12 +40,6 @@ log = logging.getLogger("submitd.queue")
 WRITE_BUFFER_SIZE = 256 * 1024
 
 
-def _write_and_read_prefix(fd: int, data: bytearray, limit: int) -> bytes:
-    if data:
-        _durable.write_all(fd, data)
-    return _durable.read_prefix(fd, limit)
-
-
 class _Phase(enum.Enum):
     """Where an incoming message stands; only RECEIVING and FINISHED can still commit."""
 
@@ -68,14 +66,20 @@ class IncomingMessage:
         clock: Callable[[], float],
         queue_id: str,
         path: Path,
-        fd: int,
+        prepare_layout: Callable[[], None],
+        dirsync: _durable.DirectorySync,
     ) -> None:
         self.queue_id = queue_id
         self._layout = layout
         self._busy = busy  # the spool's set of IDs being received; we leave it when done
         self._clock = clock
         self._path = path
-        self._fd: int | None = fd
+        self._prepare_layout = prepare_layout  # blocking: creates the directories once
+        self._dirsync = dirsync  # the spool's group commit of directory fsyncs
+        self._fd: int | None = None  # created by the first write in a worker thread
+        self._created = False
+        self._written = 0  # bytes already in the file
+        self._commit_started = False
         self._buffer = bytearray()
         self._size = 0
         self._phase = _Phase.RECEIVING
@@ -103,9 +107,9 @@ class IncomingMessage:
         limit = min(self._size, max_header_size)
         data, self._buffer = self._buffer, bytearray()
         try:
-            # One trip to a worker thread: write what is left, read the header section back.
-            head = await trio.to_thread.run_sync(_write_and_read_prefix, self._open_fd(), data,
-                                                 limit)
+            # One trip to a worker thread: create the file if no write did yet, write what is
+            # left, and read the header section back unless it is all in memory already.
+            head = await trio.to_thread.run_sync(self._finish_sync, data, limit)
         except OSError as exc:
             await self._fail("write", exc)
         fields, body_offset, _ = bounded_header_section(head, complete=limit >= self._size)
@@ -135,8 +139,6 @@ class IncomingMessage:
         says whether a client submitted the message or this server wrote it. Raises
         :class:`SpoolError`; then nothing is queued and the temp files are gone.
         """
-        if self._phase is _Phase.RECEIVING:
-            await self._flush()
         self._expect(_Phase.RECEIVING, _Phase.FINISHED)
         if not envelope.recipients:
             await self.abort()
@@ -158,11 +160,34 @@ class IncomingMessage:
             origin=origin,
         )
         edits = HeaderEdits(prepend=list(message.edits.prepend), remove=set(message.edits.remove))
+        return await self._commit(record, edits, message.body_offset)
+
+    async def commit_unfinished(
+        self, envelope: Envelope, *, session_info: Mapping[str, str], origin: Origin
+    ) -> str:
+        """Commit a message written by this server without :meth:`finish` (no header edits).
+
+        Writing what is buffered, the fsyncs and the renames share one worker-thread trip
+        (:meth:`Spool.enqueue`). Raises :class:`SpoolError` as :meth:`commit` does.
+        """
+        self._expect(_Phase.RECEIVING)
+        return await self.commit(
+            envelope,
+            MessageHandle(path=self._path, size=self._size, headers=[], body_offset=0,
+                          queue_id=self.queue_id, editable=False),
+            session_info=session_info,
+            origin=origin,
+        )
+
+    async def _commit(self, record: QueueRecord, edits: HeaderEdits, body_offset: int) -> str:
+        data, self._buffer = self._buffer, bytearray()  # still buffered when not finished
         try:
             record = await trio.to_thread.run_sync(
-                self._commit_sync, record, edits, message.body_offset
+                self._commit_sync, record, edits, body_offset, data
             )
         except BaseException as exc:
+            if not self._commit_started:
+                raise  # cancelled before the worker thread ran: abort() removes the file
             # _commit_sync has already removed every file it made: nothing is queued.
             self._phase = _Phase.DISCARDED
             self._busy.discard(self.queue_id)
@@ -191,6 +216,9 @@ class IncomingMessage:
         self._phase = _Phase.DISCARDED
         fd, self._fd = self._fd, None
         self._buffer = bytearray()
+        if not self._created:
+            self._busy.discard(self.queue_id)  # nothing was written: no file to remove
+            return
         # Shielded: abort runs in cleanup paths, often while the session is being cancelled.
         with trio.CancelScope(shield=True):
             try:
@@ -204,19 +232,37 @@ class IncomingMessage:
         if self._phase not in phases:
             raise SpoolError(f"message {self.queue_id} is {self._phase.value}")
 
-    def _open_fd(self) -> int:
-        if self._fd is None:
-            raise SpoolError(f"the spool file of {self.queue_id} is closed")
-        return self._fd
-
     async def _flush(self) -> None:
         if not self._buffer:
             return
         data, self._buffer = self._buffer, bytearray()
         try:
-            await trio.to_thread.run_sync(_durable.write_all, self._open_fd(), data)
+            await trio.to_thread.run_sync(self._write_sync, data)
         except OSError as exc:
             await self._fail("write", exc)
+
+    # Blocking parts, run in a worker thread while the task awaits them (never concurrently).
+
+    def _write_sync(self, data: bytearray) -> int:
+        """Append ``data`` to the temp file, creating it first; return its descriptor."""
+        fd = self._fd
+        if fd is None:
+            if self._created:
+                raise ValueError("the spool file is closed")
+            self._prepare_layout()
+            fd = self._fd = _durable.open_exclusive(self._path)
+            self._created = True
+        if data:
+            _durable.write_all(fd, data)
+            self._written += len(data)
+        return fd
+
+    def _finish_sync(self, data: bytearray, limit: int) -> bytes:
+        in_memory = self._written == 0
+        fd = self._write_sync(data)
+        if in_memory:
+            return bytes(memoryview(data)[:limit])  # the whole message was in the buffer
+        return _durable.read_prefix(fd, limit)
 
     async def _fail(self, what: str, exc: OSError) -> NoReturn:
         log.error(logfmt("spool_failed", queue_id=self.queue_id, op=what, error=exc))
@@ -230,10 +276,19 @@ class IncomingMessage:
             _durable.unlink_quietly(layout.tmp / f"{self.queue_id}{suffix}")
 
     def _commit_sync(
-        self, record: QueueRecord, edits: HeaderEdits, body_offset: int
+        self, record: QueueRecord, edits: HeaderEdits, body_offset: int, data: bytearray
     ) -> QueueRecord:
+        self._commit_started = True
         layout = self._layout
         queue_id = self.queue_id
+        if data or self._fd is None:
+            try:
+                self._write_sync(data)
+            except BaseException:
+                _durable.close_quietly(self._fd)
+                self._fd = None
+                _durable.unlink_quietly(self._path)
+                raise
         fd, self._fd = self._fd, None
         if fd is None:
             raise ValueError("the spool file is closed")
@@ -269,22 +324,25 @@ class IncomingMessage:
             env_tmp = layout.tmp / f"{queue_id}.json"
             _durable.write_file_durably(env_tmp, encode_record(record))
             leftovers.append(env_tmp)
+            # Each directory fsync is shared with the commits running alongside: it returns
+            # once an fsync of the directory that started after our rename has succeeded.
             os.rename(msg_tmp, layout.msg_path(queue_id))
             leftovers.remove(msg_tmp)
             placed.append(layout.msg_path(queue_id))
-            _durable.fsync_dir(layout.msg)
+            self._dirsync.sync(layout.msg)
             os.rename(env_tmp, layout.env_path(queue_id))  # the commit point
             leftovers.remove(env_tmp)
             placed.insert(0, layout.env_path(queue_id))
-            _durable.fsync_dir(layout.env)
+            self._dirsync.sync(layout.env)
         except BaseException:
-            # Never fsync the same descriptor again after a failure: drop it and the files.
+            # Never fsync the same descriptor again after a failure: drop it and the files,
+            # the sidecar first (a message file without one is a fragment recovery removes).
             _durable.close_quietly(fd)
             for path in leftovers:
                 _durable.unlink_quietly(path)
             for path in placed:
-                if _durable.unlink_quietly(path):
+                if _durable.unlink_quietly(path) and path.parent == layout.env:
                     with contextlib.suppress(OSError):
-                        _durable.fsync_dir(path.parent)
+                        self._dirsync.sync(layout.env)
             raise
         return record

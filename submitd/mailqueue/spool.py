@@ -5,8 +5,14 @@ its header section (:meth:`IncomingMessage.finish`), runs the filters, then comm
 message file is fsynced (rewritten first when filters edited headers), the envelope sidecar
 is written and fsynced, the message is renamed to ``msg/ID`` and its directory fsynced, then
 the sidecar to ``env/ID.json`` and its directory fsynced. The sidecar's rename is the commit
-point; only after it may the server say 250 (RFC 5321 §4.2.5). Any failure
-raises :class:`SpoolError` and leaves nothing to deliver.
+point; only after it, and the fsync of ``env/`` that follows, may the server say 250
+(RFC 5321 §4.2.5). Any failure raises :class:`SpoolError` and leaves nothing to deliver.
+
+Group commit: the directory fsyncs of concurrent commits (and of :meth:`Spool.save` and
+:meth:`Spool.remove`) are shared through one :class:`submitd.durable.DirectorySync` per spool.
+Each caller's own files are still fsynced by its own worker thread, and each caller returns
+only after fsyncs of ``msg/`` and ``env/`` that started after its renames succeeded; a failed
+directory fsync fails every caller it may concern, each of which removes its own files.
 
 One server works on a spool at a time: :meth:`Spool.lock` takes ``<dir>/lock`` before
 recovery. Every blocking call runs in ``trio.to_thread.run_sync``: the event loop never waits
@@ -15,6 +21,7 @@ for disk.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import secrets
@@ -91,6 +98,7 @@ class Spool:
         self._max_header_size = max_header_size
         self._busy = _Busy()
         self._layout_ready = False
+        self._dirsync = _durable.DirectorySync()
         self._recover_lock = trio.Lock()
         self._lock_fd: int | None = None
 
@@ -178,31 +186,28 @@ class Spool:
     # --- receiving --------------------------------------------------------------------------
 
     async def open_incoming(self) -> IncomingMessage:
-        """Start receiving a message: a new queue ID and an exclusive file in ``tmp/``."""
+        """Start receiving a message: a new queue ID, its file to be created in ``tmp/``.
+
+        Does not block or touch the disk: the exclusive file is created by the first worker-
+        thread trip that writes to it, and a failure then raises :class:`SpoolError` from
+        that call (:meth:`IncomingMessage.write`, ``finish`` or ``commit``).
+        """
         queue_id = new_queue_id()
-        path = self.layout.tmp / f"{queue_id}.msg"
         self._busy.incoming.add(queue_id)
-        try:
-            fd = await trio.to_thread.run_sync(self._open_sync, path)
-        except BaseException as exc:
-            self._busy.incoming.discard(queue_id)
-            if isinstance(exc, OSError):
-                raise SpoolError(f"cannot create a spool file in {self.layout.tmp}: {exc}") from exc
-            raise
         return IncomingMessage(
             layout=self.layout,
             busy=self._busy.incoming,
             clock=self._clock,
             queue_id=queue_id,
-            path=path,
-            fd=fd,
+            path=self.layout.tmp / f"{queue_id}.msg",
+            prepare_layout=self._prepare_layout_sync,
+            dirsync=self._dirsync,
         )
 
-    def _open_sync(self, path: Path) -> int:
+    def _prepare_layout_sync(self) -> None:
         if not self._layout_ready:
             self.layout.create()
             self._layout_ready = True
-        return _durable.open_exclusive(path)
 
     # --- reading ----------------------------------------------------------------------------
 
@@ -317,14 +322,14 @@ class Spool:
         """Queue a message this server wrote (a bounce or delay warning); return its ID.
 
         ``data`` is the whole message (CRLF line ends); it is committed exactly as a submitted
-        message is (durable before this returns). Raises :class:`SpoolError`.
+        message is (durable before this returns), writing included in one worker-thread trip.
+        Raises :class:`SpoolError`.
         """
         incoming = await self.open_incoming()
         try:
-            await incoming.write(data)
-            handle = await incoming.finish(max_header_size=self._max_header_size)
-            return await incoming.commit(
-                envelope, handle, session_info=session_info, origin=origin
+            await incoming.write(data)  # buffered: written in the commit's trip if small
+            return await incoming.commit_unfinished(
+                envelope, session_info=session_info, origin=origin
             )
         finally:
             await incoming.abort()  # a no-op after the commit
@@ -333,6 +338,8 @@ class Spool:
 
     async def save(self, record: QueueRecord) -> None:
         """Atomically replace the sidecar of ``record.queue_id`` (tmp, fsync, rename, fsync).
+
+        The fsync of ``env/`` is shared with concurrent commits, saves and removals.
 
         Raises :class:`QueueEntryMissing` if the message was removed meanwhile (it is not
         brought back), :class:`SpoolError` on any I/O failure (the old sidecar stays).
@@ -357,12 +364,15 @@ class Spool:
         except BaseException:
             _durable.unlink_quietly(tmp)
             raise
-        _durable.fsync_dir(self.layout.env)
+        self._dirsync.sync(self.layout.env)
 
     async def remove(self, queue_id: str) -> None:
         """Delete ``queue_id``: the sidecar first (no longer queued), then the message file.
 
-        Removing a message that is already gone is not an error.
+        Only the sidecar's removal is made durable (an fsync of ``env/``, shared with
+        concurrent removals, saves and commits) before the message file goes: a message file
+        without its sidecar is a fragment that recovery removes, so fsyncing ``msg/`` would
+        buy nothing. Removing a message that is already gone is not an error.
         """
         if not is_queue_id(queue_id):
             raise QueueEntryMissing(f"not a queue ID: {queue_id!r}")
@@ -374,12 +384,14 @@ class Spool:
     def _remove_sync(self, queue_id: str) -> None:
         # The sidecar's removal must be durable before the message file goes: a crash in
         # between must never leave a sidecar pointing at nothing.
-        for path in (self.layout.env_path(queue_id), self.layout.msg_path(queue_id)):
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                continue
-            _durable.fsync_dir(path.parent)
+        try:
+            self.layout.env_path(queue_id).unlink()
+        except FileNotFoundError:
+            pass
+        else:
+            self._dirsync.sync(self.layout.env)
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.msg_path(queue_id).unlink()
 
     async def quarantine(self, queue_id: str, reason: str) -> None:
         """Move ``queue_id``'s files to ``corrupt/`` and log ``reason`` (no longer queued)."""

@@ -721,6 +721,7 @@ async def test_second_runner_on_the_same_spool_refuses_and_touches_nothing(
     async with running(first):
         incoming = await spool.open_incoming()  # a message being received by the first
         await incoming.write(MESSAGE)
+        await incoming.finish(max_header_size=65536)  # its file is in tmp/ by now
         before = sorted(p.name for p in (spool.directory / "tmp").iterdir())
         second = QueueRunner(Spool(spool.directory, clock=clock), hooks, queue_config(tmp_path),
                              clock=clock)
