@@ -3,7 +3,7 @@ using it, driven through its AUTH hook as the session calls it (argon2 calls cou
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import argon2
@@ -79,7 +79,7 @@ def config(tmp_path: Path, users_path: Path) -> Config:
     return make_config(tmp_path)
 
 
-def login(config: Config) -> Callable[..., object]:
+def login(config: Config) -> Callable[..., Awaitable[AuthResult | None]]:
     async def attempt(user: str = "alice", password: str = PASSWORD) -> AuthResult | None:
         info = SessionInfo(
             session_id="S1", config=config, listener=config.listeners[0],
