@@ -121,51 +121,71 @@ class _Round:
 class _Directory:
     """The fsync rounds of one directory: at most one running, at most one gathering."""
 
-    __slots__ = ("changed", "gathering", "running")
+    __slots__ = ("changed", "failures", "gathering", "last_error", "running")
 
     def __init__(self, lock: threading.Lock) -> None:
         self.changed = threading.Condition(lock)
         self.running: _Round | None = None
         self.gathering: _Round | None = None
+        self.failures = 0  # fsyncs of this directory that failed so far
+        self.last_error: OSError | None = None
 
 
 class DirectorySync:
     """Group commit of directory fsyncs: concurrent callers share one ``fsync`` per batch.
 
-    :meth:`sync` is a blocking call for worker threads (like everything in this module).
-    Rename (or create, or unlink) in a directory first, then call ``sync(directory)``: it
-    returns only after an fsync of that directory that *started after the call* has
-    succeeded, so the caller's change is durable. Callers arriving while an fsync runs form
-    the next batch; the first of them to see the running one finish does the batch's fsync
-    for all of them (a new descriptor each time), the others just wait. N concurrent callers
-    thus cost about two fsyncs, not N.
+    Everything here blocks: call it from worker threads, like the rest of this module. The
+    pattern, for each change of a name in a directory (rename, create, unlink)::
 
-    Failure: when the fsync fails, every caller of that batch gets an :class:`OSError`, and
-    so does every caller who arrived while it ran (their change was made while the failing
-    fsync was writing the directory back, so it may be among what the kernel dropped). No
-    fsync is retried on a descriptor that failed; later callers get a fresh fsync. A caller
-    told the fsync failed must treat its change as not durable (undo it, report failure).
+        mark = dirsync.mark(directory)     # before the change
+        os.rename(tmp, directory / name)
+        dirsync.sync(directory, since=mark)  # durable once this returns
 
-    One instance may serve any number of directories (keyed by path as given). It holds no
-    thread and no file open between calls; it is safe to use from many threads and from
-    several trio runs at once. Within one process, use one instance per set of directories
-    so that callers find each other.
+    :meth:`sync` returns only after an fsync of the directory that *started after the call*
+    has succeeded, so every change made before the call is durable. Callers arriving while
+    an fsync runs form the next batch; the first of them to see the running one end does the
+    batch's fsync (on a new descriptor) for all of them while the others wait. N concurrent
+    callers thus cost about two fsyncs, not N.
+
+    Failure: when an fsync fails, every caller waiting for it gets an :class:`OSError`, and
+    so does every caller whose change may have been written back by it: with ``since``,
+    every caller that took its mark before that failure ended (without ``since``, those that
+    called while it ran). After a failed fsync the kernel may have dropped what it could not
+    write and a later fsync may report success anyway (the "fsyncgate" finding), so those
+    changes can never be confirmed; the fsync is never retried on the descriptor that failed,
+    and callers that marked after the failure get a fresh fsync. A caller told the fsync
+    failed must treat its change as not durable (undo it, report the failure).
+
+    One instance may serve any number of directories (keyed by the path as given). It holds
+    no thread and no open file between calls, and is safe to use from many threads and from
+    several trio runs at once. Callers only share fsyncs through the same instance.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._directories: dict[Path, _Directory] = {}
 
-    def sync(self, directory: Path) -> None:
-        """Block until a ``fsync`` of ``directory`` started after this call has succeeded.
+    def _state(self, directory: Path) -> _Directory:
+        state = self._directories.get(directory)
+        if state is None:
+            state = self._directories[directory] = _Directory(self._lock)
+        return state
 
-        Raises :class:`OSError` when that fsync (or one running when this call came) failed.
+    def mark(self, directory: Path) -> int:
+        """Return a mark to pass to :meth:`sync` as ``since``; take it before the change."""
+        with self._lock:
+            return self._state(directory).failures
+
+    def sync(self, directory: Path, *, since: int | None = None) -> None:
+        """Block until an fsync of ``directory`` started after this call has succeeded.
+
+        Raises :class:`OSError` (with the fsync's errno) when that fsync failed, when one
+        running at the time of the call failed, or, given ``since`` (from :meth:`mark`),
+        when any fsync of ``directory`` failed after that mark was taken.
         """
         with self._lock:
-            state = self._directories.get(directory)
-            if state is None:
-                state = self._directories[directory] = _Directory(self._lock)
-            before = state.running  # may have started before our change: does not count
+            state = self._state(directory)
+            before = state.running  # started before our call: may not cover our change
             mine = state.gathering
             if mine is None:
                 mine = state.gathering = _Round()
@@ -186,11 +206,16 @@ class DirectorySync:
                     finally:
                         self._lock.acquire()
                         mine.error, mine.done = error, True
+                        if error is not None:
+                            state.failures += 1
+                            state.last_error = error
                         state.running = None
                         state.changed.notify_all()
                 else:
                     state.changed.wait()
-        error = mine.error or (before.error if before is not None else None)
+            error = mine.error or (before.error if before is not None else None)
+            if error is None and since is not None and state.failures != since:
+                error = state.last_error
         if error is not None:
             # A new exception per caller (they raise it in different threads), same error.
             raise OSError(error.errno, error.strerror, str(directory))

@@ -200,9 +200,10 @@ def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> 
             os.fsync(fd)
         finally:
             os.close(fd)
+        mark = _NEW_DIR_SYNC.mark(final.parent)
         os.rename(tmp, final)
         renamed = True
-        _NEW_DIR_SYNC.sync(final.parent)
+        _NEW_DIR_SYNC.sync(final.parent, since=mark)
     except BaseException:
         with contextlib.suppress(OSError):
             (final if renamed else tmp).unlink()

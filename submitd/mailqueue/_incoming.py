@@ -326,14 +326,16 @@ class IncomingMessage:
             leftovers.append(env_tmp)
             # Each directory fsync is shared with the commits running alongside: it returns
             # once an fsync of the directory that started after our rename has succeeded.
+            mark = self._dirsync.mark(layout.msg)
             os.rename(msg_tmp, layout.msg_path(queue_id))
             leftovers.remove(msg_tmp)
             placed.append(layout.msg_path(queue_id))
-            self._dirsync.sync(layout.msg)
+            self._dirsync.sync(layout.msg, since=mark)
+            mark = self._dirsync.mark(layout.env)
             os.rename(env_tmp, layout.env_path(queue_id))  # the commit point
             leftovers.remove(env_tmp)
             placed.insert(0, layout.env_path(queue_id))
-            self._dirsync.sync(layout.env)
+            self._dirsync.sync(layout.env, since=mark)
         except BaseException:
             # Never fsync the same descriptor again after a failure: drop it and the files,
             # the sidecar first (a message file without one is a fragment recovery removes).

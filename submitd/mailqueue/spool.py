@@ -359,12 +359,13 @@ class Spool:
             raise QueueEntryMissing(f"no queued message {record.queue_id}")
         tmp = self.layout.tmp / f"{record.queue_id}.json.{secrets.token_hex(4)}"
         _durable.write_file_durably(tmp, encode_record(record))
+        mark = self._dirsync.mark(self.layout.env)
         try:
             os.replace(tmp, target)
         except BaseException:
             _durable.unlink_quietly(tmp)
             raise
-        self._dirsync.sync(self.layout.env)
+        self._dirsync.sync(self.layout.env, since=mark)
 
     async def remove(self, queue_id: str) -> None:
         """Delete ``queue_id``: the sidecar first (no longer queued), then the message file.
@@ -384,12 +385,13 @@ class Spool:
     def _remove_sync(self, queue_id: str) -> None:
         # The sidecar's removal must be durable before the message file goes: a crash in
         # between must never leave a sidecar pointing at nothing.
+        mark = self._dirsync.mark(self.layout.env)
         try:
             self.layout.env_path(queue_id).unlink()
         except FileNotFoundError:
             pass
         else:
-            self._dirsync.sync(self.layout.env)
+            self._dirsync.sync(self.layout.env, since=mark)
         with contextlib.suppress(FileNotFoundError):
             self.layout.msg_path(queue_id).unlink()
 
