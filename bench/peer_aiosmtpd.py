@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import hmac
 import logging
 import os
 import secrets
@@ -126,6 +127,7 @@ class SubmissionSMTP(SMTP):
 
     hasher = argon2.PasswordHasher()  # argon2-cffi's defaults, as submitd's users file uses
     users: UsersFile = UsersFile(path=Path("users"))
+    plain_password: bytes | None = None  # --plain-password: compare instead of argon2
 
     async def auth_PLAIN(self, _: Any, args: list[str]) -> AuthResult:
         if len(args) == 1:
@@ -147,8 +149,12 @@ class SubmissionSMTP(SMTP):
         entry = self.users.lookup(name)
         if entry is None:
             return AuthResult(success=False)
-        loop = asyncio.get_running_loop()
-        ok = await loop.run_in_executor(None, self._verify, entry.hash, password)
+        if self.plain_password is not None:
+            # Like Postfix's sasldb (a stored plain-text secret): a constant-time compare.
+            ok = hmac.compare_digest(password, self.plain_password)
+        else:
+            loop = asyncio.get_running_loop()
+            ok = await loop.run_in_executor(None, self._verify, entry.hash, password)
         if not ok:
             return AuthResult(success=False)
         return AuthResult(success=True, auth_data=name)
@@ -168,6 +174,8 @@ async def serve(args: argparse.Namespace) -> None:
     users = UsersFile.load(Path(args.users))
     handler = Handler(users, Maildir(Path(args.maildir)))
     SubmissionSMTP.users = users
+    if args.plain_password is not None:
+        SubmissionSMTP.plain_password = args.plain_password.encode()
     loop = asyncio.get_running_loop()
 
     def factory() -> SMTP:
@@ -180,7 +188,7 @@ async def serve(args: argparse.Namespace) -> None:
             auth_required=True,
             auth_require_tls=True,
             auth_exclude_mechanism=["LOGIN"],
-            timeout=300,
+            timeout=args.timeout,
             loop=loop,
         )
 
@@ -206,6 +214,10 @@ def main() -> int:
     parser.add_argument("--maildir", required=True)
     parser.add_argument("--log", required=True)
     parser.add_argument("--max-size", type=int, default=32 * 1024 * 1024)
+    parser.add_argument("--timeout", type=int, default=300,
+                        help="idle seconds before a session is closed")
+    parser.add_argument("--plain-password", help="compare AUTH PLAIN passwords with this "
+                        "one (constant time) instead of the users file's argon2 hash")
     args = parser.parse_args()
     logging.basicConfig(
         filename=args.log, level=logging.INFO,

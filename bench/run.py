@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import ssl
 import sys
 import tempfile
@@ -36,6 +37,7 @@ from typing import Any
 from backlog import count_queued, fill_spool, spool_bytes
 from core import run_core
 from dos import FULL_DOS, QUICK_DOS, run_dos
+from issue import RUNNERS, WORKLOADS, IssuePlan
 from load import LoadResult, large_message_probe, make_message, run_load, summarize
 from servers import (
     ServerHandle,
@@ -45,10 +47,12 @@ from servers import (
     start_submitd,
     status_kib,
 )
+from targets import SERVERS as SERVER_KEYS
 
 MIB = 1024 * 1024
 MAX_SIZE = 32 * MIB
 SECTIONS = ("throughput", "large_message", "protocol_core", "backlog", "dos")
+NOFILE = 65536  # open files for the client and the servers it starts (idle: 10,000 sessions)
 BACKLOG_MESSAGE_SIZE = 4 * 1024  # the deferred messages' size (only their sidecars are read)
 BACKLOG_START_TIMEOUT = 900.0  # seconds for submitd to recover a full spool and listen
 
@@ -244,11 +248,67 @@ def bench_dos(ws: Workspace, work: Path, quick: bool) -> dict[str, Any]:
     return result
 
 
+def raise_nofile() -> int:
+    """Raise RLIMIT_NOFILE (children inherit it); return the soft limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in ((NOFILE, max(hard, NOFILE)), (min(NOFILE, hard), hard)):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, want)
+            return want[0]
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def issue_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> IssuePlan:
+    """The issue workloads' sizes from the options."""
+    servers = tuple(args.servers.split(",")) if args.servers else SERVER_KEYS
+    for key in servers:
+        if key not in SERVER_KEYS:
+            parser.error(f"--servers: unknown server {key!r} (known: {', '.join(SERVER_KEYS)})")
+    plan = IssuePlan(servers=servers, rounds=5)
+    if args.quick:
+        plan = replace(plan, rounds=1, reconnect_s=3.0, big_size=20 * MIB, big_rounds=1,
+                       idle=500, idle_postfix=100, idle_open_timeout=60.0)
+    if args.rounds is not None:
+        plan = replace(plan, rounds=args.rounds, big_rounds=args.rounds)
+    if args.idle_connections is not None:
+        plan = replace(plan, idle=args.idle_connections,
+                       idle_postfix=min(args.idle_connections, plan.idle_postfix))
+    if args.idle_postfix is not None:
+        plan = replace(plan, idle_postfix=args.idle_postfix)
+    if args.big_size is not None:
+        plan = replace(plan, big_size=args.big_size * MIB)
+    if args.reconnect_seconds is not None:
+        plan = replace(plan, reconnect_s=args.reconnect_seconds)
+    return replace(plan, workers=args.submitd_workers, profile=args.profile)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="submitd benchmark (JSON on stdout)")
     parser.add_argument("--quick", action="store_true", help="a smaller, faster run")
-    parser.add_argument("--only", "--workload", choices=SECTIONS, action="append",
-                        help="run only this measurement (repeatable)")
+    parser.add_argument("--only", "--workload", choices=WORKLOADS + SECTIONS, action="append",
+                        help="run this workload (repeatable; default: "
+                             + ", ".join(WORKLOADS) + ")")
+    parser.add_argument("--servers", metavar="A,B",
+                        help="servers for the issue workloads (default: "
+                             + ",".join(SERVER_KEYS) + ")")
+    parser.add_argument("--rounds", type=int, metavar="N",
+                        help="rounds per server (default 5 for session and reconnect, "
+                             "3 for big; 1 with --quick)")
+    parser.add_argument("--idle-connections", type=int, metavar="K",
+                        help="idle sessions for submitd and aiosmtpd (default 10,000)")
+    parser.add_argument("--idle-postfix", type=int, metavar="K",
+                        help="idle sessions for Postfix (default 1,000: a process each)")
+    parser.add_argument("--big-size", type=int, metavar="MIB",
+                        help="size of the big message in MiB (default 100)")
+    parser.add_argument("--reconnect-seconds", type=float, metavar="S",
+                        help="length of one reconnect round (default 8)")
+    parser.add_argument("--submitd-workers", type=int, metavar="N",
+                        help="write [server] workers = N into submitd's config (when != 1)")
+    parser.add_argument("--profile", type=Path, metavar="DIR",
+                        help="py-spy the submitd servers during session and reconnect; "
+                             "profiles into DIR, top functions into the JSON")
     parser.add_argument("--backlog", type=int, metavar="N",
                         help="deferred messages for the backlog workload "
                              f"(default {FULL.backlog:,}; {QUICK.backlog:,} with --quick)")
@@ -258,7 +318,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.backlog < 1:
             parser.error("--backlog must be at least 1")
         plan = replace(plan, backlog=args.backlog)
-    wanted = args.only or list(SECTIONS)
+    wanted = args.only or list(WORKLOADS)
+    iplan = issue_plan(args, parser)
+    if args.profile is not None:
+        args.profile = args.profile.resolve()
+        iplan = replace(iplan, profile=args.profile)
     import submitd
 
     report: dict[str, Any] = {
@@ -270,11 +334,23 @@ def main(argv: list[str] | None = None) -> int:
         "note": "ratios compare runs made in this same invocation; absolute figures vary "
                 "with the machine's load",
     }
+    if any(w in WORKLOADS for w in wanted):
+        report["servers"] = list(iplan.servers)
+        report["submitd_workers"] = iplan.workers or 1
+        report["nofile_limit"] = raise_nofile()
+        if args.profile is not None:
+            report["profiled"] = "py-spy sampled submitd: its figures in this run are perturbed"
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="submitd-bench-") as tmp:
         work = Path(tmp)
+        # Postfix's daemons (user postfix) open their directories by full path.
+        work.chmod(0o755)
         progress(f"work directory {work} (CA, users, configs, spools, Maildirs)")
         ws = Workspace.create(work)
+        for name in WORKLOADS:
+            if name in wanted:
+                progress(f"workload {name}: servers {', '.join(iplan.servers)}")
+                report[name] = RUNNERS[name](iplan, ws, work)
         if "protocol_core" in wanted:
             report["protocol_core"] = bench_core(plan)
         if "throughput" in wanted:

@@ -127,14 +127,15 @@ def start_submitd(
             stdout=sink, stderr=sink, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
     try:
-        port = _wait_submitd_ready(proc, log, start_timeout)
+        port = wait_submitd_ready(proc, log, start_timeout)
         yield ServerHandle(name="submitd", proc=proc, port=port, maildir=directory / "mail",
                            log=log, start_s=time.perf_counter() - started)
     finally:
         _stop(proc)
 
 
-def _wait_submitd_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
+def wait_submitd_ready(proc: subprocess.Popen[bytes], log: Path, timeout: float) -> int:
+    """Wait for ``event=ready`` in submitd's log; return its STARTTLS port."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = log.read_text(errors="replace")
