@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 PYTEST := $(BIN)/python -m pytest
 
-.PHONY: install run lint typecheck test test-deps test-unit test-integration test-security test-external test-examples bench tls-scan fuzz clean
+.PHONY: install run lint typecheck test test-deps test-unit test-integration test-security test-external test-examples bench profile tls-scan fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -61,9 +61,17 @@ test-examples: $(STAMP)
 
 test: test-deps lint typecheck test-unit test-integration test-security test-external test-examples
 
+# Installs its peers (Postfix, smtp-sink, saslpasswd2 by apt as root; aiosmtpd, py-spy by pip).
 bench: $(STAMP)
-	@$(BIN)/python -c 'import aiosmtpd' 2>/dev/null || $(BIN)/python -m pip install -q aiosmtpd >&2
+	@bench/setup-peers $(VENV)
 	@$(BIN)/python bench/run.py $(BENCH_ARGS)
+
+# py-spy profiles of submitd under session and reconnect into $(PROFILE_DIR).
+PROFILE_DIR ?= profile
+profile: $(STAMP)
+	@bench/setup-peers $(VENV)
+	@$(BIN)/python bench/run.py --workload session --workload reconnect \
+		--profile $(PROFILE_DIR) $(BENCH_ARGS)
 
 # The property tests (protocol core, addresses, SASL, users file) with 20,000 examples each
 # (several minutes).
