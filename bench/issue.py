@@ -96,17 +96,19 @@ def alternate(
 def profiled(plan: IssuePlan, targets: dict[str, Target], name: str) -> Iterator[dict[str, Any]]:
     """py-spy on every submitd server while the block runs (with ``--profile``)."""
     out: dict[str, Any] = {}
-    spies: dict[str, PySpy] = {}
+    spies: dict[tuple[str, str], PySpy] = {}
     if plan.profile is not None:
         plan.profile.mkdir(parents=True, exist_ok=True)
         for key, target in targets.items():
             if key.startswith("submitd"):
-                spies[key] = PySpy(target.pid, plan.profile / f"{name}-{key}.txt")
+                for view, gil in (("gil", True), ("threads", False)):
+                    raw = plan.profile / f"{name}-{key}-{view}.txt"
+                    spies[key, view] = PySpy(target.pid, raw, gil=gil)
     try:
         yield out
     finally:
-        for key, spy in spies.items():
-            out[key] = spy.stop()
+        for (key, view), spy in spies.items():
+            out.setdefault(key, {})[view] = spy.stop()
 
 
 def summarize(name: str, results: dict[str, list[Round]]) -> dict[str, Any]:

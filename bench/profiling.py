@@ -1,9 +1,12 @@
 """py-spy profiles of a running server (``bench/run.py --profile DIR``).
 
-:class:`PySpy` runs ``py-spy record --format raw`` against a process (and its subprocesses:
-``[server] workers``) while a workload runs, then :func:`aggregate` reads the collapsed stacks
-(one ``frame;frame;...;leaf COUNT`` line per distinct stack) into the functions with the most
-self time (the leaf frame) and the most total time (anywhere on the stack, once per stack).
+:class:`PySpy` runs ``py-spy record --format raw --nonblocking`` against a process (and its
+subprocesses: ``[server] workers``) while a workload runs: with ``--gil`` only the thread
+holding the GIL is sampled (where Python spends CPU), without it every thread that is not idle
+(worker threads blocked in ``fsync`` included: where sessions wait). Then :func:`aggregate`
+reads the collapsed stacks (one ``frame;frame;...;leaf COUNT`` line per distinct stack) into
+the functions with the most self time (the leaf frame) and the most total time (anywhere on
+the stack, once per stack).
 The raw file is kept (flamegraph.pl and https://www.speedscope.app read it as it is), and a
 speedscope JSON (``.speedscope.json``) is written next to it.
 """
@@ -20,7 +23,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-RATE = 100  # samples per second
+RATE = 200  # samples per second
 _LINE = re.compile(r"^(?P<stack>.*) (?P<count>\d+)$")
 _FRAME_LINENO = re.compile(r":\d+\)$")
 
@@ -39,15 +42,15 @@ def py_spy() -> str:
 class PySpy:
     """``py-spy record`` attached to ``pid`` until :meth:`stop`."""
 
-    def __init__(self, pid: int, raw: Path) -> None:
+    def __init__(self, pid: int, raw: Path, *, gil: bool) -> None:
         self.raw = raw
         self.log = raw.with_suffix(".log")
+        argv = [py_spy(), "record", "--pid", str(pid), "--format", "raw", "--output", str(raw),
+                "--rate", str(RATE), "--subprocesses", "--nonblocking"]
+        if gil:
+            argv.append("--gil")
         with self.log.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [py_spy(), "record", "--pid", str(pid), "--format", "raw", "--output", str(raw),
-                 "--rate", str(RATE), "--subprocesses", "--nonblocking"],
-                stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-            )
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
     def stop(self) -> dict[str, Any]:
         """Stop recording (SIGINT: py-spy writes its file), aggregate, write speedscope JSON."""

@@ -108,7 +108,8 @@ def session_round(
                  latencies=latencies, cpu_s=cpu, peak_rss_kib=proctree.hwm_kib(target.pid),
                  errors=errors,
                  extra={"delivered_per_s": round(sent[0] / (t2 - marks["t0"]), 1),
-                        "cpu_ms_per_unit": round(cpu / n * 1000, 3)})
+                        "cpu_ms_per_unit": round(cpu / n * 1000, 3),
+                        "pss_kib_after_round": proctree.tree_pss_kib(target.pid)})
 
 
 def reconnect_round(
@@ -153,7 +154,8 @@ def reconnect_round(
     n = max(done[0], 1)
     return Round(rate=done[0] / (t1 - t0), units=done[0], latencies=latencies, cpu_s=cpu,
                  peak_rss_kib=proctree.hwm_kib(target.pid), errors=errors,
-                 extra={"cpu_ms_per_unit": round(cpu / n * 1000, 3)})
+                 extra={"cpu_ms_per_unit": round(cpu / n * 1000, 3),
+                        "pss_kib_after_round": proctree.tree_pss_kib(target.pid)})
 
 
 class _Sampler:
@@ -253,6 +255,7 @@ def idle_round(
     ``open_timeout`` seconds; figures are per session actually opened.
     """
     pss0, rss0 = proctree.tree_pss_kib(target.pid), proctree.rss_kib(target.pid)
+    cpu0 = proctree.cpu_seconds(target.pid)
     latencies: list[float] = []
     errors: Counter[str] = Counter()
     streams: list[trio.abc.Stream] = []
@@ -278,6 +281,7 @@ def idle_round(
                     nursery.start_soon(one, limiter)
         marks["t1"] = time.perf_counter()
         marks["timed_out"] = float(scope.cancelled_caught)
+        marks["cpu1"] = proctree.cpu_seconds(target.pid)
         await trio.sleep(1.0)
         marks["pss1"] = proctree.tree_pss_kib(target.pid)
         marks["rss1"] = proctree.rss_kib(target.pid)
@@ -290,7 +294,7 @@ def idle_round(
     n = max(opened, 1)
     return Round(
         rate=opened / (marks["t1"] - marks["t0"]), units=opened, latencies=latencies,
-        peak_rss_kib=proctree.hwm_kib(target.pid), errors=errors,
+        cpu_s=marks["cpu1"] - cpu0, peak_rss_kib=proctree.hwm_kib(target.pid), errors=errors,
         extra={
             "opened": opened,
             "asked": connections,
