@@ -6,15 +6,23 @@ to the dot and every other look-alike are content, and since a bare CR or LF any
 the message bad, they are refused content: the SMTP smuggling attacks of 2023
 (CVE-2023-51764/-51765/-51766, CVE-2024-27305) get a refusal, never a second message.
 
+The body is read in place: the good lines the reader has checked stay at the front of the
+receive buffer until about :data:`CHUNK_SIZE` octets are ready (or the message ends), and then
+leave it as one chunk, copied once. A run of ordinary body lines is checked as a block with
+bytes methods (no line starting with a dot, no bare CR or LF, no NUL, no line over the limit);
+a block that fails a check, a dot-stuffed line, the terminator and the header section go line
+by line, and the line-by-line rules are the ones that decide.
+
 Once the message is known to be bad (bare CR/LF, NUL, an over-long line, too big), the reader
 stops producing chunks and only looks for the real terminator, keeping four bytes of context
 across reads so that a terminator split over segments is still found. Memory stays bounded by
-one line (1000 octets, RFC 5321 §4.5.3.1.6) plus one chunk.
+one chunk plus one line (1000 octets, RFC 5321 §4.5.3.1.6) plus one read.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 
 from . import _catalogue as R
 from ._events import DataChunk, DataComplete
@@ -23,13 +31,19 @@ from ._replies import Reply
 __all__ = ["CHUNK_SIZE", "DataReader"]
 
 #: Chunks handed to the session are about this big (a little more: whole lines).
-CHUNK_SIZE = 65_536
+CHUNK_SIZE = 262_144
 #: RFC 5321 §4.5.3.1.6: 1000 octets per text line including CRLF, not counting the
 #: transparency dot; so 998 octets of content.
 MAX_LINE_CONTENT = 998
+_MAX_LINE = MAX_LINE_CONTENT + 2
 
 _TERMINATOR = b"\r\n.\r\n"
 _CONTEXT = len(_TERMINATOR) - 1
+_DOT = 0x2E
+# A line that starts with a dot (stuffed, or the terminator), and a CR not followed by LF.
+# Regular expressions with a literal first byte are searched for at memchr-like speed.
+_DOT_LINE = re.compile(rb"\n\.")
+_BARE_CR = re.compile(rb"\r(?!\n)")
 
 
 class _Mode(enum.Enum):
@@ -39,17 +53,23 @@ class _Mode(enum.Enum):
 
 
 class DataReader:
-    """Read one message body from a receive buffer shared with the command reader."""
+    """Read one message body from a receive buffer shared with the command reader.
+
+    The reader may leave checked lines at the front of the buffer between calls; nothing
+    else may take bytes from the buffer until :meth:`read` returned :class:`DataComplete`.
+    """
 
     __slots__ = (
         "_error",
+        "_flush",
         "_header_size",
         "_in_header",
         "_max_header_size",
         "_max_size",
         "_mode",
-        "_out",
+        "_ready",
         "_size",
+        "_skip",
         "_tail",
     )
 
@@ -57,12 +77,16 @@ class DataReader:
         self._max_size = max_size
         self._max_header_size = max_header_size
         self._mode = _Mode.LINES
-        self._out = bytearray()
+        # buf[:_ready] is checked, unstuffed content not yet handed out; the _skip octets after
+        # it (the terminator line) go with it; _flush: hand it out now, do not wait for more.
+        self._ready = 0
+        self._skip = 0
+        self._flush = False
         self._size = 0
         self._header_size = 0
         self._in_header = True
         self._error: Reply | None = None
-        # The bytes just before the unread input; the 354 counts as a CRLF.
+        # The bytes just before the unread input (in DISCARD); the 354 counts as a CRLF.
         self._tail = b"\r\n"
 
     def read(self, buf: bytearray) -> DataChunk | DataComplete | None:
@@ -74,10 +98,17 @@ class DataReader:
             self._read_lines(buf)
         if self._mode is _Mode.DISCARD:
             self._discard(buf)
-        if self._out:
-            chunk = DataChunk(data=bytes(self._out))
-            self._out.clear()
-            return chunk
+        ready = self._ready
+        if ready and (self._flush or ready >= CHUNK_SIZE or self._mode is _Mode.DONE):
+            with memoryview(buf) as view, view[:ready] as head:
+                data = head.tobytes()
+            del buf[: ready + self._skip]
+            self._ready = self._skip = 0
+            self._flush = False
+            return DataChunk(data=data)
+        if self._skip:
+            del buf[: self._skip]
+            self._skip = 0
         if self._mode is _Mode.DONE:
             return DataComplete(size=self._size, error=self._error)
         return None
@@ -88,7 +119,7 @@ class DataReader:
         # The first problem found is the one reported; nothing more is handed out.
         if self._error is None:
             self._error = reply
-        self._out.clear()
+        self._ready = 0
         self._mode = _Mode.DISCARD
 
     def _discard(self, buf: bytearray) -> None:
@@ -107,9 +138,9 @@ class DataReader:
     # -- good lines ---------------------------------------------------------------------------
 
     def _read_lines(self, buf: bytearray) -> None:
-        pos = 0
-        slow_until = 0  # the end of a block the fast path refused: go line by line up to it
-        while len(self._out) < CHUNK_SIZE:
+        pos = self._ready
+        slow_until = pos  # the end of a block the fast path refused: go line by line up to it
+        while pos < CHUNK_SIZE:
             if not self._in_header and pos >= slow_until:
                 block_end, taken = self._fast_block(buf, pos)
                 if taken:
@@ -120,13 +151,23 @@ class DataReader:
             if end == -1:
                 self._partial(buf, pos)
                 return
-            line = bytes(buf[pos:end])
-            pos = end + 2
-            if not self._line(line):
+            stuffed = buf[pos] == _DOT and end != pos + 1
+            if stuffed and pos:
+                # The dot must go: hand out what is ready first, then drop it at the front.
+                self._flush = True
                 break
-        del buf[:pos]
-        if self._mode is _Mode.DISCARD:
-            self._tail = b"\r\n"
+            if not self._line(bytes(buf[pos:end])):
+                if self._mode is _Mode.DONE:
+                    self._skip = end + 2 - pos
+                    break
+                del buf[: end + 2]  # refused: what was ready is dropped with it
+                self._tail = b"\r\n"
+                return
+            if stuffed:
+                del buf[0]  # RFC 5321 §4.5.2 transparency (at the front: no memmove)
+                end -= 1
+            pos = end + 2
+        self._ready = pos
 
     def _partial(self, buf: bytearray, pos: int) -> None:
         """No CRLF in ``buf[pos:]``: keep the start of a line, or drain one that is too long."""
@@ -137,13 +178,13 @@ class DataReader:
         if rest > allowed:
             # Report what the client can fix: a body sent with bare LF line ends shows up
             # here as one endless line.
-            bare = b"\n" in buf[pos:] or b"\r" in buf[pos:-1]
+            bare = buf.find(b"\n", pos) != -1 or buf.find(b"\r", pos, len(buf) - 1) != -1
             self._fail(R.DATA_BARE_CR_LF if bare else R.DATA_LINE_TOO_LONG)
             self._size += rest
             self._tail = bytes(buf[-_CONTEXT:])
             buf.clear()
             return
-        del buf[:pos]
+        self._ready = pos
 
     def _line(self, line: bytes) -> bool:
         """Take one line (without its CRLF); False when the body ended or turned bad."""
@@ -176,44 +217,53 @@ class DataReader:
             # RFC 1870 §6: the size limit never decides where the data ends.
             self._fail(R.MESSAGE_TOO_LARGE)
             return False
-        self._out += line
-        self._out += b"\r\n"
         return True
 
     def _fast_block(self, buf: bytearray, pos: int) -> tuple[int, bool]:
-        """Take a run of clean body lines at once; return where the run ends and if taken.
+        """Take a run of ordinary body lines at once; return where the run ends and if taken.
 
-        Only a block with no terminator, no bare CR/LF, no NUL, no over-long line and no size
-        overflow is taken here; anything unusual is left to the line-by-line path, which is
-        the one that decides. This only makes the common case cheap.
+        A run is taken only when none of its lines starts with a dot, it holds no bare CR or
+        LF and no NUL, no line is over the limit and the size stays within it: such lines
+        leave the buffer as they are. Anything else is left to the line-by-line path, which
+        is the one that decides; this only makes the common case cheap. Every check is a scan
+        in C over the buffer itself, which is not copied.
         """
-        limit = pos + CHUNK_SIZE - len(self._out)
-        # A small message usually arrives whole with its terminator: end the block at the
-        # CRLF before the final "." so the body still takes the fast path.
-        term = buf.find(_TERMINATOR, pos, limit + len(_TERMINATOR))
-        if term != -1:
-            limit = min(limit, term + 2)
-        end = buf.rfind(b"\r\n", pos, limit)
+        if buf[pos : pos + 1] == b".":
+            return pos, False  # stuffed, or the terminator: one line, the slow way
+        end = buf.rfind(b"\r\n", pos, CHUNK_SIZE)
         if end == -1:
             return pos, False
-        block = bytes(buf[pos : end + 2])
-        crlf = block.count(b"\r\n")
+        stop = end + 2
+        dot = _DOT_LINE.search(buf, pos, stop)
+        if dot is not None:
+            # Take the lines before the first line that starts with a dot.
+            end = buf.rfind(b"\r\n", pos, dot.start() + 1)
+            if end == -1:
+                return pos, False
+            stop = end + 2
         if (
-            block.count(b"\r") != crlf
-            or block.count(b"\n") != crlf
-            or b"\0" in block
-            or block.startswith(b".\r\n")
-            or _TERMINATOR in block
+            stop - pos + self._size > self._max_size
+            or buf.find(b"\0", pos, stop) != -1
+            or _BARE_CR.search(buf, pos, stop) is not None
+            # With no bare CR, every CR starts a CRLF: as many LFs as CRs means no bare LF.
+            or buf.count(b"\n", pos, stop) != buf.count(b"\r", pos, stop)
+            or not _lines_fit(buf, pos, stop)
         ):
-            return end + 2, False
-        # RFC 5321 §4.5.2 transparency, for the first line and for every line after a CRLF.
-        body = block[1:] if block.startswith(b".") else block
-        unstuffed = body.replace(b"\r\n.", b"\r\n")
-        if (
-            self._size + len(unstuffed) > self._max_size
-            or max(map(len, unstuffed.split(b"\r\n"))) > MAX_LINE_CONTENT
-        ):
-            return end + 2, False
-        self._size += len(unstuffed)
-        self._out += unstuffed
-        return end + 2, True
+            return stop, False
+        self._size += stop - pos
+        return stop, True
+
+
+def _lines_fit(buf: bytearray, start: int, stop: int) -> bool:
+    """True if no line in ``buf[start:stop]`` (whole CRLF lines) is over 1000 octets with CRLF.
+
+    Jumps from line end to line end at most 1000 octets ahead, so a block of short lines
+    costs one search per 1000 octets.
+    """
+    pos = start
+    while stop - pos > _MAX_LINE:
+        lf = buf.rfind(b"\n", pos, pos + _MAX_LINE)
+        if lf == -1:
+            return False
+        pos = lf + 1
+    return True

@@ -13,6 +13,7 @@ from submitd.protocol import (
     NeedsAnswer,
     ServerConnection,
 )
+from submitd.protocol._data import CHUNK_SIZE
 from tests.unit.protocol_support import pump, ready
 
 START = b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\nDATA\r\n"
@@ -127,7 +128,10 @@ def test_message_fed_one_byte_at_a_time_keeps_state() -> None:
 
 def test_refused_message_stops_emitting_chunks_and_keeps_reading_to_real_end() -> None:
     conn = in_data()
-    assert body(pump(conn, b"ok line\r\n")[1]) == b"ok line\r\n"
+    good = b"\r\n" + b"ok line\r\n" * (CHUNK_SIZE // 9 + 1)
+    handed = body(pump(conn, good)[1])  # a full chunk is handed out at once
+    assert len(handed) >= CHUNK_SIZE and good.startswith(handed)
+    assert pump(conn, b"ok line\r\n") == (b"", [])  # held until a chunk is full or the end
     out, events = pump(conn, b"bad\nline\r\nmore\r\n")
     assert (out, events) == (b"", [])
     out, events = pump(conn, b"further\r\n.\r\n")
@@ -152,16 +156,33 @@ def test_nul_in_body_is_refused() -> None:
     assert pump(conn, b"a\x00b\r\n.\r\n")[0] == NUL
 
 
-def test_chunks_are_about_64k_of_whole_lines() -> None:
+def test_chunks_are_about_chunk_size_of_whole_lines() -> None:
     conn = in_data()
     line = b"x" * 78 + b"\r\n"
-    message = b"Subject: big\r\n\r\n" + line * 5000
+    message = b"Subject: big\r\n\r\n" + line * 10000
     out, events = pump(conn, message + b".\r\n")
     chunks = [e.data for e in events if isinstance(e, DataChunk)]
     assert out == OK
     assert b"".join(chunks) == message
-    assert len(chunks) > 1
-    assert all(c.endswith(b"\r\n") and len(c) <= 2 * 65536 for c in chunks)
+    assert len(chunks) == len(message) // CHUNK_SIZE + 1
+    assert all(c.endswith(b"\r\n") for c in chunks)
+    assert all(CHUNK_SIZE <= len(c) <= CHUNK_SIZE + 1000 for c in chunks[:-1])
+
+
+def test_body_arriving_in_small_reads_is_handed_out_in_full_chunks() -> None:
+    conn = in_data()
+    line = b"y" * 58 + b"\r\n"
+    message = b"\r\n" + line * 10000
+    stream = message + b".\r\nNOOP\r\n"
+    events: list[Event] = []
+    out = b""
+    for start in range(0, len(stream), 16384):  # one TLS record at a time
+        o, e = pump(conn, stream[start : start + 16384])
+        out, events = out + o, events + e
+    chunks = [e.data for e in events if isinstance(e, DataChunk)]
+    assert out == OK + b"250 2.0.0 OK\r\n"
+    assert b"".join(chunks) == message
+    assert all(len(c) >= CHUNK_SIZE for c in chunks[:-1])
 
 
 def test_dots_are_unstuffed_in_large_bodies_too() -> None:
@@ -311,3 +332,53 @@ def test_random_bodies_and_splits_match_the_reference(seed: int) -> None:
     else:
         assert done[0].error is None
         assert body(events) == expected
+
+
+# Where a block of body lines is checked at once, every rule must still hold at any offset: a
+# problem or a dot line placed just before, at or after a chunk boundary, and reads cut anywhere.
+PLANTED = [
+    b"..stuffed", b".", b"..", b"bare\rcr", b"bare\nlf", b"nul\x00", b"a" * 998, b"a" * 999,
+    b"." + b"b" * 998, b"." + b"b" * 999, b"\r", b"\n", b"",
+]
+
+
+@pytest.mark.parametrize("planted", PLANTED, ids=repr)
+@pytest.mark.parametrize("delta", [-80, -2, -1, 0, 1, 2, 79, 1000])
+def test_lines_planted_at_a_chunk_boundary_match_the_reference(
+    planted: bytes, delta: int
+) -> None:
+    line = b"z" * 77 + b"\r\n"
+    before = line * ((CHUNK_SIZE + delta) // len(line))
+    before += b"q" * ((CHUNK_SIZE + delta) % len(line)) + b"\r\n" if delta % 3 else b""
+    stream = b"\r\n" + before + planted + b"\r\n" + line * 50 + b".\r\nNOOP\r\n"
+    if b"\r\n.\r\n" in stream[: -len(b".\r\nNOOP\r\n")]:
+        return  # the planted "." line is the real end: covered by the reference test above
+    expected, rest = reference(stream)
+    for step in (len(stream), 16384, 65536 + 7):
+        conn = in_data()
+        out = b""
+        events: list[Event] = []
+        for pos in range(0, len(stream), step):
+            o, e = pump(conn, stream[pos : pos + step])
+            out, events = out + o, events + e
+        assert rest == b"NOOP\r\n"
+        done = completions(events)
+        assert len(done) == 1
+        assert out.endswith(b"250 2.0.0 OK\r\n")
+        if expected is None:
+            assert done[0].error is not None
+        else:
+            assert done[0].error is None
+            assert body(events) == expected
+            assert done[0].size == len(expected)
+
+
+def test_message_crossing_the_size_limit_inside_a_block_is_refused() -> None:
+    line = b"z" * 78 + b"\r\n"
+    limit = 3 * CHUNK_SIZE // 2
+    for size in (limit - 80, limit, limit + 1, limit + 80):
+        conn = in_data(max_message_size=limit)
+        message = b"\r\n" + line * (size // len(line)) + b"x" * (size % len(line) - 2) + b"\r\n"
+        assert len(message) == size + 2
+        out, _ = pump(conn, message + b".\r\n")
+        assert out == (OK if size + 2 <= limit else TOO_BIG), size
