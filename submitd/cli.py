@@ -290,6 +290,10 @@ def render_config(config: Config, cert: CertificateInfo | None = None) -> str:
         out.append(f"# certificate: {cert.subject}; names: {', '.join(cert.names) or 'none'};"
                    f" valid until {cert.not_after:%Y-%m-%d %H:%M} UTC")
     out.append(f"hostname = {_toml(config.hostname)}")
+    out += ["", "[server]"]
+    if config.server.auto:
+        out.append('# "auto": one worker per usable CPU')
+    out.append(f"workers = {config.server.workers}")
     for listener in config.listeners:
         out += ["", "[[listen]]", f"address = {_toml(listener.address)}",
                 f"mode = {_toml(listener.mode.value)}",

@@ -27,17 +27,20 @@ from .stash import Stash
 
 __all__ = [
     "DEFAULT_CONFIG_PATH",
+    "MAX_WORKERS",
     "Config",
     "Limits",
     "ListenMode",
     "ListenerConfig",
     "PluginsConfig",
     "QueueConfig",
+    "ServerConfig",
     "TLSConfig",
     "default_config_path",
     "format_duration",
     "load_config",
     "parse_duration",
+    "usable_cpus",
 ]
 
 DEFAULT_CONFIG_PATH = Path("/etc/submitd/submitd.toml")
@@ -141,6 +144,20 @@ class QueueConfig:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class ServerConfig:
+    """``[server]``: how the server runs.
+
+    ``workers`` is the number of processes that accept connections (``"auto"`` in the file:
+    one per CPU this process may run on). With more than one, the first process owns the
+    spool (lock, recovery, queue runner, control socket) and starts the others
+    (docs/workers.md); ``auto`` records that the number came from ``"auto"``.
+    """
+
+    workers: int = 1
+    auto: bool = False
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PluginsConfig:
     """``[plugins]``: the allow-list, hook deadlines and each plugin's own table.
 
@@ -184,6 +201,7 @@ class Config:
     limits: Limits
     queue: QueueConfig
     plugins: PluginsConfig
+    server: ServerConfig = field(default_factory=ServerConfig)
     stash: Stash = field(default_factory=Stash, compare=False, repr=False)
     server_stash: Stash = field(default_factory=Stash, compare=False, repr=False)
 
@@ -375,7 +393,8 @@ def load_config(path: Path) -> Config:
     except UnicodeDecodeError:
         raise ConfigError(path, "", "the file is not valid UTF-8") from None
     top = _Table(
-        path, "", raw, ("hostname", "listen", "tls", "limits", "queue", "plugins", "metrics")
+        path, "", raw,
+        ("hostname", "server", "listen", "tls", "limits", "queue", "plugins", "metrics"),
     )
     if "metrics" in raw:
         raise top.error("metrics", "not supported in this version (remove the [metrics] table)")
@@ -389,7 +408,32 @@ def load_config(path: Path) -> Config:
         limits=_load_limits(top),
         queue=_load_queue(top),
         plugins=_load_plugins(top),
+        server=_load_server(top),
     )
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+#: The most ``[server] workers`` may be (each worker is a process with its own memory).
+MAX_WORKERS = 256
+
+
+def _load_server(top: _Table) -> ServerConfig:
+    t = _Table(top.path, "server", top.get("server", {}), ("workers",))
+    if t.get("workers", 1) == "auto":
+        return ServerConfig(workers=min(usable_cpus(), MAX_WORKERS), auto=True)
+    if isinstance(t.get("workers", 1), str):
+        raise t.error("workers", f'must be a positive integer or "auto", not {t.get("workers")!r}')
+    workers = t.integer("workers", _default(ServerConfig, "workers"))
+    if workers > MAX_WORKERS:
+        raise t.error("workers", f"must be at most {MAX_WORKERS}, got {workers}")
+    return ServerConfig(workers=workers)
 
 
 def _load_hostname(top: _Table) -> str:

@@ -1,8 +1,9 @@
-"""The trio layer: listeners, connection driver, TLS, limits, and ``run_server``."""
+"""The trio layer: listeners, connection driver, TLS, limits, ``run_server`` and workers."""
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -10,11 +11,19 @@ from collections.abc import Iterator
 import trio
 
 from .._logfmt import logfmt
-from ..config import Config
+from ..config import Config, load_config
 from ..errors import ConfigError, SubmitdError
 from .app import BoundListener, Server
+from .workers import WORKER_ENV, WorkerSpec
 
-__all__ = ["LOG_LEVELS", "BoundListener", "Server", "run_server", "setup_logging"]
+__all__ = [
+    "LOG_LEVELS",
+    "BoundListener",
+    "Server",
+    "run_server",
+    "setup_logging",
+    "worker_main",
+]
 
 log = logging.getLogger("submitd.server")
 
@@ -31,17 +40,19 @@ def _level(level: int | str) -> int:
     return int(getattr(logging, name))
 
 
-def setup_logging(level: int | str = logging.INFO) -> None:
+def setup_logging(level: int | str = logging.INFO, *, worker: int | None = None) -> None:
     """One line per event on stderr, ``key=value`` after the logger name (container-friendly).
 
     ``level`` is a :mod:`logging` level or one of :data:`LOG_LEVELS`. INFO logs every
     session, refusal and delivery; WARNING keeps failed logins and problems; DEBUG adds
-    delivery attempts. No level logs passwords or message content.
+    delivery attempts. No level logs passwords or message content. ``worker`` (with
+    ``[server] workers`` above 1) starts every line's fields with ``worker=N`` (0: the owner).
     """
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(
-        logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s", "%Y-%m-%dT%H:%M:%S")
-    )
+    field = "" if worker is None else f"worker={worker} "
+    handler.setFormatter(logging.Formatter(
+        f"%(asctime)s %(levelname)s %(name)s {field}%(message)s", "%Y-%m-%dT%H:%M:%S"
+    ))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_level(level))
@@ -55,12 +66,14 @@ async def _serve_until_done(
     done.cancel()  # the server has stopped: stop listening for signals too
 
 
-async def _main(config: Config) -> None:
+async def _main(config: Config, worker: WorkerSpec | None = None) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
-        server = Server(config)
+        server = Server(config, worker=worker)
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_until_done, server, nursery.cancel_scope)
-            log.info(logfmt("ready", hostname=config.hostname))
+            if worker is None:
+                log.info(logfmt("ready", hostname=config.hostname,
+                                workers=config.server.workers if server.pool else None))
             stopping = False
             async for signum in signals:
                 name = signal.Signals(signum).name
@@ -71,10 +84,12 @@ async def _main(config: Config) -> None:
                         await server.reload()
                     continue
                 # The first SIGTERM/SIGINT drains within limits.shutdown_grace; a second one
-                # stops at once (sessions get 421 4.3.2, committed messages stay queued).
-                log.info(logfmt("signal", name=name,
-                                action="stop_now" if stopping else "shut_down"))
-                server.request_shutdown(now=stopping)
+                # stops at once (sessions get 421 4.3.2, committed messages stay queued). A
+                # worker stops at once only when its owner says so: Ctrl-C in a terminal and
+                # a service manager signal the whole process group as well as the owner.
+                now = stopping and worker is None
+                log.info(logfmt("signal", name=name, action="stop_now" if now else "shut_down"))
+                server.request_shutdown(now=now)
                 stopping = True
 
 
@@ -85,13 +100,33 @@ def run_server(config: Config, *, log_level: int | str = logging.INFO) -> int:
     a listener cannot bind, a bad certificate) is one ``submitd: ...`` line on stderr: exit 2
     for a configuration error, 1 for anything else, never a traceback.
     """
-    setup_logging(log_level)
+    setup_logging(log_level, worker=0 if config.server.workers > 1 else None)
+    return _run(config, None)
+
+
+def worker_main() -> int:
+    """A worker process's entry point (its :class:`WorkerSpec` is in :data:`WORKER_ENV`)."""
+    try:
+        spec = WorkerSpec.from_env(os.environ.get(WORKER_ENV, ""))
+    except ValueError as exc:
+        print(f"submitd: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(spec.log_level, worker=spec.index)
+    try:
+        config = load_config(spec.config)
+    except ConfigError as exc:
+        print(f"submitd: worker {spec.index}: {exc}", file=sys.stderr)
+        return 2
+    return _run(config, spec)
+
+
+def _run(config: Config, worker: WorkerSpec | None) -> int:
     # trio restores these when its receiver closes: a second SIGTERM during the last steps of
     # shutdown must not turn a clean exit into death by signal.
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)
     try:
-        trio.run(_main, config)
+        trio.run(_main, config, worker)
     except (SubmitdError, OSError) as exc:
         errors: list[BaseException] = [exc]
     except BaseExceptionGroup as group:

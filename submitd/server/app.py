@@ -10,12 +10,18 @@ SIGTERM or Ctrl-C (``request_shutdown(now=True)``) ends the rest at once. Commit
 stay in the spool either way. SIGHUP
 (``reload``) re-reads the configuration, the certificate and (through the plugins) the users
 file without dropping sessions; a bad new configuration is logged and the old one stays.
+
+With ``[server] workers`` above 1 this server is the spool's owner and starts the other
+worker processes once the spool is recovered and the listeners are bound
+(:mod:`submitd.server.workers`); each of those runs a ``Server`` built with ``worker=``: no
+queue runner, no control socket, the owner's listening sockets, and the spool's writer lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import ssl
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
@@ -27,16 +33,20 @@ from .._hookcall import HookCaller, PluginDelivery
 from .._logfmt import logfmt
 from ..config import Config, ListenerConfig, load_config
 from ..errors import ConfigError
+from ..mailqueue._lock import admit_writers, join_writers, leave_writers
 from ..mailqueue.runner import QueueRunner
 from ..mailqueue.spool import Spool
 from ..plugin_manager import configure_plugins, create_plugin_manager, unconfigure_plugins
-from ..session import ServerContext
+from ..session import Notifier, ServerContext
+from ._link import Link
 from .connection import ConnectionHandler
 from .control import serve_control, socket_path
 from .deadlines import Stress
 from .limits import ConnectionLimiter
+from .shared import SharedCounts, SharedLimiter, SharedThrottle
 from .throttle import AuthThrottle, ThrottleSettings
 from .tls import TLSContextHolder, make_server_context
+from .workers import TrackingRunner, WorkerPool, WorkerSpec
 
 __all__ = ["BoundListener", "Server"]
 
@@ -55,7 +65,8 @@ class BoundListener:
 class Server:
     """One submitd instance. Build it from a validated :class:`Config`, then ``await serve()``."""
 
-    def __init__(self, config: Config, *, extra_plugins: Iterable[tuple[str, object]] = ()) -> None:
+    def __init__(self, config: Config, *, extra_plugins: Iterable[tuple[str, object]] = (),
+                 worker: WorkerSpec | None = None) -> None:
         if config.tls is None:
             raise ConfigError(config.path, "tls", "a [tls] table is required to serve")
         self._extra = tuple(extra_plugins)
@@ -65,17 +76,40 @@ class Server:
         # The queue reads header sections under the same bound as the session.
         self.spool = Spool(config.queue.dir, max_header_size=config.limits.max_header_size)
         self.hooks = HookCaller(self.pm, config.plugins)
-        self.throttle = AuthThrottle(ThrottleSettings.from_limits(config.limits))
         self._config = config
-        self.runner = QueueRunner(
+        self._worker = worker
+        self.pool: WorkerPool | None = None
+        self.link: Link | None = None
+        settings = ThrottleSettings.from_limits(config.limits)
+        runner_type = QueueRunner if config.server.workers == 1 else TrackingRunner
+        self.runner = runner_type(
             self.spool, PluginDelivery(self.hooks, lambda: self._config), config.queue,
             hostname=config.hostname,
         )
-        self.limiter = ConnectionLimiter.from_limits(config.limits)
+        notifier: Notifier = self.runner
+        if worker is not None:  # a worker process: the owner delivers
+            stream = trio.SocketStream(
+                trio.socket.from_stdlib_socket(socket.socket(fileno=worker.link_fd))
+            )
+            self.link = notifier = Link(stream, peer="owner")
+            table = SharedCounts(worker.table_fd)
+            self.throttle: AuthThrottle = SharedThrottle(settings, self.link.publish)
+            self.limiter: ConnectionLimiter = SharedLimiter(table, worker.index, config.limits)
+        elif isinstance(self.runner, TrackingRunner):  # the owner of several workers
+            table = SharedCounts.create(config.server.workers)
+            shared = SharedThrottle(settings, lambda ok, ip, login: self._publish(ok, ip, login))
+            self.pool = WorkerPool(count=config.server.workers, config_path=config.path,
+                                   table=table, on_notify=self.runner.notify,
+                                   on_auth=shared.apply)
+            self.throttle = shared
+            self.limiter = SharedLimiter(table, 0, config.limits)
+        else:
+            self.throttle = AuthThrottle(settings)
+            self.limiter = ConnectionLimiter.from_limits(config.limits)
         self.stress = Stress(threshold=config.limits.stress_threshold,
                              timeout=config.limits.stress_timeout)
         self.context = ServerContext(
-            config=config, hooks=self.hooks, spool=self.spool, runner=self.runner,
+            config=config, hooks=self.hooks, spool=self.spool, runner=notifier,
             throttle=self.throttle,
         )
         self.bound: list[BoundListener] = []
@@ -95,22 +129,38 @@ class Server:
     async def serve(self, *, task_status: trio.TaskStatus[list[BoundListener]]
                     = trio.TASK_STATUS_IGNORED) -> None:
         """Run until :meth:`request_shutdown`; ``task_status.started`` gets the bound listeners."""
+        writer_fd: int | None = None
         try:
             async with trio.open_nursery() as root:
-                await root.start(self._run_runner)
-                # The runner holds the spool lock now: operator commands (`submitd queue ...`)
-                # reach it through the control socket in the spool directory.
-                control = await root.start(
-                    serve_control, self.runner, socket_path(self._config.queue.dir)
-                )
+                control: trio.CancelScope | None = None
+                if self._worker is None:
+                    await root.start(self._run_runner)
+                    if self.pool is not None:  # recovered: the workers may commit now
+                        admit_writers(self._config.queue.dir)
+                    # The runner holds the spool lock now: operator commands (`submitd queue
+                    # ...`) reach it through the control socket in the spool directory.
+                    control = await root.start(
+                        serve_control, self.runner, socket_path(self._config.queue.dir)
+                    )
+                else:
+                    writer_fd = await trio.to_thread.run_sync(join_writers,
+                                                              self._config.queue.dir)
+                    self._runner_done.set()
+                    root.start_soon(self._follow_owner)
                 async with trio.open_nursery() as sessions:
                     listeners = await self._open_listeners()
                     accept_scopes = [trio.CancelScope() for _ in listeners]
                     for (handler, tcp), scope in zip(listeners, accept_scopes, strict=True):
                         sessions.start_soon(self._accept, handler, tcp, sessions, scope)
+                    if self.pool is not None and isinstance(self.runner, TrackingRunner):
+                        await root.start(self.pool.run, self._sockets(listeners), self.runner,
+                                         lambda: self._config.limits.shutdown_grace)
                     task_status.started(list(self.bound))
                     await self._shutdown.wait()
-                    control.cancel()  # operator commands end with the server
+                    if control is not None:
+                        control.cancel()  # operator commands end with the server
+                    if self.pool is not None:
+                        self.pool.stop(now=self._force)
                     # Both the sessions and the deliveries in flight get the same grace.
                     self.runner.stop(self._config.limits.shutdown_grace)
                     for scope in accept_scopes:
@@ -118,12 +168,56 @@ class Server:
                     for _, tcp in listeners:
                         await tcp.aclose()
                     await self._drain()
-                # The root nursery now waits for the runner to finish its attempts in flight.
+                # The root nursery now waits for the runner to finish its attempts in flight
+                # (and the owner for its workers to exit).
+                if self.link is not None:
+                    await self._last_words(root)
         finally:
+            if writer_fd is not None:
+                leave_writers(writer_fd)
             unconfigure_plugins(self.pm, self._config)
         log.info(logfmt("shutdown_complete"))
 
+    def _sockets(self, listeners: list[tuple[ConnectionHandler, trio.SocketListener]]
+                 ) -> list[tuple[trio.socket.SocketType, int]]:
+        index = {id(lc): i for i, lc in enumerate(self._config.listeners)}
+        return [(tcp.socket, index[id(handler.listener)]) for handler, tcp in listeners]
+
+    def _publish(self, ok: bool, ip: str, login: str) -> None:
+        if self.pool is not None:
+            self.pool.publish(ok, ip, login)
+
+    async def _follow_owner(self) -> None:
+        """A worker: act on the owner's messages; drain when the owner is gone."""
+        assert self.link is not None
+        assert isinstance(self.throttle, SharedThrottle)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.link.send_loop)
+            async for message in self.link.receive():
+                op = message.get("op")
+                if op == "stop":
+                    self.request_shutdown(now=message.get("now") is True)
+                elif op == "reload":
+                    nursery.start_soon(self.reload)
+                elif op == "auth":
+                    ok, ip, login = message.get("ok"), message.get("ip"), message.get("login")
+                    if isinstance(ok, bool) and isinstance(ip, str) and isinstance(login, str):
+                        self.throttle.apply(ok, ip, login)
+            if not self._shutdown.is_set():
+                log.error(logfmt("owner_gone", action="shut_down"))
+                self.request_shutdown()
+            await trio.sleep_forever()  # the send loop may still flush; cancelled at the end
+
+    async def _last_words(self, root: trio.Nursery) -> None:
+        """A worker after its drain: let the last notifications out, then close the link."""
+        assert self.link is not None
+        with trio.move_on_after(2.0):
+            await self.link.wait_sent()
+        root.cancel_scope.cancel()
+
     async def _open_listeners(self) -> list[tuple[ConnectionHandler, trio.SocketListener]]:
+        if self._worker is not None:
+            return self._inherited_listeners(self._worker)
         out: list[tuple[ConnectionHandler, trio.SocketListener]] = []
         for lc in self._config.listeners:
             try:
@@ -133,17 +227,37 @@ class Server:
                     await opened.aclose()
                 raise ConfigError(self._config.path, "listen", f"cannot listen on {lc.address}: "
                                   f"{exc.strerror or exc}") from exc
-            handler = ConnectionHandler(
-                listener=lc, context=lambda: self.context, tls=self.tls, limiter=self.limiter,
-                stress=self.stress,
-            )
-            self._handlers.append(handler)
+            handler = self._handler(lc)
             for tcp in tcps:
                 host, port = tcp.socket.getsockname()[:2]
                 self.bound.append(BoundListener(config=lc, host=host, port=port))
                 log.info(logfmt("listening", address=host, port=port, mode=lc.mode.value))
                 out.append((handler, tcp))
         return out
+
+    def _inherited_listeners(self, spec: WorkerSpec
+                             ) -> list[tuple[ConnectionHandler, trio.SocketListener]]:
+        out: list[tuple[ConnectionHandler, trio.SocketListener]] = []
+        handlers: dict[int, ConnectionHandler] = {}
+        for fd, index in spec.listeners:
+            if index >= len(self._config.listeners):
+                raise ConfigError(self._config.path, "listen",
+                                  "the listeners changed since the server started; restart it")
+            lc = self._config.listeners[index]
+            handler = handlers.get(index) or handlers.setdefault(index, self._handler(lc))
+            tcp = trio.SocketListener(trio.socket.from_stdlib_socket(socket.socket(fileno=fd)))
+            host, port = tcp.socket.getsockname()[:2]
+            self.bound.append(BoundListener(config=lc, host=host, port=port))
+            out.append((handler, tcp))
+        return out
+
+    def _handler(self, lc: ListenerConfig) -> ConnectionHandler:
+        handler = ConnectionHandler(
+            listener=lc, context=lambda: self.context, tls=self.tls, limiter=self.limiter,
+            stress=self.stress,
+        )
+        self._handlers.append(handler)
+        return handler
 
     async def _accept(
         self,
@@ -211,6 +325,8 @@ class Server:
         get ``421 4.3.2`` at once and delivery attempts in flight are abandoned (their messages
         stay queued). Without ``now``, calling again changes nothing.
         """
+        if self.pool is not None:
+            self.pool.stop(now=now)
         if now:
             self._force = True
             if self._drain_scope is not None:
@@ -237,6 +353,8 @@ class Server:
         The plugin set cannot change on reload: a different ``[plugins] enable`` needs a restart,
         and so do new listeners and a new queue directory or retry schedule.
         """
+        if self.pool is not None:
+            self.pool.reload()  # every worker reads the configuration itself
         try:
             # Reading files and plugin set-up may block: keep them off the event loop.
             new, context = await trio.to_thread.run_sync(self._prepare_reload)
@@ -251,5 +369,8 @@ class Server:
         self.throttle.configure(ThrottleSettings.from_limits(new.limits))  # counts kept
         self.context = replace(self.context, config=new)
         unconfigure_plugins(self.pm, old)
+        if new.server != old.server:
+            log.warning(logfmt("reload_partial", setting="server.workers",
+                               reason="a new number of workers needs a restart"))
         log.info(logfmt("reloaded", config=new.path))
         return True
