@@ -148,6 +148,12 @@ def summarize(name: str, results: dict[str, list[Round]]) -> dict[str, Any]:
         out[key]["ratio_to_postfix"] = {
             "rounds": pairs, "median": round(statistics.median(valid), 3) if valid else None,
         }
+        for field, value in (("p99_latency", out[key]["latency_ms"]["p99"]),
+                             ("cpu_per_unit", out[key]["server_cpu_ms_per_unit"])):
+            theirs = (out["postfix"]["latency_ms"]["p99"] if field == "p99_latency"
+                      else out["postfix"]["server_cpu_ms_per_unit"])
+            out[key][f"{field}_ratio_to_postfix"] = (
+                round(value / theirs, 3) if value is not None and theirs else None)
     return out
 
 
