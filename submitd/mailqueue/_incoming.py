@@ -287,7 +287,8 @@ class IncomingMessage:
             except BaseException:
                 _durable.close_quietly(self._fd)
                 self._fd = None
-                _durable.unlink_quietly(self._path)
+                if self._created:
+                    _durable.unlink_quietly(self._path)
                 raise
         fd, self._fd = self._fd, None
         if fd is None:
