@@ -32,7 +32,7 @@ import struct
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .limits import ConnectionLimiter, Refused, Slot
 from .throttle import AuthThrottle, ThrottleSettings
@@ -214,12 +214,13 @@ class SharedThrottle(AuthThrottle):
     """An :class:`AuthThrottle` that tells the other processes about what it counts.
 
     ``publish(ok, ip, login)`` is called for each failure and for each success that cleared a
-    count here; :meth:`apply` takes in what another process published.
+    count here; :meth:`apply` takes in what another process published. Other keyword
+    arguments (``max_keys``, ``clock``) are :class:`AuthThrottle`'s.
     """
 
-    def __init__(self, settings: ThrottleSettings,
-                 publish: Callable[[bool, str, str], None]) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: ThrottleSettings, publish: Callable[[bool, str, str], None],
+                 **kwargs: Any) -> None:
+        super().__init__(settings, **kwargs)
         self._publish = publish
 
     def failed(self, ip: str, login: str) -> None:
