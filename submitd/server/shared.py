@@ -194,15 +194,27 @@ class SharedLimiter(ConnectionLimiter):
         return Slot(ip=ip)
 
     def logged_in(self, slot: Slot) -> None:
-        """The session on ``slot`` authenticated: no longer counted as not logged in."""
-        if slot.unauthenticated:
+        """The session on ``slot`` authenticated: no longer counted as not logged in.
+
+        Its address gets back the rate token the connection took, as
+        :meth:`ConnectionLimiter.logged_in` does.
+        """
+        if slot.unauthenticated and not slot.released:
             slot.unauthenticated = False
-            self.table.add(self.region, 0, total=0, unauthenticated=-1)
+            table = self.table
+            table.add(self.region, 0, total=0, unauthenticated=-1)
+            with table.locked():
+                table.refund_token(table.bucket(slot.ip), float(self.max_rate))
 
     def release(self, slot: Slot) -> None:
-        """Give back ``slot`` (the connection ended)."""
-        self.logged_in(slot)
-        self.table.add(self.region, self.table.bucket(slot.ip), total=-1, unauthenticated=0)
+        """Give back ``slot`` (the session or the connection ended); later calls do nothing."""
+        if slot.released:
+            return
+        slot.released = True
+        unauthenticated = -1 if slot.unauthenticated else 0
+        slot.unauthenticated = False
+        self.table.add(self.region, self.table.bucket(slot.ip), total=-1,
+                       unauthenticated=unauthenticated)
         self.total = self.table.total()
 
     def count(self, ip: str) -> int:

@@ -216,3 +216,17 @@ def test_a_signal_to_the_owner_stops_every_process_with_status_0(
     assert "worker=1 event=shutdown_complete" in log
     assert "event=worker_stopped worker=1 exit_code=0" in log
     assert _gone(worker)
+
+
+def test_sighup_to_the_owner_reloads_every_process(
+    make_config: Callable[..., Path],
+) -> None:
+    config = _with_workers(make_config(limits=_LIMITS), 2)
+    server = ServerProcess(config)
+    try:
+        server.wait_for_log("worker=1 event=plugins_loaded")
+        server.proc.send_signal(signal.SIGHUP)
+        server.wait_for_log("worker=0 event=reloaded")
+        server.wait_for_log("worker=1 event=reloaded")
+    finally:
+        assert server.stop() == 0

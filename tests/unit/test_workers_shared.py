@@ -236,3 +236,23 @@ async def test_the_receiver_ends_when_the_peer_is_gone() -> None:
         nursery.cancel_scope.cancel()
     await worker.stream.aclose()
     assert received == [{"op": "reload"}]
+
+
+def test_a_login_gives_the_rate_token_back_in_every_process() -> None:
+    clock = Clock()
+    owner, worker = pair(Limits(max_connection_rate=2, connection_rate_window=10.0), clock)
+    first = admitted(owner.acquire("192.0.2.1"))
+    admitted(worker.acquire("192.0.2.1"))
+    assert isinstance(worker.acquire("192.0.2.1"), Refused)
+    owner.logged_in(first)  # an application reconnecting per message is not rate-limited
+    admitted(worker.acquire("192.0.2.1"))
+
+
+def test_a_slot_is_given_back_once() -> None:
+    owner, worker = pair(Limits(max_connections_per_ip=1))
+    slot = admitted(worker.acquire("192.0.2.1"))
+    worker.release(slot)
+    worker.release(slot)  # the session ended, then the socket closed
+    assert worker.table.total() == 0 and worker.table.unauthenticated() == 0
+    admitted(owner.acquire("192.0.2.1"))
+    assert isinstance(worker.acquire("192.0.2.1"), Refused)
