@@ -236,6 +236,7 @@ def big_round(
         extra={
             "rss_growth_kib": total,
             "rss_growth_by_process_kib": {k: v for k, v in growth.items() if v},
+            "processes_measured": sorted({k.partition("[")[0] for k in growth}),
             "new_processes_rss_kib": new,
             "accepted_s": round(accepted, 3),
             "delivered_s": round(marks["t2"] - marks["t0"], 3),
