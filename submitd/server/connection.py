@@ -135,11 +135,21 @@ class ConnectionHandler:
         try:
             await self._serve(stream, sid, slot, port, scope)
         finally:
-            self._limiter.release(slot)
-            self._stress.update(self._limiter.total, self._limiter.max_total)
+            self._release(slot)
             self.active.discard(scope)
             if not self.active:
                 self.idle.set()
+
+    def _release(self, slot: Slot) -> None:
+        """Give the slot back (once): when the session ends, not when the socket is closed.
+
+        A client that reconnects as soon as it has read the ``221`` must find the slot free,
+        so it is given back before the last reply is sent: the closing that follows (the last
+        reply, lingering, the TLS close) is bounded by its own deadlines, a few seconds.
+        """
+        if not slot.released:
+            self._limiter.release(slot)
+            self._stress.update(self._limiter.total, self._limiter.max_total)
 
     async def _refuse(self, stream: trio.abc.Stream, reply: Reply) -> None:
         """Tell an over-the-cap client ``reply`` (inside TLS on an implicit listener).
@@ -186,7 +196,8 @@ class ConnectionHandler:
                         local_port=_local_port(stream), mode=self.listener.mode.value))
         driver = _Driver(stream, conn, session, self._tls, ctx,
                          deadlines=ReadDeadlines(ctx.config.limits, self._stress),
-                         on_login=lambda: self._limiter.logged_in(slot))
+                         on_login=lambda: self._limiter.logged_in(slot),
+                         on_end=lambda: self._release(slot))
         try:
             with scope:
                 await driver.run(implicit)
@@ -209,6 +220,7 @@ class ConnectionHandler:
             conn.close(R.LOCAL_PROBLEM)
             await driver.flush_quietly()
         finally:
+            self._release(slot)
             with trio.CancelScope(shield=True):
                 await session.aclose()
                 if driver.broken:
@@ -235,10 +247,12 @@ class _Driver:
         *,
         deadlines: ReadDeadlines,
         on_login: Callable[[], None],
+        on_end: Callable[[], None],
     ) -> None:
         self.stream = stream
         self.deadlines = deadlines
         self._on_login: Callable[[], None] | None = on_login
+        self._on_end = on_end
         #: The stream cannot be closed politely (a send was cut off).
         self.broken = False
         self.conn = conn
@@ -276,6 +290,8 @@ class _Driver:
                     return
                 self.conn.tls_started()
             elif isinstance(event, ConnectionClosed):
+                # The session is over: its slot is free before the client can read the 221.
+                self._on_end()
                 # The last reply (221, or the 421 that ends the session) goes out even when a
                 # shutdown is under way: a client that quit needs no 421 on top.
                 await self.flush_quietly()
