@@ -55,10 +55,20 @@ from submitd.durable import DirectorySync, write_all
 
 from ._login_groups import reject_unknown_keys
 
-__all__ = ["MAILDIR_PATH", "STALE_TMP_AGE", "submitd_configure", "submitd_deliver"]
+__all__ = [
+    "MAILDIR_PATH",
+    "NEW_DIR_SYNC",
+    "STALE_TMP_AGE",
+    "submitd_configure",
+    "submitd_deliver",
+]
 
 #: Where ``submitd_configure`` stores the resolved Maildir path on ``config.stash``.
 MAILDIR_PATH = StashKey[Path]()
+
+#: Where the group commit of ``new/`` fsyncs lives, in ``config.server_stash``: concurrent
+#: deliveries share one fsync of ``new/`` per batch, across reloads too.
+NEW_DIR_SYNC = StashKey[DirectorySync]()
 
 #: Files older than this (seconds) in ``tmp/`` are abandoned deliveries (the Maildir rule).
 STALE_TMP_AGE = 36 * 3600.0
@@ -71,8 +81,6 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Queue IDs are short and alphanumeric; anything else never becomes part of a file name.
 _SAFE_QUEUE_ID = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
-# Concurrent deliveries share their fsyncs of new/ (one per batch instead of one each).
-_NEW_DIR_SYNC = DirectorySync()
 
 
 @hookimpl
@@ -94,6 +102,7 @@ def submitd_configure(config: Config) -> None:
             config.path, "plugins.maildir.path", f"cannot create the Maildir {path}: {exc}"
         ) from exc
     _remove_stale_tmp(path / "tmp", time.time() - STALE_TMP_AGE)
+    config.server_stash.setdefault(NEW_DIR_SYNC, DirectorySync())
     config.stash[MAILDIR_PATH] = path
 
 
@@ -178,7 +187,9 @@ def _remove_leftovers(maildir: Path, queue_id: str) -> None:
                         reason="earlier_attempt"))
 
 
-def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> bool:
+def _deliver_file(
+    maildir: Path, envelope: Envelope, message: MessageHandle, new_sync: DirectorySync
+) -> bool:
     """Write one message into ``maildir`` (blocking); on failure nothing is left in new/.
 
     Returns False when an earlier attempt had already delivered it (nothing written).
@@ -200,10 +211,10 @@ def _deliver_file(maildir: Path, envelope: Envelope, message: MessageHandle) -> 
             os.fsync(fd)
         finally:
             os.close(fd)
-        mark = _NEW_DIR_SYNC.mark(final.parent)
+        mark = new_sync.mark(final.parent)
         os.rename(tmp, final)
         renamed = True
-        _NEW_DIR_SYNC.sync(final.parent, since=mark)
+        new_sync.sync(final.parent, since=mark)
     except BaseException:
         with contextlib.suppress(OSError):
             (final if renamed else tmp).unlink()
@@ -220,7 +231,8 @@ async def submitd_deliver(
 ) -> Mapping[str, DeliveryOutcome] | None:
     """Store the message once in the Maildir and report every recipient delivered."""
     maildir = config.stash.get(MAILDIR_PATH, None)
-    if maildir is None:
+    new_sync = config.server_stash.get(NEW_DIR_SYNC, None)
+    if maildir is None or new_sync is None:
         failure = DeliveryOutcome.temporary(Reply.make(451, "4.3.0", "Maildir not configured"))
         return {r.address: failure for r in recipients}
     if _CONTROL.search(envelope.sender):
@@ -229,7 +241,9 @@ async def submitd_deliver(
         failure = DeliveryOutcome.permanent(Reply.make(554, "5.6.0", "Invalid sender address"))
         return {r.address: failure for r in recipients}
     try:
-        written = await trio.to_thread.run_sync(_deliver_file, maildir, envelope, message)
+        written = await trio.to_thread.run_sync(
+            _deliver_file, maildir, envelope, message, new_sync
+        )
     except OSError as exc:
         log.error(logfmt("maildir_write_failed", queue_id=envelope.queue_id,
                          error=exc.strerror or exc))
