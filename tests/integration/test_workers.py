@@ -230,3 +230,37 @@ def test_sighup_to_the_owner_reloads_every_process(
         server.wait_for_log("worker=1 event=reloaded")
     finally:
         assert server.stop() == 0
+
+
+def test_a_second_sigterm_stops_every_process_at_once(
+    make_config: Callable[..., Path], ca: TestCA,
+) -> None:
+    config = _with_workers(make_config(limits={**_LIMITS, "shutdown_grace": "60s"}), 2)
+    server = ServerProcess(config)
+    context = ssl.create_default_context(cafile=str(ca.ca_path))
+    server.wait_for_log("worker=1 event=plugins_loaded")
+    sessions = []
+    try:
+        # Idle logged-in sessions until both processes hold one.
+        for _ in range(40):
+            smtp = smtplib.SMTP_SSL("127.0.0.1", server.ports["implicit"], context=context,
+                                    timeout=30)
+            smtp.login(USER, PASSWORD)
+            sessions.append(smtp)
+            text = server.text()
+            if "worker=0 event=auth_ok" in text and "worker=1 event=auth_ok" in text:
+                break
+        else:
+            raise AssertionError("the sessions all went to one process")
+        server.proc.send_signal(signal.SIGTERM)
+        server.wait_for_log("worker=1 event=shutdown_waiting")
+        server.proc.send_signal(signal.SIGTERM)  # stop now, in every process
+        for smtp in sessions:
+            code, text = smtp.getreply()
+            assert (code, text[:5]) == (421, b"4.3.2")
+        assert server.proc.wait(timeout=20) == 0  # well before the 60 s grace
+    finally:
+        for smtp in sessions:
+            smtp.close()
+        server.stop()
+    assert "worker=1 event=shutdown_wait_over outcome=forced" in server.text()
