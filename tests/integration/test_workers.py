@@ -256,8 +256,8 @@ def test_a_second_sigterm_stops_every_process_at_once(
         server.wait_for_log("worker=1 event=shutdown_waiting")
         server.proc.send_signal(signal.SIGTERM)  # stop now, in every process
         for smtp in sessions:
-            code, text = smtp.getreply()
-            assert (code, text[:5]) == (421, b"4.3.2")
+            code, reply = smtp.getreply()
+            assert (code, reply[:5]) == (421, b"4.3.2")
         assert server.proc.wait(timeout=20) == 0  # well before the 60 s grace
     finally:
         for smtp in sessions:
