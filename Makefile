@@ -67,7 +67,7 @@ bench: $(STAMP)
 	@$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 # py-spy profiles of submitd under session and reconnect into $(PROFILE_DIR).
-PROFILE_DIR ?= profile
+PROFILE_DIR ?= /tmp/submitd-profile
 profile: $(STAMP)
 	@bench/setup-peers $(VENV)
 	@$(BIN)/python bench/run.py --workload session --workload reconnect \

@@ -113,7 +113,14 @@ class SmtpSink:
     def _follow(self) -> None:
         assert self.proc.stdout is not None
         pending = b""
-        while chunk := self.proc.stdout.read1(65536):
+        fd = self.proc.stdout.fileno()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except OSError:  # closed by stop()
+                return
+            if not chunk:
+                return
             pending += chunk
             *records, pending = re.split(rb"[\r\n]", pending)
             for record in reversed(records):
