@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 _COPY_CHUNK = 1 << 20
+_KERNEL_COPY_CHUNK = 1 << 24
+# copy_file_range refusing this pair of files (not an I/O error): fall back to read/write.
+_NO_KERNEL_COPY = frozenset(
+    {errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EBADF, errno.EPERM}
+)
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 _O_DIRECTORY = getattr(os, "O_DIRECTORY", 0)
 
@@ -64,7 +69,21 @@ def read_prefix(fd: int, limit: int) -> bytes:
 
 
 def copy_to_end(src_fd: int, offset: int, dst_fd: int) -> None:
-    """Append the bytes of ``src_fd`` from ``offset`` to its end onto ``dst_fd``."""
+    """Append the bytes of ``src_fd`` from ``offset`` to its end onto ``dst_fd``.
+
+    Copies inside the kernel (``copy_file_range``) where it can, without passing the bytes
+    through this process; otherwise, or on a file system that refuses, reads and writes.
+    """
+    copy_range = getattr(os, "copy_file_range", None)
+    if copy_range is not None:
+        try:
+            while copied := copy_range(src_fd, dst_fd, _KERNEL_COPY_CHUNK, offset):
+                offset += copied
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+            # Nothing was copied by the failing call: go on from ``offset`` the slow way.
     while chunk := os.pread(src_fd, _COPY_CHUNK, offset):
         write_all(dst_fd, chunk)
         offset += len(chunk)

@@ -196,6 +196,27 @@ async def test_prepended_header_keeps_a_message_without_headers_as_body(spool: S
     assert stored == b"Received: by mail.example.org\r\n\r\njust some text\r\nno headers here\r\n"
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
+async def test_header_edits_on_a_large_message_keep_the_body_byte_for_byte(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    if not kernel_copy:
+        def refuse(*args: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    body = b"".join(b"body line %07d\r\n" % i for i in range(200_000))  # 3.6 MB
+    incoming, handle = await receive(spool, MESSAGE + body, chunk=65536)
+    handle.add_header("Received", "by mail.example.org")
+    queue_id = await incoming.commit(envelope(), handle, session_info={})
+    monkeypatch.undo()
+    queued = await spool.load(queue_id)
+    assert queued.message.path.read_bytes() == (
+        b"Received: by mail.example.org\r\n" + MESSAGE + body
+    )
+    assert queued.record.size == queued.message.size == len(MESSAGE + body) + 31
+
+
 async def test_header_edit_smuggling_a_line_break_queues_nothing(spool: Spool) -> None:
     incoming, handle = await receive(spool, MESSAGE)
     # Bypassing add_header's check by editing the list directly is caught at commit.
