@@ -16,6 +16,7 @@ milliseconds. An implementation marked with :func:`blocking` runs in a worker th
 
 from __future__ import annotations
 
+import enum
 import functools
 import inspect
 import logging
@@ -78,6 +79,20 @@ def _is_blocking(function: Callable[..., Any]) -> bool:
     return getattr(function, BLOCKING_ATTR, False) is True
 
 
+class _Kind(enum.Enum):
+    """How a hook implementation is called."""
+
+    ASYNC = "async"  # awaited on the event loop
+    BLOCKING = "blocking"  # marked @blocking: run in a worker thread
+    PLAIN = "plain"  # a plain def on the event loop, timed
+
+
+def _kind(function: Callable[..., Any]) -> _Kind:
+    if _is_blocking(function):
+        return _Kind.BLOCKING
+    return _Kind.ASYNC if inspect.iscoroutinefunction(function) else _Kind.PLAIN
+
+
 def error_text(exc: BaseException) -> str:
     """``exc``'s message as one bounded log-safe line (controls replaced, at most 200 chars)."""
     text = " ".join(replace_controls(str(exc), " ").split())
@@ -94,6 +109,8 @@ class HookCaller:
     def __init__(self, pm: pluggy.PluginManager, plugins: PluginsConfig) -> None:
         self.pm = pm
         self.plugins = plugins
+        # How each implementation is called, found once (inspect is slow for a per-hook cost).
+        self._kinds: dict[Callable[..., Any], _Kind] = {}
         for impl in pm.hook.__dict__.values():
             if not isinstance(impl, pluggy.HookCaller):
                 continue
@@ -124,40 +141,48 @@ class HookCaller:
         holds the event loop longer than :data:`BLOCKED_WARNING` is logged as
         ``plugin_blocked``.
         """
+        function: Callable[..., Any] = impl.function
+        kind = self._kinds.get(function)
+        if kind is None:
+            kind = self._kinds[function] = _kind(function)
         args = {k: kwargs[k] for k in impl.argnames if k in kwargs}
         timeout = self.plugins.timeout_for(impl.plugin_name, default_timeout)
         session = kwargs.get("session")
         sid = getattr(session, "session_id", "-")
+        result: Any = None
         try:
-            with trio.fail_after(timeout):
-                if _is_blocking(impl.function):
-                    result = await trio.to_thread.run_sync(
-                        functools.partial(impl.function, **args), abandon_on_cancel=True
-                    )
+            # A plain CancelScope rather than trio.fail_after: this runs for every hook of
+            # every command, and fail_after is a generator-based context manager.
+            with trio.CancelScope(deadline=trio.current_time() + timeout) as scope:
+                if kind is _Kind.ASYNC:
+                    result = await function(**args)
                 else:
-                    result = self._call_on_loop(impl, name, args, sid)
-                if inspect.isawaitable(result):
-                    result = await result
+                    if kind is _Kind.BLOCKING:
+                        result = await trio.to_thread.run_sync(
+                            functools.partial(function, **args), abandon_on_cancel=True
+                        )
+                    else:
+                        result = self._call_on_loop(impl, name, args, sid)
+                    if inspect.isawaitable(result):
+                        result = await result
         except Reject as exc:
             return exc.reply
-        except trio.TooSlowError:
-            log.error(logfmt("plugin_timeout", session=sid, plugin=impl.plugin_name, hook=name,
-                             timeout=timeout))
-            raise PluginError(impl.plugin_name, name, f"timed out after {timeout:g}s") from None
         except Exception as exc:
             message = error_text(exc)
             log.error(logfmt("plugin_error", session=sid, plugin=impl.plugin_name, hook=name,
                              error=type(exc).__name__, message=message), exc_info=True)
             raise PluginError(impl.plugin_name, name, f"{type(exc).__name__}: {message}") from exc
+        if scope.cancelled_caught:
+            log.error(logfmt("plugin_timeout", session=sid, plugin=impl.plugin_name, hook=name,
+                             timeout=timeout))
+            raise PluginError(impl.plugin_name, name, f"timed out after {timeout:g}s")
         return result
 
     @staticmethod
     def _call_on_loop(
         impl: pluggy.HookImpl, name: str, args: Mapping[str, Any], sid: str
     ) -> Any:
-        """Call ``impl`` directly, logging ``plugin_blocked`` when it held the loop too long."""
-        if inspect.iscoroutinefunction(impl.function):
-            return impl.function(**args)  # builds the coroutine; the await is measured by trio
+        """Call a plain ``def`` directly, logging ``plugin_blocked`` when it held the loop."""
         start = time.monotonic()
         try:
             return impl.function(**args)
