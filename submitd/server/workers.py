@@ -233,7 +233,12 @@ class WorkerPool:
         quick_deaths = 0
         while not self._stopping:
             started = trio.current_time()
-            code = await self._run_once(worker, sockets, grace)
+            code: int | None
+            try:
+                code = await self._run_once(worker, sockets, grace)
+            except OSError as exc:  # no process could be started (out of pids, fds, memory)
+                log.error(logfmt("worker_start_failed", worker=worker.index, error=exc))
+                code = None
             self.table.clear(worker.index)  # its connections are gone
             self._exited.set()
             if self._stopping:
@@ -245,11 +250,12 @@ class WorkerPool:
             quick_deaths += 1
             log.error(logfmt("worker_died", worker=worker.index, **_status(code),
                              restart_in=f"{delay:g}s"))
-            await trio.sleep(delay)
+            with trio.move_on_after(delay):
+                await self._stopped.wait()  # a shutdown does not wait for the back-off
 
     async def _run_once(self, worker: _Worker,
                         sockets: Sequence[tuple[trio.socket.SocketType, int]],
-                        grace: Callable[[], float]) -> int:
+                        grace: Callable[[], float]) -> int | None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             spec = WorkerSpec(
@@ -281,7 +287,7 @@ class WorkerPool:
             worker.link = None
             with trio.CancelScope(shield=True):
                 await link.stream.aclose()
-        return process.returncode if process.returncode is not None else -1
+        return process.returncode
 
     async def _wait(self, process: trio.Process, grace: Callable[[], float]) -> None:
         async with trio.open_nursery() as nursery:
@@ -309,8 +315,10 @@ class WorkerPool:
                     self.publish(ok, ip, login, source=index)
 
 
-def _status(code: int) -> dict[str, object]:
-    """How a worker ended, as log fields: ``exit_code=N`` or ``signal=NAME``."""
+def _status(code: int | None) -> dict[str, object]:
+    """How a worker ended, as log fields: ``exit_code=N`` or ``signal=NAME`` (None: no fields)."""
+    if code is None:
+        return {}
     if code < 0:
         try:
             return {"signal": signal.Signals(-code).name}
