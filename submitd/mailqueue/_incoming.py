@@ -28,9 +28,10 @@ from .._logfmt import logfmt
 from ..errors import SpoolError
 from ..message import HeaderEdits, MessageHandle
 from ..views import Envelope
+from ._decode import decode_record
 from ._edits import bounded_header_section, edited_header_section
 from ._layout import Layout
-from ._records import Origin, QueueRecord, RecipientRecord, encode_record
+from ._records import Origin, QueuedMessage, QueueRecord, RecipientRecord, encode_record
 
 __all__ = ["WRITE_BUFFER_SIZE", "IncomingMessage"]
 
@@ -68,6 +69,8 @@ class IncomingMessage:
         path: Path,
         prepare_layout: Callable[[], None],
         dirsync: _durable.DirectorySync,
+        loaded: Callable[[QueueRecord], QueuedMessage | None] | None = None,
+        remember: Callable[[QueuedMessage], None] | None = None,
     ) -> None:
         self.queue_id = queue_id
         self._layout = layout
@@ -76,6 +79,10 @@ class IncomingMessage:
         self._path = path
         self._prepare_layout = prepare_layout  # blocking: creates the directories once
         self._dirsync = dirsync  # the spool's group commit of directory fsyncs
+        # After the commit, in its worker thread: the message as Spool.load would return it,
+        # handed to ``remember`` so that the runner's first load needs no trip of its own.
+        self._loaded = loaded
+        self._remember = remember
         self._fd: int | None = None  # created by the first write in a worker thread
         self._created = False
         self._written = 0  # bytes already in the file
@@ -182,7 +189,7 @@ class IncomingMessage:
     async def _commit(self, record: QueueRecord, edits: HeaderEdits, body_offset: int) -> str:
         data, self._buffer = self._buffer, bytearray()  # still buffered when not finished
         try:
-            record = await trio.to_thread.run_sync(
+            record, view = await trio.to_thread.run_sync(
                 self._commit_sync, record, edits, body_offset, data
             )
         except BaseException as exc:
@@ -197,6 +204,8 @@ class IncomingMessage:
             raise SpoolError(f"cannot queue {self.queue_id}: {exc}") from exc
         self._phase = _Phase.COMMITTED
         self._busy.discard(self.queue_id)
+        if view is not None and self._remember is not None:
+            self._remember(view)
         # The session logs the acceptance (with user and sender); this is the spool's detail.
         log.debug(
             logfmt(
@@ -277,7 +286,7 @@ class IncomingMessage:
 
     def _commit_sync(
         self, record: QueueRecord, edits: HeaderEdits, body_offset: int, data: bytearray
-    ) -> QueueRecord:
+    ) -> tuple[QueueRecord, QueuedMessage | None]:
         self._commit_started = True
         layout = self._layout
         queue_id = self.queue_id
@@ -323,7 +332,8 @@ class IncomingMessage:
                 os.close(closing)
             record = replace(record, size=size)
             env_tmp = layout.tmp / f"{queue_id}.json"
-            _durable.write_file_durably(env_tmp, encode_record(record))
+            sidecar = encode_record(record)
+            _durable.write_file_durably(env_tmp, sidecar)
             leftovers.append(env_tmp)
             # Each directory fsync is shared with the commits running alongside: it returns
             # once an fsync of the directory that started after our rename has succeeded.
@@ -348,4 +358,10 @@ class IncomingMessage:
                     with contextlib.suppress(OSError):
                         self._dirsync.sync(layout.env)
             raise
-        return record
+        # Committed: from here on nothing may fail the commit. The view is an optimisation;
+        # it is built from the sidecar's bytes exactly as a load would read them.
+        view = None
+        if self._loaded is not None:
+            with contextlib.suppress(Exception):
+                view = self._loaded(decode_record(sidecar, queue_id=queue_id))
+        return record, view

@@ -55,6 +55,10 @@ MAX_IDLE_SLEEP = 60.0
 #: operator command on a stopped server, short enough to refuse a second server promptly.
 LOCK_WAIT = 3.0
 
+#: How many just-committed messages the spool keeps in memory for their first load
+#: (only those with a small header section; the oldest go first).
+_REMEMBERED_COMMITS = 256
+
 #: What the sender's bounce says for recipients of a message an operator deleted.
 DELETED_REPLY = Reply.make(550, "5.0.0", "Deleted from the queue by the postmaster")
 
@@ -107,6 +111,8 @@ class QueueRunner:
         if config.max_parallel < 1:
             raise ValueError("max_parallel must be at least 1")
         self._spool = spool
+        # Each message is loaded right after its commit: keep it in memory for that load.
+        spool.remember_commits(_REMEMBERED_COMMITS)
         self._hooks = hooks
         self._config = config
         self._max_parallel = config.max_parallel

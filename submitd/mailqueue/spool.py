@@ -26,6 +26,7 @@ import math
 import os
 import secrets
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
@@ -56,6 +57,7 @@ __all__ = [
 
 _DEFAULT_HEADER_LIMIT = 262_144
 _LOCK_RETRY_INTERVAL = 0.1
+_FRESH_HEADER_LIMIT = 16 * 1024  # bytes of header section a remembered commit may hold
 
 
 class QueueEntryMissing(SpoolError):
@@ -99,8 +101,31 @@ class Spool:
         self._busy = _Busy()
         self._layout_ready = False
         self._dirsync = _durable.DirectorySync()
+        # Messages just committed, as load() would read them (see remember_commits).
+        self._fresh: OrderedDict[str, QueuedMessage] = OrderedDict()
+        self._fresh_limit = 0
         self._recover_lock = trio.Lock()
         self._lock_fd: int | None = None
+
+    def remember_commits(self, limit: int) -> None:
+        """Keep up to ``limit`` just-committed messages in memory for their first :meth:`load`.
+
+        The queue runner loads each message right after the session committed it; with this,
+        that first load costs no worker-thread trip and no disk read. Only messages whose
+        header section is small are kept, the oldest go first, and :meth:`save`,
+        :meth:`remove`, :meth:`quarantine` and recovery forget what they touch, so a load
+        never returns a state older than the spool's. ``0`` (the default) keeps none.
+        """
+        self._fresh_limit = max(0, limit)
+        while len(self._fresh) > self._fresh_limit:
+            self._fresh.popitem(last=False)
+
+    def _remember(self, queued: QueuedMessage) -> None:
+        if self._fresh_limit == 0 or len(queued.header_section) > _FRESH_HEADER_LIMIT:
+            return
+        self._fresh[queued.queue_id] = queued
+        while len(self._fresh) > self._fresh_limit:
+            self._fresh.popitem(last=False)
 
     @property
     def max_header_size(self) -> int:
@@ -163,6 +188,7 @@ class Spool:
         Each sidecar is read once. A held message is due at ``math.inf``.
         """
         async with self._recover_lock:
+            self._fresh.clear()
             try:
                 due = await trio.to_thread.run_sync(
                     partial(
@@ -202,6 +228,8 @@ class Spool:
             path=self.layout.tmp / f"{queue_id}.msg",
             prepare_layout=self._prepare_layout_sync,
             dirsync=self._dirsync,
+            loaded=self._with_message_sync if self._fresh_limit else None,
+            remember=self._remember,
         )
 
     def _prepare_layout_sync(self) -> None:
@@ -236,7 +264,13 @@ class Spool:
         """Read ``queue_id``: its record and a read-only :class:`MessageHandle` on ``msg/ID``.
 
         Raises :class:`QueueEntryMissing` or :class:`QueueEntryCorrupt` (both SpoolError).
+        A message this spool just committed is answered from memory the first time
+        (:meth:`remember_commits`).
         """
+        fresh = self._fresh.pop(queue_id, None)
+        if fresh is not None:
+            await trio.lowlevel.checkpoint()
+            return fresh
         return await trio.to_thread.run_sync(self._load_sync, queue_id)
 
     async def list_records(
@@ -288,7 +322,10 @@ class Spool:
             raise QueueEntryCorrupt(f"unreadable sidecar of {queue_id}: {exc}") from exc
 
     def _load_sync(self, queue_id: str) -> QueuedMessage:
-        record = self._read_record_sync(queue_id)
+        return self._with_message_sync(self._read_record_sync(queue_id))
+
+    def _with_message_sync(self, record: QueueRecord) -> QueuedMessage:
+        queue_id = record.queue_id
         path = self.layout.msg_path(queue_id)
         try:
             with path.open("rb") as f:
@@ -345,6 +382,7 @@ class Spool:
         brought back), :class:`SpoolError` on any I/O failure (the old sidecar stays).
         """
         queue_id = record.queue_id
+        self._fresh.pop(queue_id, None)
         self._busy.saving.add(queue_id)
         try:
             await trio.to_thread.run_sync(self._save_sync, record)
@@ -377,6 +415,7 @@ class Spool:
         """
         if not is_queue_id(queue_id):
             raise QueueEntryMissing(f"not a queue ID: {queue_id!r}")
+        self._fresh.pop(queue_id, None)
         try:
             await trio.to_thread.run_sync(self._remove_sync, queue_id)
         except OSError as exc:
@@ -399,6 +438,7 @@ class Spool:
         """Move ``queue_id``'s files to ``corrupt/`` and log ``reason`` (no longer queued)."""
         if not is_queue_id(queue_id):
             raise QueueEntryMissing(f"not a queue ID: {queue_id!r}")
+        self._fresh.pop(queue_id, None)
         try:
             await trio.to_thread.run_sync(move_aside, self.layout, queue_id, reason)
         except OSError as exc:

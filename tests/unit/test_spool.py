@@ -413,6 +413,32 @@ async def test_kill_9_before_commit_leaves_only_a_fragment_that_recovery_removes
     assert files(tmp_path / "spool" / "tmp") == []
 
 
+async def test_first_load_after_commit_matches_the_disk_and_never_a_stale_state(
+    tmp_path: Path,
+) -> None:
+    spool = Spool(tmp_path / "spool")
+    spool.remember_commits(8)  # as the queue runner does
+    await spool.recover()
+    incoming, handle = await receive(spool, MESSAGE)
+    handle.add_header("Received", "by mail.example.org")
+    queue_id = await incoming.commit(envelope(), handle, session_info=SESSION)
+    remembered = await spool.load(queue_id)
+    from_disk = await Spool(spool.directory).load(queue_id)
+    assert remembered.record == from_disk.record
+    assert remembered.header_section == from_disk.header_section
+    assert remembered.message.headers == from_disk.message.headers
+    assert (remembered.message.path, remembered.message.size, remembered.message.body_offset) \
+        == (from_disk.message.path, from_disk.message.size, from_disk.message.body_offset)
+    # A state saved or a message removed after the commit is what the next load sees.
+    second = await queue(spool)
+    await spool.save(replace((await spool.load_record(second)), held=True))
+    assert (await spool.load(second)).record.held
+    third = await queue(spool)
+    await spool.remove(third)
+    with pytest.raises(QueueEntryMissing):
+        await spool.load(third)
+
+
 # --- state updates --------------------------------------------------------------------------
 
 
