@@ -47,6 +47,17 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] == "Z"
 
 
+def _flocks(path: Path) -> list[tuple[str, int]]:
+    """The flock(2) locks held on ``path``: (READ or WRITE, pid), from /proc/locks."""
+    inode = path.stat().st_ino
+    held = []
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == "FLOCK" and int(fields[5].rsplit(":", 1)[1]) == inode:
+            held.append((fields[3], int(fields[4])))
+    return held
+
+
 def _send(port: int, context: ssl.SSLContext, subject: str) -> None:
     with smtplib.SMTP_SSL("127.0.0.1", port, context=context, timeout=30) as smtp:
         smtp.login(USER, PASSWORD)
@@ -96,6 +107,10 @@ def test_two_workers_accept_on_the_same_sockets_and_deliver_each_message_once(
         # Only the owner holds the spool's lock, recovers it and runs the queue runner.
         owner = server.proc.pid
         assert (tmp_path / "spool" / "lock").read_text().strip() == str(owner)
+        assert _flocks(tmp_path / "spool" / "lock") == [("WRITE", owner)]
+        # The worker commits under a shared lock on the spool directory, which the owner
+        # would need exclusively to recover it.
+        assert _flocks(tmp_path / "spool") == [("READ", worker)]
         log = server.text()
         assert log.count("event=spool_recovered") == 1
         assert log.count("event=queue_runner_started") == 1
