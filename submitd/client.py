@@ -65,8 +65,11 @@ __all__ = [
 
 _log = logging.getLogger("submitd.client")
 
-#: The body is read from disk and written in pieces of this size.
-CHUNK_SIZE = 64 * 1024
+#: The body is read from disk and written in pieces of this size (one worker-thread trip and
+#: one TLS write each).
+CHUNK_SIZE = 256 * 1024
+#: Replies are read in pieces of at most this size.
+_RECEIVE_SIZE = 64 * 1024
 #: QUIT and the TLS close_notify get at most this long when closing.
 _CLOSE_DEADLINE = 5.0
 #: A server that answers every SASL response with another 334 is cut off after this many.
@@ -134,7 +137,8 @@ class SMTPClient:
             raise transport_error(exc, stage, action) from None
 
     async def _write(self, data: bytes, stage: str, seconds: float, what: str) -> None:
-        if what != "message":  # one line per body chunk would drown the log
+        # One line per body chunk would drown the log.
+        if what != "message" and _log.isEnabledFor(logging.DEBUG):
             _log.debug(logfmt("smtp_client_send", remote=self.remote, command=what))
         with self._boundary(stage, f"sending {what}"), trio.fail_after(seconds):
             await self._stream.send_all(data)
@@ -145,11 +149,12 @@ class SMTPClient:
         with self._boundary(stage, f"waiting for the reply to {waiting_for}"):
             with trio.fail_after(seconds):
                 while (event := self._conn.next_event()) is NEED_DATA:
-                    self._conn.receive_data(await self._stream.receive_some(CHUNK_SIZE))
+                    self._conn.receive_data(await self._stream.receive_some(_RECEIVE_SIZE))
             s = self._settings
             reply = blank_secret(event.reply, s.username, s.password, oauth_token=s.oauth_token)
-            _log.debug(logfmt("smtp_client_reply", remote=self.remote, to=event.to.value,
-                              reply=str(reply)))
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug(logfmt("smtp_client_reply", remote=self.remote, to=event.to.value,
+                                  reply=str(reply)))
             if reply.code == 421:
                 raise SMTPClientError(stage, reply)
         return reply
@@ -170,7 +175,8 @@ class SMTPClient:
         :class:`SMTPClientError` (with ``oauth_error`` when the provider refused the token).
         """
         where = f"{settings.host}:{settings.port}"
-        _log.debug(logfmt("smtp_client_connect", remote=where, tls=settings.tls.value))
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(logfmt("smtp_client_connect", remote=where, tls=settings.tls.value))
         try:
             with trio.fail_after(settings.timeouts.connect):
                 stream = await trio.open_tcp_stream(settings.host, settings.port)
@@ -223,8 +229,9 @@ class SMTPClient:
             self._timeouts.greeting
         ):
             await stream.do_handshake()
-        _log.debug(logfmt("smtp_client_tls", remote=self.remote, version=stream.version(),
-                          cipher=(stream.cipher() or ("",))[0]))
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(logfmt("smtp_client_tls", remote=self.remote, version=stream.version(),
+                              cipher=(stream.cipher() or ("",))[0]))
 
     async def _hello(self) -> None:
         t, name = self._timeouts, self._settings.helo_name
@@ -249,8 +256,9 @@ class SMTPClient:
         reply, _ = await self._sasl(data, mechanism.value)
         if reply.code // 100 != 2:
             raise SMTPClientError("auth", reply)
-        _log.debug(logfmt("smtp_client_authenticated", remote=self.remote,
-                          mechanism=mechanism.value))
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(logfmt("smtp_client_authenticated", remote=self.remote,
+                              mechanism=mechanism.value))
 
     async def _auth_xoauth2(self, username: str, token: Secret) -> None:
         """AUTH XOAUTH2; a refusal keeps the provider's JSON error as ``oauth_error``."""
@@ -264,8 +272,9 @@ class SMTPClient:
             if challenge is not None:
                 oauth_error = xoauth2_error(challenge, secrets=(token.reveal(),))
             raise SMTPClientError("auth", reply, oauth_error=oauth_error)
-        _log.debug(logfmt("smtp_client_authenticated", remote=self.remote, mechanism=XOAUTH2,
-                          username=username))
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(logfmt("smtp_client_authenticated", remote=self.remote, mechanism=XOAUTH2,
+                              username=username))
 
     async def _sasl(self, data: bytes, mechanism: str) -> tuple[Reply, Reply | None]:
         """Send the AUTH line, answer each ``334``; the final reply and the first challenge."""
@@ -338,8 +347,9 @@ class SMTPClient:
         await self._body(message)
         reply = await self._read("data", t.data_end)
         replies.update((address, reply) for address in accepted)
-        _log.debug(logfmt("smtp_client_sent", remote=self.remote, size=message.size,
-                          accepted=len(accepted), reply=str(reply), dsn=plan.dsn))
+        if _log.isEnabledFor(logging.DEBUG):
+            _log.debug(logfmt("smtp_client_sent", remote=self.remote, size=message.size,
+                              accepted=len(accepted), reply=str(reply), dsn=plan.dsn))
         return done()
 
     async def _envelope(
@@ -400,7 +410,8 @@ class SMTPClient:
         try:
             await self.reset()
         except SMTPClientError as exc:
-            _log.debug(logfmt("smtp_client_reset_failed", remote=self.remote, error=str(exc)))
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug(logfmt("smtp_client_reset_failed", remote=self.remote, error=str(exc)))
             await self._abort()
 
     async def reset(self) -> None:
@@ -425,7 +436,8 @@ class SMTPClient:
                     await self._command(self._conn.send_quit(), "reset", _CLOSE_DEADLINE,
                                         "QUIT")
         except Exception as exc:  # closing is best effort; Cancelled still propagates
-            _log.debug(logfmt("smtp_client_quit_failed", remote=self.remote, error=str(exc)))
+            if _log.isEnabledFor(logging.DEBUG):
+                _log.debug(logfmt("smtp_client_quit_failed", remote=self.remote, error=str(exc)))
         finally:
             self._usable = False
             await self._abort()

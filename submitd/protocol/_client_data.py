@@ -14,6 +14,16 @@ import re
 __all__ = ["DataEncoder"]
 
 _LINE_END = re.compile(rb"\r\n|\r|\n")
+# A CR not followed by LF, and a line that starts with a dot: patterns with a literal first
+# byte, searched for at memchr-like speed (a stored message is canonical and rarely has dots).
+_BARE_CR = re.compile(rb"\r(?!\n)")
+_DOT_LINE = re.compile(rb"\n\.")
+
+
+def _is_canonical(data: bytes) -> bool:
+    """True if every CR in ``data`` starts a CRLF and every LF ends one."""
+    # With no bare CR, each CR is one CRLF: as many LFs as CRs means no bare LF.
+    return _BARE_CR.search(data) is None and data.count(b"\n") == data.count(b"\r")
 
 
 class DataEncoder:
@@ -43,8 +53,9 @@ class DataEncoder:
             data = data[:-1]
         if not data:
             return b""
-        data = _LINE_END.sub(b"\r\n", data)
-        stuffed = data.replace(b"\r\n.", b"\r\n..")
+        if not _is_canonical(data):
+            data = _LINE_END.sub(b"\r\n", data)
+        stuffed = data.replace(b"\r\n.", b"\r\n..") if _DOT_LINE.search(data) else data
         if self._at_line_start and stuffed.startswith(b"."):
             stuffed = b"." + stuffed
         self._at_line_start = stuffed.endswith(b"\r\n")

@@ -677,3 +677,19 @@ def test_a_server_echoing_the_password_has_it_blanked() -> None:
     assert pw not in str(blanked) and plain not in str(blanked)
     assert blanked.lines == ("bad: ***", "token ***")
     assert blank_secret(reply, None, None) is reply
+
+
+def test_large_canonical_chunks_and_odd_ones_encode_like_the_whole() -> None:
+    # Canonical chunks take the shortcut (no rewriting); a dot line or a bare CR/LF in one
+    # chunk, or a CR/LF pair split between two, must come out exactly as the whole would.
+    line = b"l" * 70 + b"\r\n"
+    clean = line * 4000
+    message = clean + b".dot\r\n" + clean + b"bare\nlf\r\n" + clean + b"bare\rcr\r\n" + clean
+    expected = (
+        clean + b"..dot\r\n" + clean + b"bare\r\nlf\r\n" + clean + b"bare\r\ncr\r\n" + clean
+        + b".\r\n"
+    )
+    assert encode([message]) == expected
+    for size in (262_144, 65_536 + 1, len(clean) + 1, len(clean) + 3):
+        chunks = [message[i : i + size] for i in range(0, len(message), size)]
+        assert encode(chunks) == expected, size
