@@ -33,6 +33,7 @@ from .._hookcall import HookCaller, PluginDelivery
 from .._logfmt import logfmt
 from ..config import Config, ListenerConfig, load_config
 from ..errors import ConfigError
+from ..mailqueue._ids import set_process_tag
 from ..mailqueue._lock import admit_writers, join_writers, leave_writers
 from ..mailqueue.runner import QueueRunner
 from ..mailqueue.spool import Spool
@@ -80,6 +81,9 @@ class Server:
         self._worker = worker
         self.pool: WorkerPool | None = None
         self.link: Link | None = None
+        if worker is not None or config.server.workers > 1:
+            # Queue IDs made by two processes in one millisecond must differ.
+            set_process_tag(worker.index if worker is not None else 0)
         settings = ThrottleSettings.from_limits(config.limits)
         runner_type = QueueRunner if config.server.workers == 1 else TrackingRunner
         self.runner = runner_type(
