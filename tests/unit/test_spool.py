@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import trio
 
+import submitd.durable
 from submitd import DsnReturn, Envelope, MailParams, MessageHandle, Recipient
 from submitd.errors import SpoolError
 from submitd.mailqueue import (
@@ -299,6 +300,28 @@ async def test_full_disk_while_receiving_raises_and_cleans_up(
         await incoming.write(b"more")
     with pytest.raises(SpoolError):
         await incoming.finish(max_header_size=1000)
+
+
+async def test_spool_file_that_cannot_be_created_fails_the_message_and_leaves_nothing(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    incoming = await spool.open_incoming()  # touches no disk: the file comes with the data
+    await incoming.write(MESSAGE)
+
+    def refuse(path: Path) -> int:
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(submitd.durable, "open_exclusive", refuse)
+    with pytest.raises(SpoolError):
+        await incoming.finish(max_header_size=65536)
+    monkeypatch.undo()
+    with pytest.raises(SpoolError):
+        await incoming.commit(envelope(), MessageHandle(path=Path("x"), size=0, headers=[],
+                                                        body_offset=0), session_info={})
+    await incoming.abort()
+    assert files(spool.directory / "tmp") == []
+    assert await spool.queued_ids() == []
+    assert await queue(spool)  # the next message is fine
 
 
 async def test_abort_removes_the_temp_file_and_can_be_repeated(spool: Spool) -> None:
