@@ -51,7 +51,7 @@ from submitd import (
     hookimpl,
     logfmt,
 )
-from submitd.durable import DirectorySync, write_all
+from submitd.durable import DirectorySync, copy_to_end, write_all
 
 from ._login_groups import reject_unknown_keys
 
@@ -206,8 +206,11 @@ def _deliver_file(
     try:
         try:
             write_all(fd, f"Return-Path: <{envelope.sender}>\r\n".encode())
-            for chunk in message.iter_chunks():
-                write_all(fd, chunk)
+            source = os.open(message.path, os.O_RDONLY | _O_CLOEXEC)
+            try:
+                copy_to_end(source, 0, fd)  # inside the kernel where it can
+            finally:
+                os.close(source)
             os.fsync(fd)
         finally:
             os.close(fd)
