@@ -39,7 +39,8 @@ class IssuePlan:
     """Sizes of the issue workloads (``--quick`` and the options change them)."""
 
     servers: tuple[str, ...]
-    rounds: int
+    rounds: int  # reconnect
+    session_rounds: int = 10
     clients: int = 20
     messages: int = 10  # per connection (session)
     message_size: int = 4096
@@ -164,13 +165,13 @@ def bench_session(plan: IssuePlan, ws: Workspace, work: Path) -> dict[str, Any]:
                   workers=plan.workers)
     with started(plan, ws, work, "session", setup) as targets, \
             profiled(plan, targets, "session") as profile:
-        results = alternate(plan, targets, plan.rounds, "session",
+        results = alternate(plan, targets, plan.session_rounds, "session",
                             lambda t: workloads.session_round(
                                 t, context, LOGIN, clients=plan.clients,
                                 messages=plan.messages, size=plan.message_size))
     out = {"load": {"clients": plan.clients, "messages_per_connection": plan.messages,
                     "message_bytes": len(make_message(plan.message_size, 0)),
-                    "rounds": plan.rounds,
+                    "rounds": plan.session_rounds,
                     "cpu": "server process tree, from the start of the message phase until "
                            "every message was delivered (sink or Maildir)"},
            "servers": summarize("session", results)}

@@ -1,6 +1,10 @@
 """submitd benchmark: one JSON document on stdout, progress on stderr (``make bench``).
 
-Three measurements, each against a peer run in the same invocation (see bench/README.md):
+By default the four issue workloads (``bench/issue.py``): ``session``, ``reconnect``, ``big``
+and ``idle``, each against a private Postfix, aiosmtpd, submitd forwarding to a sink and
+submitd delivering into its Maildir, in the same invocation with alternating rounds.
+
+Older measurements, run only when named with ``--workload`` (see bench/README.md):
 
 1. ``throughput``: the same submission load (STARTTLS + AUTH PLAIN + several ~10 KiB
    messages per connection, several connections at once) against ``submitd serve`` and an
@@ -13,11 +17,11 @@ Three measurements, each against a peer run in the same invocation (see bench/RE
 5. ``dos``: a logged-in session's NOOP round trip and the server's memory while 200
    connections from 200 loopback addresses send wrong AUTH, against the same with no attack.
 
-Usage: ``python bench/run.py [--quick] [--only NAME ...] [--backlog N]`` (``--workload`` is
-the same as ``--only``). Everything runs on 127.0.0.1 with ports the OS picks, in a temporary
+Usage: ``python bench/run.py [--quick] [--workload NAME ...] [--servers A,B] [--rounds N]
+[--idle-connections K] [--big-size MIB] [--submitd-workers N] [--profile DIR] [--backlog N]``
+(``--only`` is the same as ``--workload``). Everything runs on 127.0.0.1, in a temporary
 directory; child servers are stopped on any exit.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -268,10 +272,11 @@ def issue_plan(args: argparse.Namespace, parser: argparse.ArgumentParser) -> Iss
             parser.error(f"--servers: unknown server {key!r} (known: {', '.join(SERVER_KEYS)})")
     plan = IssuePlan(servers=servers, rounds=5)
     if args.quick:
-        plan = replace(plan, rounds=1, reconnect_s=3.0, big_size=20 * MIB, big_rounds=1,
-                       idle=500, idle_postfix=100, idle_open_timeout=60.0)
+        plan = replace(plan, rounds=1, session_rounds=1, reconnect_s=3.0, big_size=20 * MIB,
+                       big_rounds=1, idle=500, idle_postfix=100, idle_open_timeout=60.0)
     if args.rounds is not None:
-        plan = replace(plan, rounds=args.rounds, big_rounds=args.rounds)
+        plan = replace(plan, rounds=args.rounds, session_rounds=args.rounds,
+                       big_rounds=args.rounds)
     if args.idle_connections is not None:
         plan = replace(plan, idle=args.idle_connections,
                        idle_postfix=min(args.idle_connections, plan.idle_postfix))
@@ -294,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="servers for the issue workloads (default: "
                              + ",".join(SERVER_KEYS) + ")")
     parser.add_argument("--rounds", type=int, metavar="N",
-                        help="rounds per server (default 5 for session and reconnect, "
-                             "3 for big; 1 with --quick)")
+                        help="rounds per server of session, reconnect and big (default "
+                             "10, 5 and 3; 1 with --quick)")
     parser.add_argument("--idle-connections", type=int, metavar="K",
                         help="idle sessions for submitd and aiosmtpd (default 10,000)")
     parser.add_argument("--idle-postfix", type=int, metavar="K",
