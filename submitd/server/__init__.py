@@ -71,9 +71,9 @@ async def _main(config: Config, worker: WorkerSpec | None = None) -> None:
         server = Server(config, worker=worker)
         async with trio.open_nursery() as nursery:
             await nursery.start(_serve_until_done, server, nursery.cancel_scope)
-            if worker is None:
-                log.info(logfmt("ready", hostname=config.hostname,
-                                workers=config.server.workers if server.pool else None))
+            log.info(logfmt("ready", hostname=config.hostname,
+                            workers=config.server.workers if server.pool else None,
+                            pid=os.getpid() if worker is not None else None))
             stopping = False
             async for signum in signals:
                 name = signal.Signals(signum).name

@@ -165,7 +165,7 @@ def test_when_the_owner_dies_the_workers_exit(
 ) -> None:
     server = ServerProcess(_with_workers(make_config(limits=_LIMITS), 2))
     worker = _worker_pid(server)
-    server.wait_for_log("worker=1 event=plugins_loaded")
+    server.wait_for_log("worker=1 event=ready")
     server.stop(signal.SIGKILL)
     # The owner is gone, so ServerProcess.wait_for_log would stop looking: poll the log here.
     deadline = time.monotonic() + 15
@@ -185,7 +185,7 @@ def test_the_per_address_cap_holds_across_workers(
     server = ServerProcess(_with_workers(make_config(limits=limits), 2))
     port = server.ports["starttls"]
     try:
-        server.wait_for_log("worker=1 event=plugins_loaded")
+        server.wait_for_log("worker=1 event=ready")
         opened = [smtplib.SMTP("127.0.0.1", port, timeout=30) for _ in range(2)]
         try:
             for smtp in opened:
@@ -225,7 +225,7 @@ def test_a_signal_to_the_owner_stops_every_process_with_status_0(
 ) -> None:
     server = ServerProcess(_with_workers(make_config(limits=_LIMITS), 2))
     worker = _worker_pid(server)
-    server.wait_for_log("worker=1 event=plugins_loaded")
+    server.wait_for_log("worker=1 event=ready")
     assert server.stop(sig) == 0
     log = server.text()
     assert "worker=1 event=shutdown_complete" in log
@@ -239,7 +239,7 @@ def test_sighup_to_the_owner_reloads_every_process(
     config = _with_workers(make_config(limits=_LIMITS), 2)
     server = ServerProcess(config)
     try:
-        server.wait_for_log("worker=1 event=plugins_loaded")
+        server.wait_for_log("worker=1 event=ready")
         server.proc.send_signal(signal.SIGHUP)
         server.wait_for_log("worker=0 event=reloaded")
         server.wait_for_log("worker=1 event=reloaded")
@@ -253,7 +253,7 @@ def test_a_second_sigterm_stops_every_process_at_once(
     config = _with_workers(make_config(limits={**_LIMITS, "shutdown_grace": "60s"}), 2)
     server = ServerProcess(config)
     context = ssl.create_default_context(cafile=str(ca.ca_path))
-    server.wait_for_log("worker=1 event=plugins_loaded")
+    server.wait_for_log("worker=1 event=ready")
     sessions = []
     try:
         # Idle logged-in sessions until both processes hold one.
