@@ -64,7 +64,12 @@ class BoundListener:
 
 
 class Server:
-    """One submitd instance. Build it from a validated :class:`Config`, then ``await serve()``."""
+    """One submitd instance. Build it from a validated :class:`Config`, then ``await serve()``.
+
+    ``worker`` makes it one of the worker processes of a server with ``[server] workers``
+    above 1 (:func:`submitd.server.worker_main` passes it); without it, a configuration with
+    several workers makes this the spool's owner, which starts the others (``pool``).
+    """
 
     def __init__(self, config: Config, *, extra_plugins: Iterable[tuple[str, object]] = (),
                  worker: WorkerSpec | None = None) -> None:
