@@ -110,6 +110,9 @@ def _start_sink(stack: ExitStack, setup: Setup) -> SmtpSink:
 
 
 def _start_postfix(stack: ExitStack, ws: Workspace, directory: Path, setup: Setup) -> Target:
+    if os.geteuid() != 0:
+        raise RuntimeError("the postfix server needs root (its daemons switch to the postfix "
+                           "user); run as root or leave it out with --servers")
     sink = _start_sink(stack, setup)
     # Postfix's daemons run as the postfix user and open their directories by full path.
     directory.chmod(0o755)
