@@ -122,6 +122,7 @@ def summarize(name: str, results: dict[str, list[Round]]) -> dict[str, Any]:
         for r in rounds:
             errors.update(r.errors)
         cpu = [r.cpu_s / r.units * 1000 for r in rounds if r.units]
+        client = [r.client_cpu_s / r.units * 1000 for r in rounds if r.units and r.client_cpu_s]
         out[key] = {
             "rate": round(statistics.median(r.rate for r in rounds), 2),
             "unit": UNITS[name],
@@ -131,6 +132,9 @@ def summarize(name: str, results: dict[str, list[Round]]) -> dict[str, Any]:
                 "p99": round(percentile(lat, 0.99) * 1000, 2) if lat else None,
             },
             "server_cpu_ms_per_unit": round(statistics.median(cpu), 3) if cpu else None,
+            # The load generator shares the machine's cores: server + client CPU per unit
+            # bounds the rate any server can reach here.
+            "client_cpu_ms_per_unit": round(statistics.median(client), 3) if client else None,
             "peak_rss_kib": max(r.peak_rss_kib for r in rounds),
             "units_per_round": units,
             "errors": dict(errors),

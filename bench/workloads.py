@@ -34,6 +34,7 @@ class Round:
     units: int  # messages, connections or MiB
     latencies: list[float] = field(default_factory=list)  # seconds
     cpu_s: float = 0.0  # server CPU (whole process tree) for the round
+    client_cpu_s: float = 0.0  # the load generator's own CPU (this process) for the round
     peak_rss_kib: int = 0
     errors: Counter[str] = field(default_factory=Counter)
     extra: dict[str, object] = field(default_factory=dict)
@@ -96,9 +97,11 @@ def session_round(
                 nursery.start_soon(one, ready, go, opened)
             await ready.wait()
             marks["cpu0"] = proctree.cpu_seconds(target.pid)
+            marks["client0"] = time.process_time()
             marks["t0"] = time.perf_counter()
             go.set()
         marks["t1"] = time.perf_counter()
+        marks["client1"] = time.process_time()
 
     trio.run(main)
     t2 = target.wait_delivered(before + sent[0])
@@ -106,7 +109,7 @@ def session_round(
     n = max(sent[0], 1)
     return Round(rate=sent[0] / (marks["t1"] - marks["t0"]), units=sent[0],
                  latencies=latencies, cpu_s=cpu, peak_rss_kib=proctree.hwm_kib(target.pid),
-                 errors=errors,
+                 errors=errors, client_cpu_s=marks["client1"] - marks["client0"],
                  extra={"delivered_per_s": round(sent[0] / (t2 - marks["t0"]), 1),
                         "cpu_ms_per_unit": round(cpu / n * 1000, 3),
                         "pss_kib_after_round": proctree.tree_pss_kib(target.pid)})
@@ -146,14 +149,17 @@ def reconnect_round(
                 nursery.start_soon(loop, deadline)
 
     cpu0 = proctree.cpu_seconds(target.pid)
+    client0 = time.process_time()
     t0 = time.perf_counter()
     trio.run(main)
     t1 = time.perf_counter()
+    client_cpu = time.process_time() - client0
     target.wait_delivered(before + done[0])
     cpu = proctree.cpu_seconds(target.pid) - cpu0
     n = max(done[0], 1)
     return Round(rate=done[0] / (t1 - t0), units=done[0], latencies=latencies, cpu_s=cpu,
                  peak_rss_kib=proctree.hwm_kib(target.pid), errors=errors,
+                 client_cpu_s=client_cpu,
                  extra={"cpu_ms_per_unit": round(cpu / n * 1000, 3),
                         "pss_kib_after_round": proctree.tree_pss_kib(target.pid)})
 
