@@ -61,7 +61,6 @@ class DataReader:
 
     __slots__ = (
         "_error",
-        "_flush",
         "_header_size",
         "_in_header",
         "_max_header_size",
@@ -78,10 +77,9 @@ class DataReader:
         self._max_header_size = max_header_size
         self._mode = _Mode.LINES
         # buf[:_ready] is checked, unstuffed content not yet handed out; the _skip octets after
-        # it (the terminator line) go with it; _flush: hand it out now, do not wait for more.
+        # it (the terminator line) go with it.
         self._ready = 0
         self._skip = 0
-        self._flush = False
         self._size = 0
         self._header_size = 0
         self._in_header = True
@@ -99,12 +97,11 @@ class DataReader:
         if self._mode is _Mode.DISCARD:
             self._discard(buf)
         ready = self._ready
-        if ready and (self._flush or ready >= CHUNK_SIZE or self._mode is _Mode.DONE):
+        if ready and (ready >= CHUNK_SIZE or self._mode is _Mode.DONE):
             with memoryview(buf) as view, view[:ready] as head:
                 data = head.tobytes()
             del buf[: ready + self._skip]
             self._ready = self._skip = 0
-            self._flush = False
             return DataChunk(data=data)
         if self._skip:
             del buf[: self._skip]
@@ -138,36 +135,43 @@ class DataReader:
     # -- good lines ---------------------------------------------------------------------------
 
     def _read_lines(self, buf: bytearray) -> None:
-        pos = self._ready
+        # buf[:out] is checked output; buf[out:pos] holds transparency dots dropped by the
+        # line-by-line path (squeezed out once, not per line); buf[pos:] is unread.
+        pos = out = self._ready
         slow_until = pos  # the end of a block the fast path refused: go line by line up to it
-        while pos < CHUNK_SIZE:
+        while out < CHUNK_SIZE:
             if not self._in_header and pos >= slow_until:
+                if out != pos:
+                    del buf[out:pos]
+                    pos = out
                 block_end, taken = self._fast_block(buf, pos)
                 if taken:
-                    pos = block_end
+                    pos = out = block_end
                     continue
                 slow_until = block_end
             end = buf.find(b"\r\n", pos)
             if end == -1:
-                self._partial(buf, pos)
+                if out != pos:
+                    del buf[out:pos]
+                self._partial(buf, out)
                 return
-            stuffed = buf[pos] == _DOT and end != pos + 1
-            if stuffed and pos:
-                # The dot must go: hand out what is ready first, then drop it at the front.
-                self._flush = True
-                break
-            if not self._line(bytes(buf[pos:end])):
+            line = bytes(buf[pos:end])
+            if not self._line(line):
                 if self._mode is _Mode.DONE:
-                    self._skip = end + 2 - pos
-                    break
+                    self._ready, self._skip = out, end + 2 - out
+                    return
                 del buf[: end + 2]  # refused: what was ready is dropped with it
                 self._tail = b"\r\n"
                 return
-            if stuffed:
-                del buf[0]  # RFC 5321 §4.5.2 transparency (at the front: no memmove)
-                end -= 1
+            start = pos + 1 if line.startswith(b".") else pos  # RFC 5321 §4.5.2
+            size = end + 2 - start
+            if out != start:
+                buf[out : out + size] = buf[start : end + 2]
+            out += size
             pos = end + 2
-        self._ready = pos
+        if out != pos:
+            del buf[out:pos]
+        self._ready = out
 
     def _partial(self, buf: bytearray, pos: int) -> None:
         """No CRLF in ``buf[pos:]``: keep the start of a line, or drain one that is too long."""
@@ -220,41 +224,56 @@ class DataReader:
         return True
 
     def _fast_block(self, buf: bytearray, pos: int) -> tuple[int, bool]:
-        """Take a run of ordinary body lines at once; return where the run ends and if taken.
+        """Take a run of body lines at once; return where the run ends and if it was taken.
 
-        A run is taken only when none of its lines starts with a dot, it holds no bare CR or
-        LF and no NUL, no line is over the limit and the size stays within it: such lines
-        leave the buffer as they are. Anything else is left to the line-by-line path, which
-        is the one that decides; this only makes the common case cheap. Every check is a scan
-        in C over the buffer itself, which is not copied.
+        A run is taken only when it holds no bare CR or LF and no NUL, no line is over the
+        limit and the size stays within it; it ends before the terminator. Such lines stay in
+        the buffer as they are, or, when some start with a transparency dot, are replaced by
+        their unstuffed copy. Anything else is left to the line-by-line path, which is the one
+        that decides; this only makes the common case cheap. Every check is a scan in C.
         """
-        if buf[pos : pos + 1] == b".":
-            return pos, False  # stuffed, or the terminator: one line, the slow way
+        if buf.startswith(b".\r\n", pos):
+            return pos, False  # the terminator: the line-by-line path ends the data
         end = buf.rfind(b"\r\n", pos, CHUNK_SIZE)
         if end == -1:
             return pos, False
         stop = end + 2
+        stuffed = buf[pos] == _DOT
         dot = _DOT_LINE.search(buf, pos, stop)
         if dot is not None:
-            # Take the lines before the first line that starts with a dot.
-            end = buf.rfind(b"\r\n", pos, dot.start() + 1)
-            if end == -1:
-                return pos, False
-            stop = end + 2
+            # The first line starting with a dot is the earliest the terminator can be.
+            term = buf.find(_TERMINATOR, max(pos, dot.start() - 1), stop)
+            if term != -1:
+                stop = term + 2  # the lines before the end of data
+            stuffed = stuffed or dot.start() + 1 < stop
         if (
-            stop - pos + self._size > self._max_size
-            or buf.find(b"\0", pos, stop) != -1
+            buf.find(b"\0", pos, stop) != -1
             or _BARE_CR.search(buf, pos, stop) is not None
             # With no bare CR, every CR starts a CRLF: as many LFs as CRs means no bare LF.
             or buf.count(b"\n", pos, stop) != buf.count(b"\r", pos, stop)
-            or not _lines_fit(buf, pos, stop)
         ):
             return stop, False
-        self._size += stop - pos
-        return stop, True
+        if not stuffed:
+            if stop - pos + self._size > self._max_size or not _lines_fit(buf, pos, stop):
+                return stop, False
+            self._size += stop - pos
+            return stop, True
+        with memoryview(buf) as view, view[pos:stop] as raw:
+            block = raw.tobytes()
+        # RFC 5321 §4.5.2 transparency, for the first line and for every line after a CRLF.
+        body = block[1:] if block[0] == _DOT else block
+        unstuffed = body.replace(b"\r\n.", b"\r\n")
+        if (
+            len(unstuffed) + self._size > self._max_size
+            or not _lines_fit(unstuffed, 0, len(unstuffed))
+        ):
+            return stop, False
+        buf[pos:stop] = unstuffed
+        self._size += len(unstuffed)
+        return pos + len(unstuffed), True
 
 
-def _lines_fit(buf: bytearray, start: int, stop: int) -> bool:
+def _lines_fit(buf: bytes | bytearray, start: int, stop: int) -> bool:
     """True if no line in ``buf[start:stop]`` (whole CRLF lines) is over 1000 octets with CRLF.
 
     Jumps from line end to line end at most 1000 octets ahead, so a block of short lines

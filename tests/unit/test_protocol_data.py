@@ -382,3 +382,52 @@ def test_message_crossing_the_size_limit_inside_a_block_is_refused() -> None:
         assert len(message) == size + 2
         out, _ = pump(conn, message + b".\r\n")
         assert out == (OK if size + 2 <= limit else TOO_BIG), size
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_dot_heavy_bodies_across_chunks_match_the_reference(seed: int) -> None:
+    import random
+
+    rng = random.Random(seed)
+    lines = [b"..", b"...", b".x", b"..x", b"plain", b"", b"y" * 997, b"." + b"z" * 998]
+    if seed % 3 == 0:
+        lines += [b"bad\rcr", b"nul\x00", b"." + b"w" * 999]  # a refused message
+    header = b"".join(rng.choice([b"..H: 1", b"Subject: s", b".X: y"]) + b"\r\n" for _ in range(20))
+    text = b"".join(rng.choice(lines) + b"\r\n" for _ in range(rng.randrange(1000, 9000)))
+    stream = header + b"\r\n" + text + b".\r\nNOOP\r\n"
+    expected, rest = reference(stream)
+    assert rest == b"NOOP\r\n"
+    conn = in_data()
+    out = b""
+    events: list[Event] = []
+    pos = 0
+    while pos < len(stream):
+        step = rng.choice([1, 5, 999, 16384, 70000])
+        o, e = pump(conn, stream[pos : pos + step])
+        out, events, pos = out + o, events + e, pos + step
+    (done,) = completions(events)
+    assert out.endswith(b"250 2.0.0 OK\r\n")
+    if expected is None:
+        assert done.error is not None
+    else:
+        assert done.error is None
+        assert body(events) == expected
+        assert done.size == len(expected)
+
+
+def test_a_body_of_dot_lines_is_handed_out_in_full_chunks() -> None:
+    conn = in_data()
+    message = b"..\r\n" * 200_000  # every line is stuffed
+    out, events = pump(conn, b"\r\n" + message + b".\r\n")
+    chunks = [e.data for e in events if isinstance(e, DataChunk)]
+    assert out == OK
+    assert b"".join(chunks) == b"\r\n" + b".\r\n" * 200_000
+    assert len(chunks) <= len(message) // CHUNK_SIZE + 2
+
+
+def test_stuffed_header_lines_are_unstuffed() -> None:
+    conn = in_data()
+    header = b"".join(b"..X-%d: v\r\n" % i for i in range(500))
+    out, events = pump(conn, header + b"\r\nbody\r\n.\r\n")
+    assert out == OK
+    assert body(events) == header.replace(b"..", b".") + b"\r\nbody\r\n"
