@@ -6,12 +6,14 @@ to the dot and every other look-alike are content, and since a bare CR or LF any
 the message bad, they are refused content: the SMTP smuggling attacks of 2023
 (CVE-2023-51764/-51765/-51766, CVE-2024-27305) get a refusal, never a second message.
 
-The body is read in place: the good lines the reader has checked stay at the front of the
-receive buffer until about :data:`CHUNK_SIZE` octets are ready (or the message ends), and then
-leave it as one chunk, copied once. A run of ordinary body lines is checked as a block with
-bytes methods (no line starting with a dot, no bare CR or LF, no NUL, no line over the limit);
-a block that fails a check, a dot-stuffed line, the terminator and the header section go line
-by line, and the line-by-line rules are the ones that decide.
+Good lines are checked where they arrived, in the receive buffer, and leave it at once as
+one copied piece per read; the pieces go out as one chunk of about :data:`CHUNK_SIZE` octets
+(or less at the end of the message), so the receive buffer only ever holds one read plus an
+unfinished line. A run of body lines is checked as a block with C scans over the buffer (the
+terminator, a line starting with a dot, a bare CR or LF, NUL, a line over the limit); a block
+with dot-stuffed lines is unstuffed with one ``replace``. A block that fails a check, the
+terminator and the header section go line by line, and the line-by-line rules are the ones
+that decide.
 
 Once the message is known to be bad (bare CR/LF, NUL, an over-long line, too big), the reader
 stops producing chunks and only looks for the real terminator, keeping four bytes of context
@@ -53,11 +55,7 @@ class _Mode(enum.Enum):
 
 
 class DataReader:
-    """Read one message body from a receive buffer shared with the command reader.
-
-    The reader may leave checked lines at the front of the buffer between calls; nothing
-    else may take bytes from the buffer until :meth:`read` returned :class:`DataComplete`.
-    """
+    """Read one message body from a receive buffer shared with the command reader."""
 
     __slots__ = (
         "_error",
@@ -66,9 +64,9 @@ class DataReader:
         "_max_header_size",
         "_max_size",
         "_mode",
-        "_ready",
+        "_pending",
+        "_pieces",
         "_size",
-        "_skip",
         "_tail",
     )
 
@@ -76,10 +74,9 @@ class DataReader:
         self._max_size = max_size
         self._max_header_size = max_header_size
         self._mode = _Mode.LINES
-        # buf[:_ready] is checked, unstuffed content not yet handed out; the _skip octets after
-        # it (the terminator line) go with it.
-        self._ready = 0
-        self._skip = 0
+        # Checked, unstuffed content not yet handed out (``_pending`` octets in all).
+        self._pieces: list[bytes] = []
+        self._pending = 0
         self._size = 0
         self._header_size = 0
         self._in_header = True
@@ -96,16 +93,12 @@ class DataReader:
             self._read_lines(buf)
         if self._mode is _Mode.DISCARD:
             self._discard(buf)
-        ready = self._ready
-        if ready and (ready >= CHUNK_SIZE or self._mode is _Mode.DONE):
-            with memoryview(buf) as view, view[:ready] as head:
-                data = head.tobytes()
-            del buf[: ready + self._skip]
-            self._ready = self._skip = 0
+        if self._pending and (self._pending >= CHUNK_SIZE or self._mode is _Mode.DONE):
+            pieces = self._pieces
+            data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+            self._pieces = []
+            self._pending = 0
             return DataChunk(data=data)
-        if self._skip:
-            del buf[: self._skip]
-            self._skip = 0
         if self._mode is _Mode.DONE:
             return DataComplete(size=self._size, error=self._error)
         return None
@@ -116,7 +109,8 @@ class DataReader:
         # The first problem found is the one reported; nothing more is handed out.
         if self._error is None:
             self._error = reply
-        self._ready = 0
+        self._pieces.clear()
+        self._pending = 0
         self._mode = _Mode.DISCARD
 
     def _discard(self, buf: bytearray) -> None:
@@ -136,29 +130,30 @@ class DataReader:
 
     def _read_lines(self, buf: bytearray) -> None:
         # buf[:out] is checked output; buf[out:pos] holds transparency dots dropped by the
-        # line-by-line path (squeezed out once, not per line); buf[pos:] is unread.
-        pos = out = self._ready
-        slow_until = pos  # the end of a block the fast path refused: go line by line up to it
-        while out < CHUNK_SIZE:
+        # line-by-line path (squeezed out once, not per line); buf[pos:] is unread. Output
+        # leaves the buffer at once (copied into a piece), so the buffer stays small.
+        pos = out = 0
+        slow_until = 0  # the end of a block the fast path refused: go line by line up to it
+        while self._pending + out < CHUNK_SIZE:
             if not self._in_header and pos >= slow_until:
                 if out != pos:
-                    del buf[out:pos]
-                    pos = out
-                block_end, taken = self._fast_block(buf, pos)
+                    self._cut(buf, out, pos)
+                    pos = out = slow_until = 0
+                limit = pos + CHUNK_SIZE - self._pending - out
+                block_end, taken = self._fast_block(buf, pos, limit)
                 if taken:
                     pos = out = block_end
                     continue
                 slow_until = block_end
             end = buf.find(b"\r\n", pos)
             if end == -1:
-                if out != pos:
-                    del buf[out:pos]
-                self._partial(buf, out)
+                self._cut(buf, out, pos)
+                self._partial(buf)
                 return
             line = bytes(buf[pos:end])
             if not self._line(line):
                 if self._mode is _Mode.DONE:
-                    self._ready, self._skip = out, end + 2 - out
+                    self._cut(buf, out, end + 2)
                     return
                 del buf[: end + 2]  # refused: what was ready is dropped with it
                 self._tail = b"\r\n"
@@ -169,26 +164,30 @@ class DataReader:
                 buf[out : out + size] = buf[start : end + 2]
             out += size
             pos = end + 2
-        if out != pos:
-            del buf[out:pos]
-        self._ready = out
+        self._cut(buf, out, pos)
 
-    def _partial(self, buf: bytearray, pos: int) -> None:
-        """No CRLF in ``buf[pos:]``: keep the start of a line, or drain one that is too long."""
-        rest = len(buf) - pos
+    def _cut(self, buf: bytearray, out: int, pos: int) -> None:
+        """Take ``buf[:out]`` as output and drop ``buf[:pos]`` from the buffer."""
+        if out:
+            with memoryview(buf) as view, view[:out] as head:
+                self._pieces.append(head.tobytes())
+            self._pending += out
+        del buf[:pos]
+
+    def _partial(self, buf: bytearray) -> None:
+        """No CRLF in ``buf``: keep the start of a line, or drain one that is too long."""
+        rest = len(buf)
         # A partial line may end in the CR of its CRLF, hence the + 1; a leading dot is the
         # transparency dot and does not count.
-        allowed = MAX_LINE_CONTENT + 1 + (1 if buf[pos : pos + 1] == b"." else 0)
+        allowed = MAX_LINE_CONTENT + 1 + (1 if buf[:1] == b"." else 0)
         if rest > allowed:
             # Report what the client can fix: a body sent with bare LF line ends shows up
             # here as one endless line.
-            bare = buf.find(b"\n", pos) != -1 or buf.find(b"\r", pos, len(buf) - 1) != -1
+            bare = buf.find(b"\n") != -1 or buf.find(b"\r", 0, rest - 1) != -1
             self._fail(R.DATA_BARE_CR_LF if bare else R.DATA_LINE_TOO_LONG)
             self._size += rest
             self._tail = bytes(buf[-_CONTEXT:])
             buf.clear()
-            return
-        self._ready = pos
 
     def _line(self, line: bytes) -> bool:
         """Take one line (without its CRLF); False when the body ended or turned bad."""
@@ -223,7 +222,7 @@ class DataReader:
             return False
         return True
 
-    def _fast_block(self, buf: bytearray, pos: int) -> tuple[int, bool]:
+    def _fast_block(self, buf: bytearray, pos: int, limit: int) -> tuple[int, bool]:
         """Take a run of body lines at once; return where the run ends and if it was taken.
 
         A run is taken only when it holds no bare CR or LF and no NUL, no line is over the
@@ -234,7 +233,7 @@ class DataReader:
         """
         if buf.startswith(b".\r\n", pos):
             return pos, False  # the terminator: the line-by-line path ends the data
-        end = buf.rfind(b"\r\n", pos, CHUNK_SIZE)
+        end = buf.rfind(b"\r\n", pos, limit)
         if end == -1:
             return pos, False
         stop = end + 2
