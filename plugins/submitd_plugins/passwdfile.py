@@ -19,6 +19,14 @@ Failures are never remembered; a password change, a deleted login or any new ver
 users file ends what was remembered at once. The failed-login throttle applies to every
 attempt as before: the server checks it before this plugin is asked.
 
+Logins that arrive together with the same login and password (twenty connections of one
+application just after a start, before anything is remembered) are verified once: the first
+runs argon2 and the others wait for its answer, matched by the same HMAC digest, so only an
+identical password shares it. A success is shared; a refusal is shared as a refusal (each
+waiter is refused, and counted by the throttle, on its own); if the first login goes away
+before it has an answer, a waiter verifies in its place. With ``cache_ttl = 0`` every login
+verifies on its own.
+
 The senders listed for each login (addresses, ``@domains``, ``<>``) are published as
 :data:`submitd.SENDERS` under the name ``passwdfile``; this plugin does not check them itself.
 The ``relay`` plugin enforces them at MAIL FROM and on the ``From:`` and ``Sender:`` header
@@ -85,7 +93,7 @@ class PasswdFileState:
     used on the event loop only. A reload builds a new state, with an empty cache.
     """
 
-    __slots__ = ("_broken", "cache", "limiter", "lock", "path", "queue_timeout",
+    __slots__ = ("_broken", "cache", "in_flight", "limiter", "lock", "path", "queue_timeout",
                  "rehash_failed", "users")
 
     def __init__(
@@ -101,6 +109,8 @@ class PasswdFileState:
         self.users = users
         self.limiter = trio.CapacityLimiter(max_parallel)
         self.cache = cache if cache is not None else CredentialCache(ttl=0)
+        #: Verifications under way, by credentials digest (event loop only).
+        self.in_flight: dict[bytes, _Verification] = {}
         self.queue_timeout = queue_timeout
         self.lock = threading.Lock()
         self._broken: tuple[int, ...] | None = None  # version that failed to parse (log once)
@@ -158,6 +168,17 @@ class PasswdFileState:
             self.users = updated
         log.info(logfmt("rehashed", user=login))
         return True
+
+
+class _Verification:
+    """One verification under way, which logins with the same digest wait for."""
+
+    __slots__ = ("done", "result")
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        #: The answer; None until ``done``, and still None if the verifier went away.
+        self.result: AuthResult | None = None
 
 
 class UsersSenders(Mapping[str, tuple[str, ...]]):
@@ -259,20 +280,48 @@ async def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthRe
     """Check the login and password against the users file (off the event loop).
 
     A login and password verified less than ``cache_ttl`` ago against the same users file
-    are accepted without argon2 (one ``stat`` of the file, in a worker thread). Otherwise at
-    most ``max_parallel`` verifications run at once; a login that waits longer than
-    ``queue_timeout`` for a slot is refused with ``454 4.7.0`` (docs/security.md §3).
+    are accepted without argon2 (one ``stat`` of the file, in a worker thread). A login whose
+    login and password are being verified for another connection right now waits for that
+    answer instead of verifying again. Otherwise at most ``max_parallel`` verifications run
+    at once; a login that waits longer than ``queue_timeout`` for a slot is refused with
+    ``454 4.7.0`` (docs/security.md §3).
     """
     state = session.config.stash[STATE]
     login, password = credentials.username, credentials.password
     cache = state.cache
     digest = cache.digest(login, password)  # None when the cache is disabled
-    if cache.may_hold(digest):
-        users = await trio.to_thread.run_sync(state.current_users)
-        if cache.verified(digest, login, users):
+    while True:
+        if cache.may_hold(digest):
+            users = await trio.to_thread.run_sync(state.current_users)
+            if cache.verified(digest, login, users):
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug(logfmt("auth_cached", session=session.session_id, user=login))
+                return AuthResult.ok(login)
+        if digest is None:
+            return await _verify(state, login, password, None)
+        flight = state.in_flight.get(digest)
+        if flight is None:
+            break
+        await flight.done.wait()
+        if flight.result is not None:
             if log.isEnabledFor(logging.DEBUG):
-                log.debug(logfmt("auth_cached", session=session.session_id, user=login))
-            return AuthResult.ok(login)
+                log.debug(logfmt("auth_shared", session=session.session_id, user=login,
+                                 accepted=flight.result.accepted))
+            return flight.result
+        # The verifier went away without an answer: look again, and verify if nobody does.
+    flight = state.in_flight[digest] = _Verification()
+    try:
+        flight.result = await _verify(state, login, password, digest)
+    finally:
+        del state.in_flight[digest]
+        flight.done.set()
+    return flight.result
+
+
+async def _verify(
+    state: PasswdFileState, login: str, password: Secret, digest: bytes | None
+) -> AuthResult:
+    """Run one verification under the limiter; remember a success under ``digest``."""
     with trio.move_on_after(state.queue_timeout) as waiting:
         await state.limiter.acquire()
     if waiting.cancelled_caught:  # a cancelled acquire() never holds the limiter
@@ -286,5 +335,5 @@ async def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthRe
     finally:
         state.limiter.release()
     if verified_against is not None:
-        cache.store(digest, login, verified_against)
+        state.cache.store(digest, login, verified_against)
     return result

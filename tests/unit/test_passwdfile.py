@@ -285,3 +285,109 @@ def test_plugin_state_lives_in_the_config_stash_not_in_module_globals(
     passwdfile.submitd_configure(first)
     passwdfile.submitd_configure(second)
     assert first.stash[passwdfile.STATE] is not second.stash[passwdfile.STATE]
+
+
+# --- logins that arrive together share one verification --------------------------------------
+
+
+@pytest.fixture
+def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The passwords argon2 was run on, one entry per verification."""
+    calls: list[str] = []
+    real = argon2.PasswordHasher.verify
+
+    def counting(self: argon2.PasswordHasher, hash: str | bytes, password: str | bytes) -> bool:
+        calls.append(str(password))
+        return real(self, hash, password)
+
+    monkeypatch.setattr(argon2.PasswordHasher, "verify", counting)
+    return calls
+
+
+async def concurrent_logins(config: Config, attempts: list[Credentials]) -> list[AuthResult | None]:
+    results: list[AuthResult | None] = [None] * len(attempts)
+
+    async def login(index: int) -> None:
+        results[index] = await passwdfile.submitd_auth(session(config, None), attempts[index])
+
+    async with trio.open_nursery() as nursery:
+        for index in range(len(attempts)):
+            nursery.start_soon(login, index)
+    return results
+
+
+async def test_twenty_logins_at_once_with_an_empty_cache_run_argon2_once(
+    config: Config, verifications: list[str]
+) -> None:
+    results = await concurrent_logins(config, [creds("bounces")] * 20)
+    assert results == [AuthResult.ok("bounces")] * 20
+    assert verifications == [PASSWORD]
+    assert config.stash[passwdfile.STATE].in_flight == {}
+
+
+async def test_a_wrong_password_never_rides_on_a_concurrent_right_one(
+    config: Config, verifications: list[str]
+) -> None:
+    attempts = [creds("bounces", "wrong password"), creds("bounces")] * 5 + [
+        creds("bounces", PASSWORD + " "), creds("alice", PASSWORD)
+    ]
+    results = await concurrent_logins(config, attempts)
+    expected = [AuthResult.deny(), AuthResult.ok("bounces")] * 5 + [
+        AuthResult.deny(), AuthResult.ok("alice")
+    ]
+    assert results == expected
+    # One verification per distinct login and password, each answer only to its own kind.
+    assert sorted(verifications) == sorted(
+        ["wrong password", PASSWORD, PASSWORD + " ", PASSWORD]
+    )
+
+
+async def test_logins_waiting_on_a_refused_password_are_each_refused_and_not_remembered(
+    config: Config, verifications: list[str]
+) -> None:
+    results = await concurrent_logins(config, [creds("bounces", "wrong")] * 5)
+    assert results == [AuthResult.deny()] * 5
+    assert verifications == ["wrong"]
+    assert await passwdfile.submitd_auth(session(config, None), creds("bounces", "wrong")) == (
+        AuthResult.deny()
+    )
+    assert verifications == ["wrong", "wrong"], "a refusal is never cached"
+
+
+async def test_a_waiter_verifies_itself_when_the_first_login_goes_away(
+    tmp_path: Path, users_path: Path, autojump_clock: trio.testing.MockClock,
+    verifications: list[str],
+) -> None:
+    config = make_config(tmp_path, 'max_parallel = 1\nqueue_timeout = "30s"\n')
+    passwdfile.submitd_configure(config)
+    limiter = config.stash[passwdfile.STATE].limiter
+    busy = object()
+    await limiter.acquire_on_behalf_of(busy)
+    results: list[AuthResult | None] = []
+
+    async def first() -> None:
+        with trio.move_on_after(1):  # the client hangs up while queued for a slot
+            await passwdfile.submitd_auth(session(config, None), creds("bounces"))
+
+    async def second() -> None:
+        results.append(await passwdfile.submitd_auth(session(config, None), creds("bounces")))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(first)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(second)
+        await trio.sleep(2)
+        limiter.release_on_behalf_of(busy)
+    assert results == [AuthResult.ok("bounces")]
+    assert verifications == [PASSWORD]
+    assert limiter.borrowed_tokens == 0
+
+
+async def test_cache_ttl_zero_verifies_each_concurrent_login(
+    tmp_path: Path, users_path: Path, verifications: list[str]
+) -> None:
+    config = make_config(tmp_path, "cache_ttl = 0\n")
+    passwdfile.submitd_configure(config)
+    results = await concurrent_logins(config, [creds("bounces")] * 3)
+    assert results == [AuthResult.ok("bounces")] * 3
+    assert verifications == [PASSWORD] * 3
