@@ -6,6 +6,7 @@ import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Iterator
 
 import trio
@@ -40,6 +41,23 @@ def _level(level: int | str) -> int:
     return int(getattr(logging, name))
 
 
+class _Formatter(logging.Formatter):
+    """``%(asctime)s`` as local ``YYYY-MM-DDTHH:MM:SS``, formatted once per second."""
+
+    def __init__(self, fmt: str) -> None:
+        super().__init__(fmt, "%Y-%m-%dT%H:%M:%S")
+        self._last = (-1, "")  # (second, its text): one tuple, so threads see a pair
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        """The record's local time to the second; the text of the last second is reused."""
+        second = int(record.created)
+        last_second, stamp = self._last
+        if second != last_second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(second))
+            self._last = (second, stamp)
+        return stamp
+
+
 def setup_logging(level: int | str = logging.INFO, *, worker: int | None = None) -> None:
     """One line per event on stderr, ``key=value`` after the logger name (container-friendly).
 
@@ -48,11 +66,15 @@ def setup_logging(level: int | str = logging.INFO, *, worker: int | None = None)
     delivery attempts. No level logs passwords or message content. ``worker`` (with
     ``[server] workers`` above 1) starts every line's fields with ``worker=N`` (0: the owner).
     """
+    # The line shows none of the caller's file, thread or process: skip finding them for
+    # every record (the stack walk of findCaller is most of what a log call costs).
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None  # the documented way to switch it off
     handler = logging.StreamHandler(sys.stderr)
     field = "" if worker is None else f"worker={worker} "
-    handler.setFormatter(logging.Formatter(
-        f"%(asctime)s %(levelname)s %(name)s {field}%(message)s", "%Y-%m-%dT%H:%M:%S"
-    ))
+    handler.setFormatter(_Formatter(f"%(asctime)s %(levelname)s %(name)s {field}%(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_level(level))
