@@ -181,8 +181,9 @@ async def submitd_deliver(
         return None
     route = state.settings.route_for(envelope.sender)
     if route is None:
-        log.debug(logfmt("smarthost_no_route", queue_id=envelope.queue_id,
-                         sender=envelope.sender or "<>"))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(logfmt("smarthost_no_route", queue_id=envelope.queue_id,
+                             sender=envelope.sender or "<>"))
         return None
     log.info(logfmt("smarthost_route", queue_id=envelope.queue_id, route=route.name,
                     sender=envelope.sender or "<>", recipients=len(recipients)))
@@ -239,7 +240,7 @@ class _Attempt:
                 lease = await self._connect()
                 if lease is None:
                     return self._no_host_left()
-            elif lease.reused:
+            elif lease.reused and log.isEnabledFor(logging.DEBUG):
                 log.debug(logfmt("smarthost_reuse", queue_id=self.envelope.queue_id,
                                  route=self.route.name, host=lease.host, sent=lease.sent))
             try:

@@ -372,11 +372,9 @@ class QueueRunner:
             return None
         envelope = record.envelope
         targets = tuple({r.address: r.view() for r in pending}.values())
-        log.debug(
-            logfmt(
-                "attempt", queue_id=queue_id, nrcpt=len(targets), attempt=pending[0].attempts + 1
-            )
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(logfmt("attempt", queue_id=queue_id, nrcpt=len(targets),
+                             attempt=pending[0].attempts + 1))
         try:
             outcomes = await self._hooks.deliver(envelope, queued.message, targets)
         except trio.Cancelled:
@@ -458,7 +456,8 @@ class QueueRunner:
                 await self._spool.save(record)
                 return record.next_attempt
             await self._spool.remove(record.queue_id)
-            log.debug(logfmt("removed", queue_id=record.queue_id))
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug(logfmt("removed", queue_id=record.queue_id))
         except QueueEntryMissing:
             log.info(logfmt("dequeued", queue_id=record.queue_id, reason="removed meanwhile"))
         except SpoolError as exc:
