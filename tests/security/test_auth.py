@@ -150,25 +150,30 @@ async def test_throttled_attempt_is_refused_before_any_hashing(
 async def test_argon2_runs_off_the_event_loop_behind_a_queue_deadline(
     make_config: Callable[..., Path], client_tls: ssl.SSLContext, users_file: Path,
 ) -> None:
-    # Production-cost hash (argon2-cffi defaults), one verification at a time, a short queue.
-    users_file.write_text(f"{USER} {argon2.PasswordHasher().hash(PASSWORD)} {SENDER}\n")
+    # Production-cost hashes (argon2-cffi defaults), one verification at a time, a short
+    # queue. Four different logins: logins with the same credentials at once would share one
+    # verification (and later ones would come from the verified-credentials cache).
+    hasher = argon2.PasswordHasher()
+    logins = [(f"{USER}{i}", f"{PASSWORD}-{i}") for i in range(4)]
+    users_file.write_text("".join(f"{user} {hasher.hash(password)} {SENDER}\n"
+                                  for user, password in logins))
     plugins = {"passwdfile": {"path": str(users_file), "max_parallel": 1,
                               "queue_timeout": "10ms"}}
     replies: list[int] = []
     async with running_server(make_config(limits=OPEN, plugins=plugins)) as srv:
         async with await connect(srv, "implicit", client_tls, auth=False) as watcher:
 
-            async def login() -> None:
+            async def login(user: str, password: str) -> None:
                 async with await connect(srv, "implicit", client_tls, auth=False) as client:
-                    reply = await client.command(f"AUTH PLAIN {PLAIN}")
+                    reply = await client.command(f"AUTH PLAIN {plain(user, password)}")
                     assert reply is not None
                     replies.append(reply.code)
                     if reply.code == 454:
                         assert reply.status == "4.7.0"
 
             async with trio.open_nursery() as nursery:
-                for _ in range(4):
-                    nursery.start_soon(login)
+                for user, password in logins:
+                    nursery.start_soon(login, user, password)
                 await trio.sleep(0.05)
                 # While hashes run, another session is answered at once.
                 start = trio.current_time()
