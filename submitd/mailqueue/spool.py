@@ -21,7 +21,6 @@ for disk.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import secrets
@@ -37,6 +36,7 @@ from .. import durable as _durable
 from ..errors import SpoolError
 from ..message import MessageHandle
 from ..views import Envelope
+from ._batch import TripBatch
 from ._decode import decode_record
 from ._edits import bounded_header_section
 from ._ids import is_queue_id, new_queue_id
@@ -101,6 +101,9 @@ class Spool:
         self._busy = _Busy()
         self._layout_ready = False
         self._dirsync = _durable.DirectorySync()
+        # Concurrent removals (the runner's, after deliveries that ended together) share a
+        # worker-thread trip and the fsync of env/.
+        self._removals: TripBatch[str, None] = TripBatch(self._remove_sync)
         # Messages just committed, as load() would read them (see remember_commits).
         self._fresh: OrderedDict[str, QueuedMessage] = OrderedDict()
         self._fresh_limit = 0
@@ -409,7 +412,8 @@ class Spool:
         """Delete ``queue_id``: the sidecar first (no longer queued), then the message file.
 
         Only the sidecar's removal is made durable (an fsync of ``env/``, shared with
-        concurrent removals, saves and commits) before the message file goes: a message file
+        concurrent removals, saves and commits; concurrent removals also share one
+        worker-thread trip) before the message file goes: a message file
         without its sidecar is a fragment that recovery removes, so fsyncing ``msg/`` would
         buy nothing. Removing a message that is already gone is not an error.
         """
@@ -417,22 +421,42 @@ class Spool:
             raise QueueEntryMissing(f"not a queue ID: {queue_id!r}")
         self._fresh.pop(queue_id, None)
         try:
-            await trio.to_thread.run_sync(self._remove_sync, queue_id)
+            await self._removals.call(queue_id)
         except OSError as exc:
             raise SpoolError(f"cannot remove {queue_id}: {exc}") from exc
 
-    def _remove_sync(self, queue_id: str) -> None:
-        # The sidecar's removal must be durable before the message file goes: a crash in
+    def _remove_sync(self, queue_ids: list[str]) -> list[OSError | None]:
+        """Remove a batch of messages in one trip: their sidecars, one fsync, their files."""
+        # The sidecars' removal must be durable before the message files go: a crash in
         # between must never leave a sidecar pointing at nothing.
-        mark = self._dirsync.mark(self.layout.env)
-        try:
-            self.layout.env_path(queue_id).unlink()
-        except FileNotFoundError:
-            pass
-        else:
-            self._dirsync.sync(self.layout.env, since=mark)
-        with contextlib.suppress(FileNotFoundError):
-            self.layout.msg_path(queue_id).unlink()
+        env = self.layout.env
+        results: list[OSError | None] = [None] * len(queue_ids)
+        unlinked: list[int] = []
+        mark = self._dirsync.mark(env)
+        for index, queue_id in enumerate(queue_ids):
+            try:
+                self.layout.env_path(queue_id).unlink()
+            except FileNotFoundError:
+                pass
+            except OSError as exc:
+                results[index] = exc
+            else:
+                unlinked.append(index)
+        if unlinked:
+            try:
+                self._dirsync.sync(env, since=mark)
+            except OSError as exc:
+                for index in unlinked:
+                    results[index] = OSError(exc.errno, exc.strerror, exc.filename)
+        for index, queue_id in enumerate(queue_ids):
+            if results[index] is None:
+                try:
+                    self.layout.msg_path(queue_id).unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    results[index] = exc
+        return results
 
     async def quarantine(self, queue_id: str, reason: str) -> None:
         """Move ``queue_id``'s files to ``corrupt/`` and log ``reason`` (no longer queued)."""
