@@ -7,6 +7,12 @@ one worker-thread call, so a cancellation can never stop it half-way: either eve
 removed again and :class:`SpoolError` is raised. In that call the message's own files are
 fsynced by its own thread; the two directory fsyncs are shared with the commits running at
 the same time (group commit, :class:`submitd.durable.DirectorySync`).
+
+A large message is written out while the rest of it is still being received: every
+:data:`WRITE_BUFFER_SIZE` octets go to a worker thread in the background and the task goes on
+reading, so at most two buffers are held (one being written, one filling). The next write,
+:meth:`IncomingMessage.finish`, commit or abort first waits for the write in flight, and a
+write that failed surfaces there as :class:`SpoolError`.
 """
 
 from __future__ import annotations
@@ -39,6 +45,65 @@ log = logging.getLogger("submitd.queue")
 
 #: Bytes of message data held in memory before they are written out in a worker thread.
 WRITE_BUFFER_SIZE = 256 * 1024
+
+
+class _BackgroundWrite:
+    """One blocking write running in a worker thread while the receiving task goes on.
+
+    It holds a token of trio's default thread limiter while it runs, as
+    ``trio.to_thread.run_sync`` would, so the number of worker threads stays bounded.
+    """
+
+    __slots__ = ("_done", "error")
+
+    def __init__(self) -> None:
+        self._done = trio.Event()
+        #: What the write raised, once it is done.
+        self.error: BaseException | None = None
+
+    @classmethod
+    async def start(
+        cls, write: Callable[[bytes | bytearray], object], take: Callable[[], bytes | bytearray]
+    ) -> _BackgroundWrite:
+        """Wait for a worker thread, then write ``take()`` in it (taken only once it can run).
+
+        A cancellation while waiting for the thread leaves the data where ``take`` finds it.
+        """
+        job = cls()
+        limiter = trio.to_thread.current_default_thread_limiter()
+        await limiter.acquire_on_behalf_of(job)
+        token = trio.lowlevel.current_trio_token()
+        data = take()
+
+        def run() -> None:
+            try:
+                write(data)
+            except BaseException as exc:  # handed to whoever waits for the write
+                job.error = exc
+
+        def finished() -> None:
+            limiter.release_on_behalf_of(job)
+            job._done.set()
+
+        def deliver(_: object) -> None:
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(finished)
+
+        try:
+            trio.lowlevel.start_thread_soon(run, deliver, name="submitd spool write")
+        except BaseException:
+            limiter.release_on_behalf_of(job)
+            raise
+        return job
+
+    @property
+    def done(self) -> bool:
+        """Whether the write has ended (and :attr:`error` says how)."""
+        return self._done.is_set()
+
+    async def wait(self) -> None:
+        """Return once the write is done (cancellable: the write goes on regardless)."""
+        await self._done.wait()
 
 
 class _Phase(enum.Enum):
@@ -88,6 +153,7 @@ class IncomingMessage:
         self._written = 0  # bytes already in the file
         self._commit_started = False
         self._buffer = bytearray()
+        self._writing: _BackgroundWrite | None = None  # the write in flight, if any
         self._size = 0
         self._phase = _Phase.RECEIVING
 
@@ -97,12 +163,21 @@ class IncomingMessage:
         return self._size
 
     async def write(self, chunk: bytes) -> None:
-        """Append ``chunk``; buffered in memory, written out in a thread every 256 KiB."""
+        """Append ``chunk``; buffered in memory, written out in a thread every 256 KiB.
+
+        The write-out runs in the background: this returns once the previous one is done
+        (raising :class:`SpoolError` if it failed) and the new one has started.
+        """
         self._expect(_Phase.RECEIVING)
-        self._buffer += chunk
+        if self._writing is not None and self._writing.done:
+            await self._settle()  # report a failed write as soon as it is known
         self._size += len(chunk)
+        if not self._buffer and len(chunk) >= WRITE_BUFFER_SIZE:
+            await self._flush(chunk)  # a whole chunk goes out as it is, without a copy
+            return
+        self._buffer += chunk
         if len(self._buffer) >= WRITE_BUFFER_SIZE:
-            await self._flush()
+            await self._flush(None)
 
     async def finish(self, *, max_header_size: int) -> MessageHandle:
         """Mark the message complete: write out the buffer and parse the header section.
@@ -111,6 +186,7 @@ class IncomingMessage:
         on the temp file for ``submitd_data_filter``.
         """
         self._expect(_Phase.RECEIVING)
+        await self._settle()
         limit = min(self._size, max_header_size)
         data, self._buffer = self._buffer, bytearray()
         try:
@@ -187,6 +263,7 @@ class IncomingMessage:
         )
 
     async def _commit(self, record: QueueRecord, edits: HeaderEdits, body_offset: int) -> str:
+        await self._settle()
         data, self._buffer = self._buffer, bytearray()  # still buffered when not finished
         try:
             record, view = await trio.to_thread.run_sync(
@@ -223,15 +300,21 @@ class IncomingMessage:
         if self._phase in (_Phase.COMMITTED, _Phase.DISCARDED):
             return
         self._phase = _Phase.DISCARDED
-        fd, self._fd = self._fd, None
         self._buffer = bytearray()
-        if not self._created:
+        writing, self._writing = self._writing, None
+        if writing is None and not self._created:
             self._busy.discard(self.queue_id)  # nothing was written: no file to remove
             return
         # Shielded: abort runs in cleanup paths, often while the session is being cancelled.
+        # A write in flight still uses the descriptor: it finishes (its error does not
+        # matter now) before the descriptor is closed and the files removed.
         with trio.CancelScope(shield=True):
             try:
-                await trio.to_thread.run_sync(self._discard_sync, fd)
+                if writing is not None:
+                    await writing.wait()
+                fd, self._fd = self._fd, None
+                if self._created:
+                    await trio.to_thread.run_sync(self._discard_sync, fd)
             finally:
                 self._busy.discard(self.queue_id)
 
@@ -241,18 +324,43 @@ class IncomingMessage:
         if self._phase not in phases:
             raise SpoolError(f"message {self.queue_id} is {self._phase.value}")
 
-    async def _flush(self) -> None:
-        if not self._buffer:
-            return
-        data, self._buffer = self._buffer, bytearray()
+    async def _flush(self, chunk: bytes | None) -> None:
+        """Start writing the buffer (or ``chunk``, when the buffer is empty) in the background.
+
+        The previous write must be done first; at most one is in flight.
+        """
+        await self._settle()
+
+        def take() -> bytes | bytearray:
+            if chunk is not None:
+                return chunk
+            data, self._buffer = self._buffer, bytearray()
+            return data
+
         try:
-            await trio.to_thread.run_sync(self._write_sync, data)
-        except OSError as exc:
-            await self._fail("write", exc)
+            self._writing = await _BackgroundWrite.start(self._write_sync, take)
+        except trio.Cancelled:
+            if chunk is not None:
+                self._buffer += chunk  # not taken: keep it for whoever goes on
+            raise
 
-    # Blocking parts, run in a worker thread while the task awaits them (never concurrently).
+    async def _settle(self) -> None:
+        """Wait for the write in flight; a failed one fails the message (SpoolError)."""
+        writing = self._writing
+        if writing is None:
+            return
+        await writing.wait()  # if cancelled here, the write stays in flight for abort()
+        self._writing = None
+        error = writing.error
+        if isinstance(error, OSError):
+            await self._fail("write", error)
+        if error is not None:
+            raise error
 
-    def _write_sync(self, data: bytearray) -> int:
+    # Blocking parts, run in a worker thread, one at a time: a background write (``_writing``)
+    # is always waited for before the next one starts and before finish, commit or abort.
+
+    def _write_sync(self, data: bytes | bytearray) -> int:
         """Append ``data`` to the temp file, creating it first; return its descriptor."""
         fd = self._fd
         if fd is None:

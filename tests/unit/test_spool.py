@@ -292,8 +292,9 @@ async def test_full_disk_while_receiving_raises_and_cleans_up(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "write", disk_full)
+    await incoming.write(b"x" * (WRITE_BUFFER_SIZE + 1))  # written out in the background
     with pytest.raises(SpoolError):
-        await incoming.write(b"x" * (WRITE_BUFFER_SIZE + 1))
+        await incoming.finish(max_header_size=1000)  # where the failed write surfaces
     monkeypatch.undo()
     assert files(spool.directory / "tmp") == []
     with pytest.raises(SpoolError):
