@@ -14,8 +14,8 @@ made in the same millisecond by two processes differ there and can never collide
 
 from __future__ import annotations
 
+import os
 import re
-import secrets
 import threading
 import time
 
@@ -61,6 +61,11 @@ def _encode(value: int, digits: int) -> str:
     return "".join(reversed(out))
 
 
+def _random_below(limit: int) -> int:
+    """A uniform random number below ``limit`` (a power of two up to 2**32): one getrandom."""
+    return int.from_bytes(os.urandom(4), "big") & (limit - 1)
+
+
 def new_queue_id(now: float | None = None) -> str:
     """Return a fresh queue ID for a message created at ``now`` (default: the wall clock)."""
     global _last
@@ -72,10 +77,10 @@ def new_queue_id(now: float | None = None) -> str:
             # Same millisecond (or the clock stepped back): stay monotonic.
             ms, rand = last_ms, last_rand + 1
             if rand >= limit:
-                ms, rand = ms + 1, secrets.randbelow(limit // 2)
+                ms, rand = ms + 1, _random_below(limit // 2)
         else:
             # Leave headroom so the monotonic increments cannot overflow in practice.
-            rand = secrets.randbelow(limit // 2)
+            rand = _random_below(limit // 2)
         _last = (ms, rand)
         if _tag is not None:
             rand |= _tag << (_RANDOM_DIGITS * 5 - _TAG_BITS)

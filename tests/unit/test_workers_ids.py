@@ -18,7 +18,7 @@ def untagged() -> Iterator[None]:
 def test_two_processes_with_the_same_luck_in_the_same_millisecond_differ(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr("secrets.randbelow", lambda limit: 12345 % limit)
+    monkeypatch.setattr(_ids, "_random_below", lambda limit: 12345 % limit)
     made: dict[int, list[str]] = {}
     for tag in (0, 1, _ids.MAX_PROCESS_TAG):
         _ids.set_process_tag(tag)  # a fresh process: nothing made before
@@ -30,7 +30,7 @@ def test_two_processes_with_the_same_luck_in_the_same_millisecond_differ(
 
 
 def test_without_a_tag_ids_are_as_before(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("secrets.randbelow", lambda limit: limit - 1)
+    monkeypatch.setattr(_ids, "_random_below", lambda limit: limit - 1)
     _ids.set_process_tag(None)
     first = _ids.new_queue_id(1_700_000_000.0)
     assert first[10:] == _ids._encode(_ids._RANDOM_LIMIT // 2 - 1, 6)
