@@ -19,9 +19,8 @@ The times are trio clock values; nothing here reads or writes a socket.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 
 import trio
 
@@ -88,14 +87,31 @@ class Stress:
             log.info(logfmt("stress_off", connections=connections, max_connections=cap,
                             threshold=f"{self.threshold}%"))
 
-    @contextmanager
-    def watch(self, scope: trio.CancelScope, started: float) -> Iterator[None]:
-        """Register a wait whose per-read window began at ``started`` while it runs."""
-        self._waits[scope] = started
-        try:
-            yield
-        finally:
-            del self._waits[scope]
+    def watch(self, scope: trio.CancelScope, started: float) -> _Watch:
+        """Register a wait whose per-read window began at ``started`` while it runs.
+
+        Use it as a context manager (``with stress.watch(scope, started):``); it is entered
+        on every read, so it is a small class rather than a generator.
+        """
+        return _Watch(self._waits, scope, started)
+
+
+class _Watch:
+    """One registered wait of :meth:`Stress.watch`, for the ``with`` block."""
+
+    __slots__ = ("_scope", "_started", "_waits")
+
+    def __init__(self, waits: dict[trio.CancelScope, float], scope: trio.CancelScope,
+                 started: float) -> None:
+        self._waits = waits
+        self._scope = scope
+        self._started = started
+
+    def __enter__(self) -> None:
+        self._waits[self._scope] = self._started
+
+    def __exit__(self, *exc_info: object) -> None:
+        del self._waits[self._scope]
 
 
 class ReadDeadlines:
@@ -160,28 +176,40 @@ class ReadDeadlines:
         if self.data_started is None:
             self.data_started = data_deadline - lim.data_timeout
             self.data_bytes = 0
-        stress_why = f"the client sent nothing for {stress:g}s during DATA ({_STRESS_KEY})"
-        idle, idle_why = seconds, f"the client sent nothing for {seconds:g}s during DATA ({key})"
+        stress_why = _data_idle_reason(stress, _STRESS_KEY)
+        idle, idle_key = seconds, key
         if self.stress.active and stress < seconds:
-            idle, idle_why = stress, stress_why
-        candidates = [
-            (now + idle, idle_why),
-            (data_deadline,
-             f"the message did not arrive within limits.data_timeout ({lim.data_timeout:g}s)"),
-        ]
+            idle, idle_key = stress, _STRESS_KEY
+        # Only the earliest candidate's reason is formatted (this runs on every read).
+        at, why = now + idle, 0
+        if data_deadline < at:
+            at, why = data_deadline, 1
         if lim.min_data_rate > 0:
             grace = min(DATA_RATE_GRACE, lim.command_timeout)
-            at = self.data_started + max(grace, self.data_bytes / lim.min_data_rate)
-            candidates.append((at, f"the message arrived slower than limits.min_data_rate "
-                                   f"({lim.min_data_rate} bytes/s): {self.data_bytes} bytes in "
-                                   f"{at - self.data_started:.1f}s"))
-        at, reason = min(candidates, key=lambda c: c[0])
+            rate_at = self.data_started + max(grace, self.data_bytes / lim.min_data_rate)
+            if rate_at < at:
+                at, why = rate_at, 2
+        if why == 0:
+            reason = _data_idle_reason(idle, idle_key)
+        elif why == 1:
+            reason = (f"the message did not arrive within limits.data_timeout "
+                      f"({lim.data_timeout:g}s)")
+        else:
+            reason = (f"the message arrived slower than limits.min_data_rate "
+                      f"({lim.min_data_rate} bytes/s): {self.data_bytes} bytes in "
+                      f"{at - self.data_started:.1f}s")
         return Deadline(at=at, started=now, phase="data", reason=reason, stress_reason=stress_why)
+
+
+@lru_cache(maxsize=64)
+def _data_idle_reason(seconds: float, key: str) -> str:
+    return f"the client sent nothing for {seconds:g}s during DATA ({key})"
 
 
 _STRESS_KEY = "limits.stress_timeout: the server is near its connection cap"
 
 
+@lru_cache(maxsize=64)  # a few (seconds, key) pairs per configuration; formatted every read
 def _command_reason(in_command: bool, seconds: float, key: str) -> str:
     if in_command:
         return f"the client took more than {seconds:g}s to send one command ({key})"
