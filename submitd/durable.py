@@ -89,7 +89,7 @@ def copy_to_end(src_fd: int, offset: int, dst_fd: int) -> None:
         offset += len(chunk)
 
 
-def fsync_dir(path: Path) -> None:
+def fsync_dir(path: str | Path) -> None:
     """Make the names in directory ``path`` durable (renames, creations, removals)."""
     fd = os.open(path, os.O_RDONLY | _O_DIRECTORY | _O_CLOEXEC)
     try:
@@ -175,27 +175,28 @@ class DirectorySync:
     and callers that marked after the failure get a fresh fsync. A caller told the fsync
     failed must treat its change as not durable (undo it, report the failure).
 
-    One instance may serve any number of directories (keyed by the path as given). It holds
+    One instance may serve any number of directories (keyed by the path as given: a
+    :class:`str` and a :class:`~pathlib.Path` naming one directory are two keys). It holds
     no thread and no open file between calls, and is safe to use from many threads and from
     several trio runs at once. Callers only share fsyncs through the same instance.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._directories: dict[Path, _Directory] = {}
+        self._directories: dict[str | Path, _Directory] = {}
 
-    def _state(self, directory: Path) -> _Directory:
+    def _state(self, directory: str | Path) -> _Directory:
         state = self._directories.get(directory)
         if state is None:
             state = self._directories[directory] = _Directory(self._lock)
         return state
 
-    def mark(self, directory: Path) -> int:
+    def mark(self, directory: str | Path) -> int:
         """Return a mark to pass to :meth:`sync` as ``since``; take it before the change."""
         with self._lock:
             return self._state(directory).failures
 
-    def sync(self, directory: Path, *, since: int | None = None) -> None:
+    def sync(self, directory: str | Path, *, since: int | None = None) -> None:
         """Block until an fsync of ``directory`` started after this call has succeeded.
 
         Raises :class:`OSError` (with the fsync's errno) when that fsync failed, when one

@@ -81,6 +81,8 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Queue IDs are short and alphanumeric; anything else never becomes part of a file name.
 _SAFE_QUEUE_ID = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
+# The unique part of an earlier release's name: M<micro>P<pid>Q<queue id>R<hex>.
+_OLD_STYLE = re.compile(r"M\d+P\d+Q([0-9A-Za-z]{1,64})R[0-9a-f]+")
 
 
 @hookimpl
@@ -155,34 +157,38 @@ def _carries_queue_id(name: str, queue_id: str) -> bool:
 
     Its unique part is ``Q<id>``, or ``M<micro>P<pid>Q<id>R<hex>`` as in earlier releases.
     """
+    if queue_id not in name:  # nearly every name in tmp/: no split, no pattern
+        return False
     parts = name.split(".", 2)
     if len(parts) != 3:
         return False
     unique = parts[1]
-    old_style = rf"M\d+P\d+Q{re.escape(queue_id)}R[0-9a-f]+"
-    return unique == f"Q{queue_id}" or re.fullmatch(old_style, unique) is not None
+    if unique == f"Q{queue_id}":
+        return True
+    match = _OLD_STYLE.fullmatch(unique)
+    return match is not None and match.group(1) == queue_id
 
 
-def _already_delivered(maildir: Path, name: str) -> bool:
+def _already_delivered(root: str, name: str) -> bool:
     """Whether ``name`` is in ``new/``, or in ``cur/`` with the info a mail reader adds."""
-    if os.path.exists(maildir / "new" / name):
+    if os.path.exists(f"{root}/new/{name}"):
         return True
     # A reader moves a seen message to cur/ as NAME:2,FLAGS (some add ",S=size" first).
-    with os.scandir(maildir / "cur") as entries:
+    with os.scandir(f"{root}/cur") as entries:
         return any(
             e.name == name or (e.name.startswith(name) and e.name[len(name)] in ":,")
             for e in entries
         )
 
 
-def _remove_leftovers(maildir: Path, queue_id: str) -> None:
+def _remove_leftovers(root: str, queue_id: str) -> None:
     """Remove the partial files of crashed earlier attempts at ``queue_id`` from ``tmp/``."""
-    tmp = maildir / "tmp"
+    tmp = f"{root}/tmp"
     with os.scandir(tmp) as entries:
         leftovers = [e.name for e in entries if _carries_queue_id(e.name, queue_id)]
     for name in leftovers:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp / name)
+            os.unlink(f"{tmp}/{name}")
         log.info(logfmt("maildir_tmp_removed", file=name, queue_id=queue_id,
                         reason="earlier_attempt"))
 
@@ -194,13 +200,16 @@ def _deliver_file(
 
     Returns False when an earlier attempt had already delivered it (nothing written).
     """
+    # Plain strings: the paths are built and used once per delivery (no pathlib parsing).
+    root = os.fspath(maildir)
     name, queue_id = _file_name(envelope)
     if queue_id is not None:
-        if _already_delivered(maildir, name):
+        if _already_delivered(root, name):
             return False
-        _remove_leftovers(maildir, queue_id)
-    tmp = maildir / "tmp" / name
-    final = maildir / "new" / name
+        _remove_leftovers(root, queue_id)
+    new_dir = f"{root}/new"
+    tmp = f"{root}/tmp/{name}"
+    final = f"{new_dir}/{name}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_CLOEXEC, 0o600)
     renamed = False
     try:
@@ -214,13 +223,13 @@ def _deliver_file(
             os.fsync(fd)
         finally:
             os.close(fd)
-        mark = new_sync.mark(final.parent)
+        mark = new_sync.mark(new_dir)
         os.rename(tmp, final)
         renamed = True
-        new_sync.sync(final.parent, since=mark)
+        new_sync.sync(new_dir, since=mark)
     except BaseException:
         with contextlib.suppress(OSError):
-            (final if renamed else tmp).unlink()
+            os.unlink(final if renamed else tmp)
         raise
     return True
 
