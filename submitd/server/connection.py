@@ -35,7 +35,7 @@ from ..session import ServerContext, Session, refusal_reason
 from ..views import SessionInfo
 from .deadlines import ReadDeadlines, Stress
 from .limits import ConnectionLimiter, Refused, Slot
-from .tls import FirstBytes, TLSContextHolder, explain_tls_failure, tls_error
+from .tls import FirstBytes, TLSContextHolder, explain_tls_failure, receive_buffered, tls_error
 
 __all__ = ["ConnectionHandler", "explain_tls_failure", "protocol_limits"]
 
@@ -45,6 +45,8 @@ R_TOO_MANY = Reply.make(421, "4.7.0", "Too many connections, try again later")
 R_TOO_OFTEN = Reply.make(421, "4.7.0", "Too many new connections from your address, try later")
 
 _RECEIVE_SIZE = 65536
+# In DATA, what one pass of the loop takes from TLS: the records already received, up to this.
+_DATA_RECEIVE_SIZE = 262_144
 _REFUSAL_TIMEOUT = 5.0
 _LINGER = 1.0
 _CLOSE_TIMEOUT = 1.0
@@ -421,6 +423,8 @@ class _Driver:
             self.deadlines.stress.watch(scope, deadline.started),
         ):
             data = await self.stream.receive_some(_RECEIVE_SIZE)
+            if in_data and data and self.conn.tls_active:
+                data = receive_buffered(self.stream, bytes(data), _DATA_RECEIVE_SIZE)
             self.eof = not data
             if self.plain_start and data[:2] == b"\x16\x03" and not self.conn.tls_active:
                 # A TLS ClientHello where a command belongs: the client will not read a reply.

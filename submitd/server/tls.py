@@ -16,6 +16,7 @@ __all__ = [
     "TLSContextHolder",
     "explain_tls_failure",
     "make_server_context",
+    "receive_buffered",
     "tls_error",
 ]
 
@@ -113,6 +114,43 @@ def tls_error(exc: BaseException) -> str:
     if isinstance(cause, ssl.SSLError):
         return cause.reason or type(cause).__name__
     return type(exc).__name__
+
+
+def receive_buffered(stream: trio.abc.Stream, data: bytes, limit: int) -> bytes:
+    """``data`` just received from ``stream``, plus what TLS can decrypt without waiting.
+
+    ``SSLStream.receive_some`` returns one TLS record (at most 16 KiB) per call, however much
+    ciphertext its last read from the socket brought; every further call is a pass through
+    the scheduler. Reading the records already received straight from its ``SSLObject``
+    gives up to ``limit`` octets at once. It relies on the ``SSLStream``'s private
+    ``_ssl_object``, ``_incoming`` and ``_outgoing``; without them (another trio) it returns
+    ``data`` as it is. It stops, leaving the rest to the next ``receive_some``, at an
+    incomplete record, at anything that is not application data (an alert, a close_notify,
+    a bad record: the next read meets it again) and when TLS has something to send (a
+    post-handshake message's answer, which trio sends with its next read or write).
+    """
+    ssl_object = getattr(stream, "_ssl_object", None)
+    incoming = getattr(stream, "_incoming", None)
+    outgoing = getattr(stream, "_outgoing", None)
+    if (
+        not isinstance(ssl_object, ssl.SSLObject)
+        or not isinstance(incoming, ssl.MemoryBIO)
+        or not isinstance(outgoing, ssl.MemoryBIO)
+        or not (incoming.pending or ssl_object.pending())
+    ):
+        return data
+    pieces = [data]
+    total = len(data)
+    while total < limit and (incoming.pending or ssl_object.pending()) and not outgoing.pending:
+        try:
+            more = ssl_object.read(limit - total)
+        except ssl.SSLError:  # SSLWantReadError (a partial record) included
+            break
+        if not more:
+            break
+        pieces.append(more)
+        total += len(more)
+    return data if len(pieces) == 1 else b"".join(pieces)
 
 
 class FirstBytes(trio.abc.Stream):
