@@ -14,7 +14,7 @@ import trio.testing
 import submitd.durable
 from submitd import Envelope, MailParams, Recipient
 from submitd.errors import SpoolError
-from submitd.mailqueue import Spool
+from submitd.mailqueue import Spool, _incoming
 from submitd.mailqueue.spool import WRITE_BUFFER_SIZE
 from submitd.protocol._events import BodyType
 
@@ -175,3 +175,36 @@ async def test_a_receive_cancelled_mid_message_then_aborted_leaves_nothing(
     writes.release.set()
     await incoming.abort()
     assert os.listdir(spool.directory / "tmp") == []
+
+
+async def test_writeback_starts_while_receiving_and_the_commit_still_fsyncs(
+    spool: Spool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    started: list[tuple[int, int]] = []
+    fsynced: list[int] = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(_incoming, "_start_writeback",
+                        lambda fd, offset, nbytes: started.append((offset, nbytes)))
+
+    def fsync(fd: int) -> None:
+        fsynced.append(os.fstat(fd).st_size)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    incoming = await spool.open_incoming()
+    parts = [HEAD + chunk(0)] + [chunk(n) for n in range(1, 80)]  # about 20 MiB
+    for part in parts:
+        await incoming.write(part)
+    handle = await incoming.finish(max_header_size=65536)
+    queue_id = await incoming.commit(envelope(), handle, session_info=SESSION)
+
+    data = b"".join(parts)
+    assert (await spool.load(queue_id)).message.path.read_bytes() == data
+    # Consecutive ranges from the start, each at least the interval long ...
+    assert len(started) == len(data) // _incoming.WRITEBACK_INTERVAL
+    assert [offset for offset, _ in started] == [0] + [
+        sum(n for _, n in started[:i]) for i in range(1, len(started))
+    ]
+    assert all(n >= _incoming.WRITEBACK_INTERVAL for _, n in started)
+    # ... and the whole message is fsynced before the commit returns all the same.
+    assert len(data) in fsynced
