@@ -183,7 +183,7 @@ async def test_writeback_starts_while_receiving_and_the_commit_still_fsyncs(
     started: list[tuple[int, int]] = []
     fsynced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(_incoming, "_start_writeback",
+    monkeypatch.setattr(_incoming, "start_writeback",
                         lambda fd, offset, nbytes: started.append((offset, nbytes)))
 
     def fsync(fd: int) -> None:
