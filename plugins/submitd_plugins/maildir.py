@@ -37,8 +37,6 @@ import time
 from collections.abc import Mapping
 from pathlib import Path
 
-import trio
-
 from submitd import (
     Config,
     ConfigError,
@@ -51,7 +49,7 @@ from submitd import (
     hookimpl,
     logfmt,
 )
-from submitd.durable import DirectorySync, copy_to_end, write_all
+from submitd.durable import DirectorySync, copy_to_end, run_blocking, write_all
 
 from ._login_groups import reject_unknown_keys
 
@@ -253,9 +251,7 @@ async def submitd_deliver(
         failure = DeliveryOutcome.permanent(Reply.make(554, "5.6.0", "Invalid sender address"))
         return {r.address: failure for r in recipients}
     try:
-        written = await trio.to_thread.run_sync(
-            _deliver_file, maildir, envelope, message, new_sync
-        )
+        written = await run_blocking(_deliver_file, maildir, envelope, message, new_sync)
     except OSError as exc:
         log.error(logfmt("maildir_write_failed", queue_id=envelope.queue_id,
                          error=exc.strerror or exc))

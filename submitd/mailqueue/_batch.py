@@ -13,6 +13,8 @@ from typing import Generic, TypeVar
 
 import trio
 
+from ..durable import run_blocking
+
 __all__ = ["TripBatch"]
 
 T = TypeVar("T")
@@ -71,7 +73,7 @@ class TripBatch(Generic[T, R]):
         self._running = batch
         try:
             try:
-                batch.results = await trio.to_thread.run_sync(self._work, batch.items)
+                batch.results = await run_blocking(self._work, batch.items)
             except Exception as exc:
                 batch.results = [exc] * len(batch.items)
             if len(batch.results) != len(batch.items):

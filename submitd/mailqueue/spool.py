@@ -15,7 +15,8 @@ only after fsyncs of ``msg/`` and ``env/`` that started after its renames succee
 directory fsync fails every caller it may concern, each of which removes its own files.
 
 One server works on a spool at a time: :meth:`Spool.lock` takes ``<dir>/lock`` before
-recovery. Every blocking call runs in ``trio.to_thread.run_sync``: the event loop never waits
+recovery. Every blocking call runs in a worker thread (``trio.to_thread.run_sync``, or
+:func:`submitd.durable.run_blocking` on the paths taken per message): the event loop never waits
 for disk.
 """
 
@@ -261,7 +262,7 @@ class Spool:
 
         Raises :class:`QueueEntryMissing` or :class:`QueueEntryCorrupt` (both SpoolError).
         """
-        return await trio.to_thread.run_sync(self._read_record_sync, queue_id)
+        return await _durable.run_blocking(self._read_record_sync, queue_id)
 
     async def load(self, queue_id: str) -> QueuedMessage:
         """Read ``queue_id``: its record and a read-only :class:`MessageHandle` on ``msg/ID``.
@@ -274,7 +275,7 @@ class Spool:
         if fresh is not None:
             await trio.lowlevel.checkpoint()
             return fresh
-        return await trio.to_thread.run_sync(self._load_sync, queue_id)
+        return await _durable.run_blocking(self._load_sync, queue_id)
 
     async def list_records(
         self, *, on_unreadable: Callable[[str, str], None] | None = None
@@ -388,7 +389,7 @@ class Spool:
         self._fresh.pop(queue_id, None)
         self._busy.saving.add(queue_id)
         try:
-            await trio.to_thread.run_sync(self._save_sync, record)
+            await _durable.run_blocking(self._save_sync, record)
         except OSError as exc:
             raise SpoolError(f"cannot update the sidecar of {queue_id}: {exc}") from exc
         finally:

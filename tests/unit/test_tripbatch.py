@@ -1,4 +1,4 @@
-"""TripBatch: concurrent calls share worker-thread trips, and each gets its own result."""
+"""TripBatch and run_blocking: worker-thread trips, shared by concurrent calls or not."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pytest
 import trio
 import trio.testing
 
+from submitd.durable import run_blocking
 from submitd.mailqueue._batch import TripBatch
 
 WAIT = 10.0
@@ -76,3 +77,44 @@ async def test_a_failed_trip_fails_its_calls_and_the_next_trip_runs() -> None:
     with pytest.raises(RuntimeError, match="the whole trip failed"):
         await batch.call(13)
     assert await batch.call(5) == 10
+
+
+# --- run_blocking: the trip itself ------------------------------------------------------------
+
+
+async def test_run_blocking_returns_the_result_from_another_thread() -> None:
+    result, ident = await run_blocking(lambda a, b: (a + b, threading.get_ident()), 2, 3)
+    assert result == 5 and ident != threading.get_ident()
+
+
+async def test_run_blocking_raises_what_the_function_raised() -> None:
+    def fail() -> None:
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError, match="Input/output error"):
+        await run_blocking(fail)
+
+
+async def test_run_blocking_cancelled_midway_still_waits_for_the_thread() -> None:
+    started, release = threading.Event(), threading.Event()
+    finished: list[str] = []
+
+    def work() -> str:
+        started.set()
+        assert release.wait(WAIT)
+        finished.append("done")
+        return "done"
+
+    results: list[str] = []
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+
+            async def call() -> None:
+                results.append(await run_blocking(work))
+
+            nursery.start_soon(call)
+            await trio.to_thread.run_sync(started.wait, WAIT)
+            scope.cancel()  # the blocking work cannot be taken back: the call waits for it
+            release.set()
+    assert finished == ["done"]
+    assert results == ["done"]
