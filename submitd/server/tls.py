@@ -37,6 +37,8 @@ CIPHERS_TLS12 = ":".join(
 def make_server_context(tls: TLSConfig) -> ssl.SSLContext:
     """Build the server context: TLS 1.2+, ECDHE + AEAD, no renegotiation, tickets, compression.
 
+    No session tickets in TLS 1.3 either, and so no sessions cached per handshake.
+
     A certificate or key that cannot be used raises ConfigError naming ``tls.cert`` or
     ``tls.key`` with the reason in plain words (see :func:`submitd.certs.load_server_files`).
     """
@@ -52,6 +54,10 @@ def make_server_context(tls: TLSConfig) -> ssl.SSLContext:
         # obtains it can read past sessions. Submission clients gain little from resuming.
         | ssl.OP_NO_TICKET
     )
+    # TLS 1.3 sends session tickets whatever OP_NO_TICKET says (with it, stateful ones: every
+    # handshake would leave a session in OpenSSL's server cache, about 1 KiB each, up to
+    # 20,480 of them). No tickets: nothing is cached and none are sent.
+    ctx.num_tickets = 0
     try:
         load_server_files(ctx, tls.cert, tls.key)  # errors in plain words, not OpenSSL codes
     except TLSFileError as exc:
