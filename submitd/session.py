@@ -374,7 +374,7 @@ class Session:
             return
         envelope = self._envelope()
         try:
-            stored = await self._store(incoming)
+            stored = await self._store(incoming, envelope)
         finally:
             self._incoming = None
             self._reset_transaction()
@@ -389,19 +389,20 @@ class Session:
         self.ctx.runner.notify(stored)
         # The observers run before the 250 leaves, shielded: a shutdown must not separate the
         # commit from its 250 (each observer still has its hook deadline).
+        if not self.ctx.hooks.impls("submitd_accepted"):
+            return  # no observer: no envelope copy, no shielded scope
         with trio.CancelScope(shield=True):
             await self.ctx.hooks.collect(
                 "submitd_accepted", session=self.info,
                 envelope=replace(envelope, queue_id=stored), queue_id=stored,
             )
 
-    async def _store(self, incoming: IncomingMessage) -> Reply | str:
+    async def _store(self, incoming: IncomingMessage, envelope: Envelope) -> Reply | str:
         """Filter and commit: the queue ID, or the 4xx/5xx refusal (the spool files removed).
 
         Cancelled (a shutdown) before the commit starts, nothing is queued; once it has
         started, the commit finishes whatever happens meanwhile.
         """
-        envelope = self._envelope()
         committed = False
         try:
             message: MessageHandle = await incoming.finish(
