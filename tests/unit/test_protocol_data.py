@@ -431,3 +431,15 @@ def test_stuffed_header_lines_are_unstuffed() -> None:
     out, events = pump(conn, header + b"\r\nbody\r\n.\r\n")
     assert out == OK
     assert body(events) == header.replace(b"..", b".") + b"\r\nbody\r\n"
+
+
+@pytest.mark.parametrize("where", [0, 1, 5000, CHUNK_SIZE // 80 - 1, CHUNK_SIZE // 80 + 1])
+@pytest.mark.parametrize("bad", [b"bare lf\nhere\r\n", b"\nstarts with lf\r\n", b"lf\n\r\n"])
+def test_a_bare_lf_among_many_good_body_lines_is_refused(where: int, bad: bytes) -> None:
+    conn = in_data()
+    line = b"z" * 78 + b"\r\n"
+    lines = [line] * (CHUNK_SIZE // 80 * 2)
+    lines.insert(where, bad)
+    out, events = pump(conn, b"Subject: x\r\n\r\n" + b"".join(lines) + b".\r\n")
+    assert out == BARE
+    assert len(completions(events)) == 1
