@@ -32,7 +32,8 @@ The senders listed for each login (addresses, ``@domains``, ``<>``) are publishe
 The ``relay`` plugin enforces them at MAIL FROM and on the ``From:`` and ``Sender:`` header
 fields, whichever plugin authenticated the login (docs/security.md §4).
 
-Uses only the public API: the names exported by :mod:`submitd` and :mod:`submitd.passwords`.
+Uses only the public API: the names exported by :mod:`submitd`, :mod:`submitd.passwords` and
+:mod:`submitd.durable`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ from submitd import (
     hookimpl,
     logfmt,
 )
+from submitd.durable import run_blocking
 from submitd.passwords import (
     CredentialCache,
     UsersFile,
@@ -292,7 +294,7 @@ async def submitd_auth(session: SessionInfo, credentials: Credentials) -> AuthRe
     digest = cache.digest(login, password)  # None when the cache is disabled
     while True:
         if cache.may_hold(digest):
-            users = await trio.to_thread.run_sync(state.current_users)
+            users = await run_blocking(state.current_users)
             if cache.verified(digest, login, users):
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug(logfmt("auth_cached", session=session.session_id, user=login))

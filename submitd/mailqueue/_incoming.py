@@ -135,7 +135,7 @@ class IncomingMessage:
         try:
             # One trip to a worker thread: create the file if no write did yet, write what is
             # left, and read the header section back unless it is all in memory already.
-            head = await trio.to_thread.run_sync(self._finish_sync, data, limit)
+            head = await _durable.run_blocking(self._finish_sync, data, limit)
         except OSError as exc:
             await self._fail("write", exc)
         fields, body_offset, _ = bounded_header_section(head, complete=limit >= self._size)
@@ -209,7 +209,7 @@ class IncomingMessage:
         await self._settle()
         data, self._buffer = self._buffer, bytearray()  # still buffered when not finished
         try:
-            record, view = await trio.to_thread.run_sync(
+            record, view = await _durable.run_blocking(
                 self._commit_sync, record, edits, body_offset, data
             )
         except BaseException as exc:
@@ -257,7 +257,7 @@ class IncomingMessage:
                     await writing.wait()
                 fd, self._fd = self._fd, None
                 if self._created:
-                    await trio.to_thread.run_sync(self._discard_sync, fd)
+                    await _durable.run_blocking(self._discard_sync, fd)
             finally:
                 self._busy.discard(self.queue_id)
 
