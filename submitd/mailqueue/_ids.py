@@ -61,9 +61,30 @@ def _encode(value: int, digits: int) -> str:
     return "".join(reversed(out))
 
 
+# Random bytes from the kernel, taken 4 at a time: one getrandom call per 1024 IDs. Each call
+# on the event loop releases the GIL, and a worker thread holding it then delays the loop.
+_POOL_SIZE = 4096
+_pool = b""
+_pool_pos = 0
+
+
+def _drop_pool() -> None:
+    """Forget the random bytes (a forked child must not reuse its parent's)."""
+    global _pool, _pool_pos
+    _pool, _pool_pos = b"", 0
+
+
+os.register_at_fork(after_in_child=_drop_pool)
+
+
 def _random_below(limit: int) -> int:
-    """A uniform random number below ``limit`` (a power of two up to 2**32): one getrandom."""
-    return int.from_bytes(os.urandom(4), "big") & (limit - 1)
+    """A uniform random number below ``limit`` (a power of two up to 2**32); hold ``_lock``."""
+    global _pool, _pool_pos
+    if _pool_pos + 4 > len(_pool):
+        _pool, _pool_pos = os.urandom(_POOL_SIZE), 0
+    value = int.from_bytes(_pool[_pool_pos:_pool_pos + 4], "big")
+    _pool_pos += 4
+    return value & (limit - 1)
 
 
 def new_queue_id(now: float | None = None) -> str:
