@@ -78,6 +78,7 @@ _SUBDIRS = ("tmp", "new", "cur")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _O_CLOEXEC = getattr(os, "O_CLOEXEC", 0)
 # Queue IDs are short and alphanumeric; anything else never becomes part of a file name.
+_DELIVERED = DeliveryOutcome.delivered(Reply.make(250, "2.0.0", "Delivered to Maildir"))
 _SAFE_QUEUE_ID = re.compile(r"\A[0-9A-Za-z]{1,64}\Z")
 # The unique part of an earlier release's name: M<micro>P<pid>Q<queue id>R<hex>.
 _OLD_STYLE = re.compile(r"M\d+P\d+Q([0-9A-Za-z]{1,64})R[0-9a-f]+")
@@ -259,5 +260,4 @@ async def submitd_deliver(
         return {r.address: failure for r in recipients}
     if not written:
         log.info(logfmt("maildir_already_delivered", queue_id=envelope.queue_id))
-    done = DeliveryOutcome.delivered(Reply.make(250, "2.0.0", "Delivered to Maildir"))
-    return {r.address: done for r in recipients}
+    return {r.address: _DELIVERED for r in recipients}
