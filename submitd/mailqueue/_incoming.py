@@ -272,7 +272,6 @@ class IncomingMessage:
 
         The previous write must be done first; at most one is in flight.
         """
-        await self._settle()
 
         def take() -> bytes | bytearray:
             if chunk is not None:
@@ -281,10 +280,11 @@ class IncomingMessage:
             return data
 
         try:
+            await self._settle()
             self._writing = await BackgroundWrite.start(self._write_sync, take)
         except trio.Cancelled:
             if chunk is not None:
-                self._buffer += chunk  # not taken: keep it for whoever goes on
+                self._buffer += chunk  # not taken (that happens without a checkpoint): keep it
             raise
 
     async def _settle(self) -> None:
