@@ -8,44 +8,14 @@ the fsync at the commit of a large message has little left to do.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import sys
 from collections.abc import Callable
 
 import trio
 
+# The same hint durable.copy_to_end gives while it copies a body.
+from ..durable import WRITEBACK_INTERVAL, start_writeback
+
 __all__ = ["WRITEBACK_INTERVAL", "BackgroundWrite", "start_writeback"]
-
-#: While a large message is received, the disk is asked to start writing what has been written
-#: so far every this many octets, so the fsync of the commit finds little left to write.
-WRITEBACK_INTERVAL = 8 * 1024 * 1024
-_SYNC_FILE_RANGE_WRITE = 2  # <linux/fs.h>: start writeback of dirty pages, do not wait
-
-
-def _find_sync_file_range() -> Callable[[int, int, int], None] | None:
-    """Linux ``sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)``, or None.
-
-    Only a hint that starts writeback early: durability still comes from the fsync of the
-    commit, which is never skipped.
-    """
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        function = libc.sync_file_range
-    except (OSError, AttributeError):
-        return None
-    function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
-    function.restype = ctypes.c_int
-
-    def start_writeback(fd: int, offset: int, nbytes: int) -> None:
-        function(fd, offset, nbytes, _SYNC_FILE_RANGE_WRITE)  # a failure changes nothing
-
-    return start_writeback
-
-
-#: Start writeback of ``nbytes`` at ``offset`` of a descriptor (None where unavailable).
-start_writeback = _find_sync_file_range()
 
 
 class BackgroundWrite:

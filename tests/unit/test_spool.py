@@ -218,6 +218,36 @@ async def test_header_edits_on_a_large_message_keep_the_body_byte_for_byte(
     assert queued.record.size == queued.message.size == len(MESSAGE + body) + 31
 
 
+@pytest.mark.parametrize("kernel_copy", [True, False], ids=["copy_file_range", "read-write"])
+def test_copying_a_large_body_starts_writeback_every_interval(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kernel_copy: bool
+) -> None:
+    # A 100 MiB message with a Received: line is copied at commit, then fsynced before the
+    # 250: the copy asks the disk to start writing as it goes, so the fsync has little left.
+    if not kernel_copy:
+        def refuse(*args: object) -> int:
+            raise OSError(errno.EXDEV, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "copy_file_range", refuse, raising=False)
+    hints: list[tuple[int, int]] = []
+    monkeypatch.setattr(submitd.durable, "start_writeback",
+                        lambda fd, offset, nbytes: hints.append((offset, nbytes)))
+    interval = submitd.durable.WRITEBACK_INTERVAL
+    data = os.urandom(1 << 16) * (interval * 5 // 2 // (1 << 16))  # 2.5 intervals
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    src.write_bytes(b"head" + data)
+    with src.open("rb") as s, dst.open("wb") as d:
+        d.write(b"Received: x\r\n")
+        d.flush()
+        submitd.durable.copy_to_end(s.fileno(), 4, d.fileno())
+    assert dst.read_bytes() == b"Received: x\r\n" + data
+    # Two hints, each of at least one interval, covering the copy from where it started.
+    assert len(hints) == 2
+    assert hints[0][0] == len(b"Received: x\r\n")
+    assert hints[1][0] == hints[0][0] + hints[0][1]
+    assert all(nbytes >= interval for _, nbytes in hints)
+
+
 async def test_header_edit_smuggling_a_line_break_queues_nothing(spool: Spool) -> None:
     incoming, handle = await receive(spool, MESSAGE)
     # Bypassing add_header's check by editing the list directly is caught at commit.
