@@ -186,12 +186,12 @@ def _start_submitd(
         sink = _start_sink(stack, setup)
         plugins["smarthost"] = {"host": "127.0.0.1", "port": sink.port, "tls": "none"}
         delivered = lambda: sink.count  # noqa: E731
-        enable = ("passwdfile", "smarthost")
+        enable = ("passwdfile", "relay", "headers", "smarthost")
     else:
         plugins["maildir"] = {"path": "mail"}
         maildir = directory / "mail"
         delivered = lambda: count_delivered(maildir)  # noqa: E731
-        enable = ("passwdfile", "maildir")
+        enable = ("passwdfile", "relay", "headers", "maildir")
     config = write_config(directory, ca=ws.ca, enable=enable, plugins=plugins,
                           limits=submitd_limits(setup), hostname="submitd.bench.example")
     if setup.workers is not None and setup.workers != 1:
