@@ -13,22 +13,9 @@ from submitd import AuthResult, Config, ConfigError, Credentials, Secret, Sessio
 from submitd.config import load_config
 from submitd.passwords import CredentialCache, UsersFile
 from submitd_plugins import passwdfile
+from tests.unit.test_passwdfile import CONFIG, PASSWORD
 
-PASSWORD = "s3cret passphrase"
 NEW_PASSWORD = "another passphrase"
-CONFIG = """\
-hostname = "mail.example.org"
-[[listen]]
-address = "127.0.0.1:2587"
-mode = "starttls"
-[tls]
-cert = "cert.pem"
-key = "key.pem"
-[plugins]
-enable = ["passwdfile"]
-[plugins.passwdfile]
-path = "users"
-"""
 
 
 class Clock:

@@ -364,12 +364,10 @@ def config(tmp_path: Path) -> Config:
     return config
 
 
-async def test_concurrent_maildir_deliveries_share_the_fsync_of_new(
-    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    message = stored_message(tmp_path)
-    disk = Disk("new", N)
-    disk.install(monkeypatch)
+async def deliver_concurrently(
+    config: Config, message: MessageHandle
+) -> list[dict[str, DeliveryOutcome]]:
+    """N Maildir deliveries at once (queue IDs Q000...0 to Q...N-1); each one's outcomes."""
     outcomes: list[dict[str, DeliveryOutcome]] = []
 
     async def deliver(i: int) -> None:
@@ -383,6 +381,16 @@ async def test_concurrent_maildir_deliveries_share_the_fsync_of_new(
         async with trio.open_nursery() as nursery:
             for i in range(N):
                 nursery.start_soon(deliver, i)
+    return outcomes
+
+
+async def test_concurrent_maildir_deliveries_share_the_fsync_of_new(
+    config: Config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    message = stored_message(tmp_path)
+    disk = Disk("new", N)
+    disk.install(monkeypatch)
+    outcomes = await deliver_concurrently(config, message)
     monkeypatch.undo()
     assert len(outcomes) == N
     assert all(o.kind is OutcomeKind.DELIVERED for got in outcomes for o in got.values())
@@ -398,19 +406,7 @@ async def test_a_failed_fsync_of_new_defers_every_delivery_it_concerns(
     message = stored_message(tmp_path)
     disk = Disk("new", N, fail=True)
     disk.install(monkeypatch)
-    outcomes: list[dict[str, DeliveryOutcome]] = []
-
-    async def deliver(i: int) -> None:
-        got = await maildir.submitd_deliver(
-            config, maildir_envelope(queue_id=f"Q{i:015d}"), message, RECIPIENTS
-        )
-        assert got is not None
-        outcomes.append(dict(got))
-
-    with trio.fail_after(2 * WAIT):
-        async with trio.open_nursery() as nursery:
-            for i in range(N):
-                nursery.start_soon(deliver, i)
+    outcomes = await deliver_concurrently(config, message)
     monkeypatch.undo()
     assert len(outcomes) == N
     assert all(o.kind is OutcomeKind.TEMPORARY for got in outcomes for o in got.values())
