@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import argon2
 import pytest
 
 from submitd.testing import TestCA, write_config
@@ -63,3 +65,26 @@ def make_config(tmp_path: Path, ca: TestCA, users_file: Path) -> Callable[..., P
 @pytest.fixture
 def maildir(tmp_path: Path) -> Path:
     return tmp_path / "mail"
+
+
+@dataclass
+class Argon2Calls:
+    """Every argon2 verification run during a test, in order (one entry per run)."""
+
+    hashes: list[str] = field(default_factory=list)
+    passwords: list[str] = field(default_factory=list)
+
+
+@pytest.fixture
+def argon2_calls(monkeypatch: pytest.MonkeyPatch) -> Argon2Calls:
+    """Count argon2 verifications (a cache hit or a shared verification runs none)."""
+    calls = Argon2Calls()
+    real = argon2.PasswordHasher.verify
+
+    def counting(self: argon2.PasswordHasher, hash: str | bytes, password: str | bytes) -> bool:
+        calls.hashes.append(str(hash))
+        calls.passwords.append(str(password))
+        return real(self, hash, password)
+
+    monkeypatch.setattr(argon2.PasswordHasher, "verify", counting)
+    return calls

@@ -20,6 +20,7 @@ import trio
 from submitd import Secret
 from submitd.passwords import UsersFile
 from submitd.testing import RawSMTPClient, RunningServer, running_server
+from tests.conftest import Argon2Calls
 from tests.support import PASSWORD, SENDER, USER
 
 NEW_PASSWORD = "a brand new passphrase"
@@ -34,17 +35,9 @@ def user_hash() -> str:
 
 
 @pytest.fixture
-def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def verifications(argon2_calls: Argon2Calls) -> list[str]:
     """The hashes the server verified a password against, one per argon2 run."""
-    calls: list[str] = []
-    real = argon2.PasswordHasher.verify
-
-    def counting(self: argon2.PasswordHasher, hash: str | bytes, password: str | bytes) -> bool:
-        calls.append(str(hash))
-        return real(self, hash, password)
-
-    monkeypatch.setattr(argon2.PasswordHasher, "verify", counting)
-    return calls
+    return argon2_calls.hashes
 
 
 async def connect_and_login(

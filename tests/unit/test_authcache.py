@@ -13,6 +13,7 @@ from submitd import AuthResult, Config, ConfigError, Credentials, Secret, Sessio
 from submitd.config import load_config
 from submitd.passwords import CredentialCache, UsersFile
 from submitd_plugins import passwdfile
+from tests.conftest import Argon2Calls
 from tests.unit.test_passwdfile import CONFIG, PASSWORD
 
 NEW_PASSWORD = "another passphrase"
@@ -41,17 +42,9 @@ def users_path(tmp_path: Path, current_hash: str) -> Path:
 
 
 @pytest.fixture
-def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def verifications(argon2_calls: Argon2Calls) -> list[str]:
     """Every argon2 verification the server runs, by hash (a hash means a cache miss)."""
-    calls: list[str] = []
-    real = argon2.PasswordHasher.verify
-
-    def counting(self: argon2.PasswordHasher, hash: str | bytes, password: str | bytes) -> bool:
-        calls.append(str(hash))
-        return real(self, hash, password)
-
-    monkeypatch.setattr(argon2.PasswordHasher, "verify", counting)
-    return calls
+    return argon2_calls.hashes
 
 
 def make_config(tmp_path: Path, extra: str = "") -> Config:

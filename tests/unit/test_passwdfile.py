@@ -22,6 +22,7 @@ from submitd import (
 from submitd.config import load_config
 from submitd.passwords import UsersFile
 from submitd_plugins import passwdfile
+from tests.conftest import Argon2Calls
 
 CHEAP = argon2.PasswordHasher(time_cost=1, memory_cost=1024, parallelism=1)
 PASSWORD = "s3cret passphrase"
@@ -291,17 +292,9 @@ def test_plugin_state_lives_in_the_config_stash_not_in_module_globals(
 
 
 @pytest.fixture
-def verifications(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def verifications(argon2_calls: Argon2Calls) -> list[str]:
     """The passwords argon2 was run on, one entry per verification."""
-    calls: list[str] = []
-    real = argon2.PasswordHasher.verify
-
-    def counting(self: argon2.PasswordHasher, hash: str | bytes, password: str | bytes) -> bool:
-        calls.append(str(password))
-        return real(self, hash, password)
-
-    monkeypatch.setattr(argon2.PasswordHasher, "verify", counting)
-    return calls
+    return argon2_calls.passwords
 
 
 async def concurrent_logins(config: Config, attempts: list[Credentials]) -> list[AuthResult | None]:
