@@ -78,13 +78,21 @@ _MAX_SASL_STEPS = 4
 _UNUSABLE = Reply.make(451, "4.4.2", "the connection is no longer usable")
 
 
-def _scan(message: MessageHandle) -> ContentScanner:
-    """Read the stored message once (blocking: run in a worker thread)."""
+def _scan(message: MessageHandle) -> tuple[ContentScanner, bytes | None]:
+    """Read the stored message once (blocking: run in a worker thread).
+
+    Returns what the plan needs to know of the content and, for a message that fits in one
+    chunk (most of them), its bytes: the body is then sent without opening the file again.
+    """
     scanner = ContentScanner(message.body_offset)
     with message.open() as f:
+        first = f.read(CHUNK_SIZE)
+        whole = first if len(first) < CHUNK_SIZE else None  # a short read of a file is its end
+        if first:
+            scanner.feed(first)
         while not scanner.done and (chunk := f.read(CHUNK_SIZE)):
             scanner.feed(chunk)
-    return scanner
+    return scanner, whole
 
 
 class SMTPClient:
@@ -323,7 +331,7 @@ class SMTPClient:
     ) -> TransactionResult:
         """Plan from the extensions and the content, then MAIL/RCPT, DATA and the body."""
         with self._local_file():
-            content = await trio.to_thread.run_sync(_scan, message)
+            content, whole = await trio.to_thread.run_sync(_scan, message)
         plan = plan_transaction(
             extensions=self.extensions, sender=sender,
             recipients=[(r.address, r.params) for r in recipients], size=message.size,
@@ -344,7 +352,7 @@ class SMTPClient:
             replies.update((address, reply) for address in accepted)
             await self._reset_after_failure()
             return done()
-        await self._body(message)
+        await self._body(message, whole)
         reply = await self._read("data", t.data_end)
         replies.update((address, reply) for address in accepted)
         if _log.isEnabledFor(logging.DEBUG):
@@ -388,9 +396,17 @@ class SMTPClient:
                                f"{detail(exc.strerror or exc)}")
             raise SMTPClientError("data", reply) from None
 
-    async def _body(self, message: MessageHandle) -> None:
-        """Stream the stored message: read in a worker thread, one write per chunk."""
+    async def _body(self, message: MessageHandle, whole: bytes | None) -> None:
+        """Send the stored message: ``whole`` if the scan read all of it, else from the file.
+
+        From the file, it is read in a worker thread and written one chunk at a time.
+        """
         t = self._timeouts
+        if whole is not None:
+            if data := self._conn.send_body(whole):
+                await self._write(data, "data", t.data_block, "message")
+            await self._write(self._conn.end_body(), "data", t.data_block, "end of message")
+            return
         with self._local_file():
             f = await trio.to_thread.run_sync(message.open)
         try:

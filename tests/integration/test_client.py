@@ -16,6 +16,7 @@ import trio
 
 from submitd import DsnReturn, MailParams, Recipient, Secret
 from submitd.client import (
+    CHUNK_SIZE,
     ClientSettings,
     ClientTimeouts,
     ClientTLSMode,
@@ -195,6 +196,24 @@ async def test_body_arrives_byte_exact_with_dots_and_a_megabyte(
     line = b"." * 20 + b"x" * 50 + b"\r\n"
     body = b"Subject: big\r\n\r\n.\r\n..\r\n.x\r\n" + line * (1024 * 1024 // len(line) + 1)
     assert len(body) > 1024 * 1024
+    script = Script()
+    async with serve(script, ca) as port:
+        got = await send_one(port, ca, tmp_path, body)
+    assert got == {"a@example.net": (250, "2.0.0")}
+    assert script.messages == [body]
+
+
+@pytest.mark.parametrize("size", [CHUNK_SIZE - 1, CHUNK_SIZE, CHUNK_SIZE + 1])
+async def test_body_around_one_chunk_arrives_byte_exact(
+    ca: TestCA, tmp_path: Path, size: int
+) -> None:
+    # A message that fits in one chunk is sent from the scan's read, a longer one from the
+    # file: both give the same bytes, dot lines included, at the edge between the two.
+    head = b"Subject: edge\r\n\r\n.\r\n"
+    line = b".dot line\r\n"
+    body = head + line * ((size - len(head)) // len(line))
+    body += b"x" * (size - len(body) - 2) + b"\r\n"
+    assert len(body) == size
     script = Script()
     async with serve(script, ca) as port:
         got = await send_one(port, ca, tmp_path, body)
