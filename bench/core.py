@@ -18,6 +18,8 @@ import statistics
 import time
 from typing import Any
 
+from client import stuff
+
 from submitd.protocol import (
     NEED_DATA,
     AuthRequest,
@@ -50,12 +52,6 @@ def make_body(size: int) -> bytes:
         lines.append(text.encode() + b"\r\n")
     block = b"".join(lines)
     return header + block * max(1, (size - len(header)) // len(block))
-
-
-def stuff(body: bytes) -> bytes:
-    """The wire form: RFC 5321 §4.5.2 transparency plus the terminator."""
-    stuffed = (b"\r\n" + body).replace(b"\r\n.", b"\r\n..")[2:]
-    return stuffed + b".\r\n"
 
 
 def _answer(conn: ServerConnection, line: bytes) -> None:

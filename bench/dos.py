@@ -43,7 +43,8 @@ from typing import Any
 
 import trio
 from load import percentile
-from servers import PASSWORD, USER, Workspace, cpu_seconds, log_tail, reset_peak_rss, status_kib
+from proctree import status_kib
+from servers import PASSWORD, USER, Workspace, cpu_seconds, log_tail, reset_peak_rss
 
 from submitd.testing import RawSMTPClient, write_config
 

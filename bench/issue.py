@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
-import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -25,7 +23,7 @@ import workloads
 from client import Login, stuff
 from load import make_message, percentile
 from profiling import PySpy
-from servers import PASSWORD, RECIPIENT, SENDER, USER, Workspace
+from servers import PASSWORD, RECIPIENT, SENDER, USER, Workspace, progress
 from targets import Setup, Target, start_target
 from workloads import MIB, Round
 
@@ -53,11 +51,6 @@ class IssuePlan:
     idle_open_timeout: float = 120.0
     workers: int | None = None
     profile: Path | None = None
-
-
-def progress(message: str) -> None:
-    """One progress line on stderr."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @contextlib.contextmanager

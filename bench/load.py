@@ -16,6 +16,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from proctree import status_kib
 from servers import (
     PASSWORD,
     RECIPIENT,
@@ -25,7 +26,6 @@ from servers import (
     count_delivered,
     cpu_seconds,
     reset_peak_rss,
-    status_kib,
     wait_delivered,
 )
 

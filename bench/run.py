@@ -43,13 +43,14 @@ from core import run_core
 from dos import FULL_DOS, QUICK_DOS, run_dos
 from issue import RUNNERS, WORKLOADS, IssuePlan
 from load import LoadResult, large_message_probe, make_message, run_load, summarize
+from proctree import status_kib
 from servers import (
     ServerHandle,
     Workspace,
     count_delivered,
+    progress,
     start_peer,
     start_submitd,
-    status_kib,
 )
 from targets import SERVERS as SERVER_KEYS
 
@@ -83,11 +84,6 @@ FULL = Plan(rounds=5, connections=8, messages=200, message_size=10 * 1024,
 QUICK = Plan(rounds=1, connections=4, messages=60, message_size=10 * 1024,
              large_size=20 * MIB, core_size=4 * MIB, core_repeats=3,
              small_size=10 * 1024, small_count=100, backlog=5_000)
-
-
-def progress(message: str) -> None:
-    """One progress line on stderr (stdout carries only the JSON)."""
-    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def ratio(a: float, b: float) -> float | None:

@@ -81,6 +81,11 @@ class ServerHandle:
                                + log_tail(self.log))
 
 
+def progress(message: str) -> None:
+    """One progress line on stderr (stdout carries only the JSON)."""
+    print(f"[bench {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
 def log_tail(path: Path, lines: int = 30) -> str:
     """The last lines of a log file (for error messages)."""
     try:
@@ -185,15 +190,6 @@ def _wait_peer_ready(proc: subprocess.Popen[bytes], log: Path) -> int:
 
 
 # --- /proc readings ------------------------------------------------------------------------
-
-
-def status_kib(pid: int, key: str) -> int:
-    """A ``/proc/PID/status`` value in KiB (``VmRSS``, ``VmHWM``)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 def reset_peak_rss(pid: int) -> bool:
