@@ -105,22 +105,37 @@ class ConnectionLimiter:
 
     def acquire(self, ip: str) -> Slot | Refused:
         """Admit a new connection from ``ip`` (a :class:`Slot`), or say which cap it hit."""
-        if self.total >= self.max_total:
-            return Refused(reason=f"server full (limit {self.max_total})")
-        if self._per_ip.get(ip, 0) >= self.max_per_ip:
-            return Refused(reason=f"too many connections from this address "
-                                  f"(limit {self.max_per_ip})")
-        if self.unauthenticated >= self.max_unauthenticated:
-            return Refused(reason=f"too many sessions that have not logged in "
-                                  f"(limit {self.max_unauthenticated})")
+        over = self.over_cap(self.total, self._per_ip.get(ip, 0), self.unauthenticated)
+        if over is not None:
+            return over
         if not self._take_token(ip):
-            return Refused(rate=True, reason=f"too many new connections from this address "
-                                             f"(limit {self.max_rate} per "
-                                             f"{self.rate_window:g}s)")
+            return self.rate_refusal()
         self.total += 1
         self.unauthenticated += 1
         self._per_ip[ip] = self._per_ip.get(ip, 0) + 1
         return Slot(ip=ip)
+
+    def over_cap(self, total: int, from_ip: int, unauthenticated: int) -> Refused | None:
+        """The cap a new connection would break with these open counts, or None."""
+        if total >= self.max_total:
+            return Refused(reason=f"server full (limit {self.max_total})")
+        if from_ip >= self.max_per_ip:
+            return Refused(reason=f"too many connections from this address "
+                                  f"(limit {self.max_per_ip})")
+        if unauthenticated >= self.max_unauthenticated:
+            return Refused(reason=f"too many sessions that have not logged in "
+                                  f"(limit {self.max_unauthenticated})")
+        return None
+
+    def rate_refusal(self) -> Refused:
+        """The refusal of an address that has no connection-rate token left."""
+        return Refused(rate=True, reason=f"too many new connections from this address "
+                                         f"(limit {self.max_rate} per {self.rate_window:g}s)")
+
+    @property
+    def refill_per_second(self) -> float:
+        """How fast an address's rate bucket refills (tokens per second)."""
+        return self.max_rate / self.rate_window if self.rate_window > 0 else float("inf")
 
     def logged_in(self, slot: Slot) -> None:
         """The session on ``slot`` authenticated: it no longer counts as unauthenticated.
@@ -162,7 +177,7 @@ class ConnectionLimiter:
 
     def _take_token(self, ip: str) -> bool:
         now = self._clock()
-        per_second = self.max_rate / self.rate_window if self.rate_window > 0 else float("inf")
+        per_second = self.refill_per_second
         bucket = self._buckets.get(ip)
         if bucket is None:
             if len(self._buckets) >= self.max_addresses:

@@ -175,20 +175,12 @@ class SharedLimiter(ConnectionLimiter):
         with table.locked():
             total = table.total()
             self.total = total
-            if total >= self.max_total:
-                return Refused(reason=f"server full (limit {self.max_total})")
-            if table.at(bucket) >= self.max_per_ip:
-                return Refused(reason=f"too many connections from this address "
-                                      f"(limit {self.max_per_ip})")
-            if table.unauthenticated() >= self.max_unauthenticated:
-                return Refused(reason=f"too many sessions that have not logged in "
-                                      f"(limit {self.max_unauthenticated})")
-            per_second = (self.max_rate / self.rate_window if self.rate_window > 0
-                          else float("inf"))
-            if not table.take_token(bucket, float(self.max_rate), per_second, self._monotonic()):
-                return Refused(rate=True, reason=f"too many new connections from this address "
-                                                 f"(limit {self.max_rate} per "
-                                                 f"{self.rate_window:g}s)")
+            over = self.over_cap(total, table.at(bucket), table.unauthenticated())
+            if over is not None:
+                return over
+            if not table.take_token(bucket, float(self.max_rate), self.refill_per_second,
+                                    self._monotonic()):
+                return self.rate_refusal()
             table.add(self.region, bucket, total=1, unauthenticated=1)
         self.total = total + 1
         return Slot(ip=ip)
