@@ -89,7 +89,9 @@ def test_configure_loads_the_users_file_relative_to_the_config(config: Config) -
 
 def test_min_password_length_is_a_known_setting(tmp_path: Path, users_path: Path) -> None:
     (tmp_path / "submitd.toml").write_text(CONFIG + "min_password_length = 16\n")
-    passwdfile.submitd_configure(load_config(tmp_path / "submitd.toml"))
+    config = load_config(tmp_path / "submitd.toml")
+    passwdfile.submitd_configure(config)  # the key is not refused as unknown at start
+    assert passwdfile.min_password_length(config.plugin_table("passwdfile")) == 16
 
 
 @pytest.mark.parametrize(
